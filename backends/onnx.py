@@ -1,0 +1,164 @@
+"""The onnx backend: torch.onnx.export of the IR graph, checked, run by onnxruntime."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxcompile.backend_api import Lowered, check_options
+from fxcompile.errors import BackendError, describe_node
+
+aten = torch.ops.aten
+DEFAULTS = {
+    "threads": None,          # onnxruntime intra-op threads; None: torch.get_num_threads()
+    "providers": None,        # None: CUDA when the inputs live on a GPU and ORT has it, else CPU
+    "opset": None,            # None: the exporter's default
+    "optimize": True,         # the exporter's ONNX optimizer (constant folding, redundancy removal)
+    "graph_optimization_level": "all",  # onnxruntime: disable | basic | extended | all
+    "external_data_threshold": 1 << 30,  # bytes: larger models are saved with external data
+    "dynamic_shapes": None,   # passed to torch.onnx.export (see torch.export's dynamic_shapes)
+}
+_ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+class OnnxRunner(Lowered):
+    """Runs an ONNX model with onnxruntime; takes and returns torch tensors."""
+
+    backend = "onnx"
+
+    def __init__(self, model_proto, input_names: list[str], n_outputs: int, options: dict):
+        super().__init__()
+        import onnxruntime as ort
+        self.model_proto = model_proto
+        self.options = options
+        self._tmp = None
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options["threads"] or torch.get_num_threads()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                              _ORT_LEVELS[options["graph_optimization_level"]])
+        providers = options["providers"] or ["CPUExecutionProvider"]
+        if model_proto.ByteSize() < options["external_data_threshold"]:
+            source = model_proto.SerializeToString()
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fxcompile-onnx-")
+            source = os.path.join(self._tmp.name, "model.onnx")
+            _save_proto(model_proto, source, external=True)
+        self.session = ort.InferenceSession(source, so, providers=providers)
+        feeds = {i.name for i in self.session.get_inputs()}
+        # Placeholders that the exporter dropped (non-tensor or unused inputs) are not fed.
+        self._feed = [(i, name) for i, name in enumerate(input_names) if name in feeds]
+        self._n_outputs = n_outputs
+        got = len(self.session.get_outputs())
+        if got != n_outputs:
+            raise BackendError(f"the ONNX model has {got} outputs where the graph has {n_outputs}")
+
+    def forward(self, *flat):
+        feed = {name: _to_numpy(flat[i]) for i, name in self._feed}
+        outs = self.session.run(None, feed)
+        device = next((t.device for t in flat if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        return tuple(torch.from_numpy(o).to(device) for o in outs)
+
+    def save(self, path: str) -> list[str]:
+        """Write the .onnx file (weights in ``<path>.data`` beside it when the model is large)."""
+        external = self.model_proto.ByteSize() >= self.options["external_data_threshold"]
+        _save_proto(self.model_proto, path, external)
+        return [path, path + ".data"] if external else [path]
+
+    def describe(self) -> dict[str, Any]:
+        return {"onnx nodes": len(self.model_proto.graph.node),
+                "providers": ",".join(self.session.get_providers())}
+
+
+def _to_numpy(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().contiguous().numpy()
+    return x
+
+
+def _save_proto(proto, path: str, external: bool) -> None:
+    import onnx
+    if external:
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, path)
+
+
+def prepare_for_export(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the graph (sharing parameters) that torch.onnx's decomposition handles.
+
+    torch.onnx (2.13) decomposes ``contiguous`` and ``reshape`` of non-contiguous tensors into
+    plain views under size-oblivious reasoning, then fails on them ("Cannot view a tensor ...":
+    T5, Swin). ONNX has no strides, so an explicit contiguous clone costs nothing there: this
+    turns each ``contiguous`` into one and adds one before reshapes of non-contiguous tensors.
+    """
+    import copy
+    graph = copy.deepcopy(gm.graph)
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.contiguous.default:
+            node.target, node.args = aten.clone.default, node.args[:1]
+            node.kwargs = {"memory_format": torch.contiguous_format}
+        elif node.target in (aten.reshape.default, aten.view.default, aten.flatten.using_ints):
+            src = node.args[0]
+            val = src.meta.get("val") if isinstance(src, fx.Node) else None
+            if isinstance(val, torch.Tensor) and not val.is_contiguous():
+                with graph.inserting_before(node):
+                    clone = graph.call_function(aten.clone.default, (src,),
+                                                {"memory_format": torch.contiguous_format})
+                clone.meta = dict(src.meta)
+                node.replace_input_with(src, clone)
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+def export_onnx(gm: fx.GraphModule, example_inputs, options: dict):
+    """torch.onnx.export of the graph -> a checked onnx.ModelProto."""
+    import onnx
+    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    prepared = prepare_for_export(gm)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                prepared, tuple(example_inputs), dynamo=True, input_names=names,
+                opset_version=options["opset"], optimize=options["optimize"],
+                dynamic_shapes=options["dynamic_shapes"], verbose=False)
+    except Exception as e:
+        raise BackendError(_explain_export_failure(gm, e)) from e
+    proto = program.model_proto
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except Exception as e:
+        raise BackendError(f"torch.onnx.export produced an ONNX model that onnx.checker rejects: {e}") from e
+    return proto, names
+
+
+def _explain_export_failure(gm: fx.GraphModule, e: Exception) -> str:
+    text = f"{e}\n{e.__cause__ or ''}"
+    ops = set(re.findall(r"aten[.:]{1,2}([A-Za-z0-9_]+)", text))
+    culprits = [n for n in gm.graph.nodes
+                if n.op == "call_function" and getattr(n.target, "_opname", None) in ops]
+    cause = str(e.__cause__ or e).strip().splitlines()
+    last = next((ln for ln in reversed(cause) if "Error" in ln), cause[-1] if cause else "")
+    where = "\n  ".join(describe_node(n) for n in culprits[:3])
+    return ("torch.onnx.export could not lower the graph: " + last.strip()
+            + (f"\n  at {where}" if where else "")
+            + "\n  what to do: use backend='eager' for this model, or register a pass that rewrites "
+              "the op into ones ONNX supports (see `fxcompile passes`).")
+
+
+def lower(gm: fx.GraphModule, example_inputs, options: dict) -> OnnxRunner:
+    """Export to ONNX and load it into an onnxruntime session."""
+    options = check_options("onnx", options, DEFAULTS)
+    if options["graph_optimization_level"] not in _ORT_LEVELS:
+        raise BackendError(f"graph_optimization_level must be one of {', '.join(_ORT_LEVELS)}")
+    proto, names = export_onnx(gm, example_inputs, options)
+    n_outputs = len(gm.graph.output_node().args[0])
+    return OnnxRunner(proto, names, n_outputs, options)

@@ -1,0 +1,17 @@
+"""fxcompile: a graph-level model compiler for PyTorch built on torch.fx.
+
+    compiled = fxcompile.compile(model, example_inputs, passes=None, backend="onnx")
+    compiled(*example_inputs)      # runs like the model
+    print(compiled.report)         # what each pass did
+"""
+from .api import CompiledModule, compile
+from .capture import Captured, capture
+from .errors import BackendError, CaptureError, FxCompileError, InputError, PassError
+from .pass_manager import PassContext, run_pipeline
+from .registry import (backend_names, default_pipeline, get_pass, list_passes, register_backend,
+                       register_pass)
+
+__version__ = "0.1.0"
+__all__ = ["compile", "capture", "CompiledModule", "Captured", "register_pass", "register_backend",
+           "list_passes", "get_pass", "default_pipeline", "backend_names", "run_pipeline",
+           "PassContext", "FxCompileError", "CaptureError", "InputError", "PassError", "BackendError"]

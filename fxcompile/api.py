@@ -1,0 +1,101 @@
+"""``fxcompile.compile``: capture -> passes -> backend, and the CompiledModule it returns."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import fx
+
+from .backend_api import Lowered
+from .capture import Captured, capture
+from .errors import InputError
+from .pass_manager import run_pipeline
+from .registry import get_backend
+from .report import Report
+
+
+class CompiledModule(torch.nn.Module):
+    """A compiled model: call it like the original (same inputs, same output structure).
+
+    ``.report`` says what compiling did, ``.graph_module`` is the transformed IR graph,
+    ``.save(path)`` writes the backend's artifact (.pt2 for eager, .onnx for onnx).
+    """
+
+    def __init__(self, captured: Captured, runner: Lowered, report: Report, static_shapes: bool):
+        super().__init__()
+        self.runner = runner
+        self.report = report
+        self._captured = captured
+        self._static_shapes = static_shapes
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self._captured.gm
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
+
+    def forward(self, *args, **kwargs):
+        flat = self._captured.inputs.flatten(args, kwargs)
+        if self._static_shapes:
+            self._check_shapes(flat)
+        with torch.no_grad():
+            out = self.runner(*flat)
+        return self._captured.unflatten_outputs(out)
+
+    def _check_shapes(self, flat: list) -> None:
+        sig = self._captured.inputs
+        for name, got, want in zip(sig.names, flat, sig.examples):
+            if isinstance(want, torch.Tensor) and tuple(got.shape) != tuple(want.shape):
+                raise InputError(f"input '{name}' has shape {tuple(got.shape)}; the model was compiled "
+                                 f"for {tuple(want.shape)}. Compile with an example of this shape, or "
+                                 "pass dynamic_shapes=... to compile.")
+
+    def save(self, path: str) -> list[str]:
+        """Write the backend's artifact to ``path`` and return the files written."""
+        return self.runner.save(str(path))
+
+    def extra_repr(self) -> str:
+        return f"model={self._captured.model_name}, backend={self.backend}"
+
+
+def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backend: str = "eager",
+            check: bool = False, *, example_kwargs: dict | None = None, dynamic_shapes=None,
+            progress: bool = False, **options) -> CompiledModule:
+    """Compile ``model`` for inputs like ``example_inputs`` (a tensor or tuple; keyword inputs in
+    ``example_kwargs``).
+
+    ``passes``: None for the default pipeline, [] for none, or a list of pass names, (name,
+    options) pairs and callables. ``backend``: 'eager', 'onnx', 'tensorrt' or a registered one;
+    ``**options`` go to the backend. ``check=True`` compares outputs after every pass and after
+    lowering, failing on a lossless step that changes them. The user's model is never modified.
+    """
+    report = Report(model=type(model).__name__, backend=backend)
+    lower = get_backend(backend)  # fail on a bad name before any slow work
+    start = time.perf_counter()
+    captured = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
+    report.capture_seconds = time.perf_counter() - start
+    gm, report.passes = run_pipeline(captured.gm, passes, captured.example_inputs, check=check,
+                                     progress=progress)
+    captured.gm = gm
+    if dynamic_shapes is not None and backend == "onnx":
+        options.setdefault("dynamic_shapes", _flat_dynamic_shapes(dynamic_shapes, captured))
+    start = time.perf_counter()
+    runner = lower(gm, captured.example_inputs, options)
+    report.backend_seconds = time.perf_counter() - start
+    report.extra.update(runner.describe())
+    compiled = CompiledModule(captured, runner, report, static_shapes=dynamic_shapes is None)
+    if check:
+        from .numerics import max_error
+        with torch.no_grad():
+            err = max_error(gm(*captured.example_inputs), runner(*captured.example_inputs))
+        report.extra["backend max error"] = f"{err:.2e}"
+    return compiled
+
+
+def _flat_dynamic_shapes(dynamic_shapes, captured: Captured):
+    if isinstance(dynamic_shapes, dict):
+        return [dynamic_shapes.get(name) for name in captured.inputs.names]
+    return dynamic_shapes

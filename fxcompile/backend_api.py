@@ -1,0 +1,32 @@
+"""What a backend returns: a runner over the IR's flat inputs that can save itself."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Lowered(torch.nn.Module):
+    """Base of backend runners. ``forward(*flat_inputs) -> tuple of flat outputs``.
+
+    ``CompiledModule`` wraps it with the model's input and output structure.
+    """
+
+    backend = "?"
+
+    def save(self, path: str) -> list[str]:
+        """Write the artifact to ``path``; return the files written."""
+        raise NotImplementedError(f"the {self.backend} backend cannot save")
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+def check_options(backend: str, options: dict, known: dict) -> dict:
+    """Merge ``options`` into the defaults ``known``; unknown names raise BackendError."""
+    from .errors import BackendError, suggest
+    for key in options:
+        if key not in known:
+            raise BackendError(f"backend '{backend}' has no option '{key}'.{suggest(key, known)} "
+                               f"Its options: {', '.join(known)}.")
+    return {**known, **options}

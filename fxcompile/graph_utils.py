@@ -1,0 +1,114 @@
+"""Small helpers over the IR that the pass manager, passes and backends share."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def fetch_attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def count_ops(gm: fx.GraphModule) -> dict[str, int]:
+    """op name (e.g. 'aten.conv2d.default') -> how many call_function nodes call it."""
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            key = str(n.target)
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def op_list(gm: fx.GraphModule) -> list[str]:
+    """The graph's call_function targets in order, as 'aten.linear.default'-style names."""
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def attr_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Tensors the graph reads through get_attr nodes."""
+    out = {}
+    for n in gm.graph.find_nodes(op="get_attr"):
+        value = fetch_attr(gm, n.target)
+        if isinstance(value, torch.Tensor):
+            out[n.target] = value
+    return out
+
+
+def count_params(gm: fx.GraphModule) -> int:
+    """Elements held in the tensors the graph reads (parameters, buffers, folded constants)."""
+    seen, total = set(), 0
+    for t in attr_tensors(gm).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel()
+    return total
+
+
+def drop_unused_attrs(gm: fx.GraphModule) -> None:
+    """Delete tensors and submodules no get_attr/call_module node uses any more."""
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            _delattr(gm, name)
+    for name, value in list(vars(gm).items()):
+        if isinstance(value, torch.Tensor) and name not in used and not name.startswith("_"):
+            delattr(gm, name)
+    gm.delete_all_unused_submodules()
+
+
+def _delattr(gm: torch.nn.Module, target: str) -> None:
+    *path, last = target.split(".")
+    owner = gm
+    for atom in path:
+        owner = getattr(owner, atom)
+    delattr(owner, last)
+
+
+def add_constant(gm: fx.GraphModule, value: torch.Tensor, hint: str, before: fx.Node) -> fx.Node:
+    """Register ``value`` as a buffer of ``gm`` and return a get_attr node for it."""
+    base = "_fx_" + "".join(c if c.isalnum() else "_" for c in hint)
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value.detach().clone() if value.requires_grad else value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def first_user_node(gm: fx.GraphModule) -> fx.Node:
+    """The first node that is not a placeholder or get_attr (where new get_attrs can go)."""
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "get_attr"):
+            return n
+    return next(iter(gm.graph.nodes))
+
+
+def refresh_meta(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> int:
+    """Recompute every node's meta['val'] with fake tensors and return the graph's FLOPs."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    with FlopCounterMode(display=False) as counter:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
+    return counter.get_total_flops()
+
+
+def same_shape(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val") if isinstance(b, fx.Node) else None
+    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
+            and tuple(va.shape) == tuple(vb.shape) and va.dtype == vb.dtype)
+
+
+def is_mutating(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable

@@ -1,0 +1,177 @@
+"""The pass manager: runs a pipeline of passes over the IR and does the chores between them."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx
+
+from . import graph_utils
+from .errors import FxCompileError, PassError
+from .numerics import max_error
+from .registry import PassInfo, default_pipeline, get_pass, register_pass
+from .report import PassRecord
+
+LOSSLESS_TOLERANCE = 1e-4  # max abs error relative to output scale, fp32 (DESIGN §6)
+
+
+@dataclass
+class PassContext:
+    """What a pass may know besides the graph: the example inputs (flat, in placeholder order)."""
+
+    example_inputs: list[Any]
+    data: Any = None
+    state: dict = field(default_factory=dict)
+
+
+PipelineSpec = Sequence["str | tuple[str, dict] | Callable | PassInfo"]
+
+
+def resolve_pipeline(spec: PipelineSpec | str | None) -> list[tuple[PassInfo, Any]]:
+    """Turn a pipeline spec into (PassInfo, options) pairs; raise PassError on anything unknown.
+
+    A spec is a list of pass names, ``(name, options_dict)`` pairs, registered functions or plain
+    callables ``fn(gm)``; a string is a comma-separated list of names; ``None`` is the default
+    pipeline; ``[]`` runs no pass.
+    """
+    if spec is None:
+        spec = default_pipeline()
+    elif isinstance(spec, str):
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    elif not isinstance(spec, (list, tuple)):
+        raise PassError(f"passes must be a list of pass names, (name, options) pairs or callables; "
+                        f"got {type(spec).__name__}")
+    resolved = []
+    for item in spec:
+        opts = None
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            item, opts = item
+        if isinstance(item, str):
+            info = get_pass(item)
+        elif isinstance(item, PassInfo):
+            info = item
+        elif hasattr(item, "pass_info"):
+            info = item.pass_info
+        elif callable(item):
+            name = getattr(item, "__name__", type(item).__name__)
+            info = PassInfo(name, item, lossless=True, doc=(item.__doc__ or "").strip().split("\n")[0])
+        else:
+            raise PassError(f"cannot use {item!r} as a pass: give a name, a (name, options) pair or a callable")
+        resolved.append((info, info.make_options(opts)))
+    _check_order([info for info, _ in resolved])
+    return resolved
+
+
+def _check_order(infos: list[PassInfo]) -> None:
+    pos = {}
+    for i, info in enumerate(infos):
+        pos.setdefault(info.name, i)
+    for i, info in enumerate(infos):
+        for a in info.after:
+            if a in pos and pos[a] > i:
+                raise PassError(f"pass '{info.name}' must run after '{a}'; reorder the pipeline")
+        for b in info.before:
+            if b in pos and pos[b] < i:
+                raise PassError(f"pass '{info.name}' must run before '{b}'; reorder the pipeline")
+
+
+def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: bool = False,
+                 progress: bool = False, data: Any = None) -> tuple[fx.GraphModule, list[PassRecord]]:
+    """Run the passes of ``spec`` over ``gm`` (in place where passes allow) and report each one."""
+    pipeline = resolve_pipeline(spec)
+    ctx = PassContext(list(example_inputs), data)
+    dump = os.environ.get("FXCOMPILE_DUMP")
+    if dump:
+        _dump(gm, Path(dump), 0, "captured")
+    flops = graph_utils.refresh_meta(gm, ctx.example_inputs)
+    records = []
+    reference = _run(gm, ctx.example_inputs) if check else None
+    from tqdm.auto import tqdm
+    bar = tqdm(pipeline, desc="passes", unit="pass", disable=not progress, leave=False)
+    for index, (info, opts) in enumerate(bar, start=1):
+        bar.set_postfix_str(info.name)
+        nodes, params = len(gm.graph.nodes), graph_utils.count_params(gm)
+        start = time.perf_counter()
+        gm, rewrites = _apply(info, opts, gm, ctx)
+        _chores(gm)
+        seconds = time.perf_counter() - start
+        try:
+            new_flops = graph_utils.refresh_meta(gm, ctx.example_inputs)
+        except Exception as e:
+            raise PassError(f"after pass '{info.name}' the graph no longer runs on the example inputs "
+                            f"(shape propagation failed): {type(e).__name__}: {e}") from e
+        record = PassRecord(info.name, seconds, rewrites, nodes, len(gm.graph.nodes), params,
+                            graph_utils.count_params(gm), flops, new_flops, info.lossless)
+        flops = new_flops
+        if check:
+            out = _run(gm, ctx.example_inputs)
+            record.max_error = max_error(reference, out)
+            if info.lossless and not record.max_error <= LOSSLESS_TOLERANCE:
+                raise PassError(f"pass '{info.name}' is declared lossless but changed the outputs: "
+                                f"max error {record.max_error:.3g} relative to output scale "
+                                f"(tolerance {LOSSLESS_TOLERANCE}). Run without it, or report the model.")
+            reference = out
+        records.append(record)
+        if dump:
+            _dump(gm, Path(dump), index, info.name)
+    return gm, records
+
+
+def _apply(info: PassInfo, opts, gm: fx.GraphModule, ctx: PassContext):
+    args = [gm] if info.options is None and not info.wants_context and _arity(info.fn) == 1 else [gm, opts]
+    kwargs = {"ctx": ctx} if info.wants_context else {}
+    try:
+        result = info.fn(*args, **kwargs)
+    except FxCompileError:
+        raise
+    except Exception as e:
+        raise PassError(f"pass '{info.name}' failed: {type(e).__name__}: {e}") from e
+    rewrites = None
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], fx.GraphModule):
+        result, rewrites = result
+    if isinstance(result, fx.GraphModule):
+        gm = result
+    elif isinstance(result, int) and not isinstance(result, bool):
+        rewrites = result
+    elif result is not None:
+        raise PassError(f"pass '{info.name}' returned {type(result).__name__}; a pass returns the number "
+                        "of rewrites (int), a GraphModule, (GraphModule, int) or None")
+    return gm, rewrites
+
+
+def _arity(fn: Callable) -> int:
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    return sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in params) or 1
+
+
+def _chores(gm: fx.GraphModule) -> None:
+    try:
+        gm.graph.lint()
+    except Exception as e:
+        raise PassError(f"the graph is malformed after a pass: {e}") from e
+    gm.graph.eliminate_dead_code()
+    graph_utils.drop_unused_attrs(gm)
+    gm.recompile()
+
+
+def _run(gm: fx.GraphModule, inputs: list[Any]):
+    with torch.no_grad():
+        return gm(*inputs)
+
+
+def _dump(gm: fx.GraphModule, folder: Path, index: int, name: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{index:02d}_{name}.txt").write_text(str(gm.graph))
+    (folder / f"{index:02d}_{name}.py").write_text(gm.code)
+
+
+__all__ = ["PassContext", "register_pass", "resolve_pipeline", "run_pipeline", "LOSSLESS_TOLERANCE"]

@@ -1,0 +1,71 @@
+"""What compiling did: per pass time, rewrites, nodes, parameters and FLOPs; backend and timings."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    rewrites: int | None
+    nodes_before: int
+    nodes_after: int
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    lossless: bool = True
+    max_error: float | None = None  # set when compile(check=True)
+
+
+@dataclass
+class Report:
+    model: str = ""
+    backend: str = ""
+    passes: list[PassRecord] = field(default_factory=list)
+    capture_seconds: float = 0.0
+    backend_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        rows = [("pass", "time ms", "rewrites", "nodes", "params", "GFLOPs", "max err")]
+        for r in self.passes:
+            rows.append((r.name, f"{r.seconds * 1e3:.1f}", "-" if r.rewrites is None else str(r.rewrites),
+                         _delta(r.nodes_before, r.nodes_after), _delta(r.params_before, r.params_after, _si),
+                         _delta(r.flops_before, r.flops_after, lambda v: f"{v / 1e9:.3f}"),
+                         "-" if r.max_error is None else f"{r.max_error:.1e}"))
+        head = (f"fxcompile report: {self.model or 'model'} -> backend '{self.backend}' "
+                f"(capture {self.capture_seconds:.2f} s, lowering {self.backend_seconds:.2f} s)")
+        body = format_table(rows) if self.passes else "(no passes ran)"
+        extra = "".join(f"\n{k}: {v}" for k, v in self.extra.items())
+        return f"{head}\n{body}{extra}"
+
+    __str__ = table
+
+
+def _si(v: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= div:
+            return f"{v / div:.2f}{unit}"
+    return str(int(v))
+
+
+def _delta(before, after, fmt=str) -> str:
+    return fmt(after) if before == after else f"{fmt(before)} -> {fmt(after)}"
+
+
+def format_table(rows: list[tuple], markdown: bool = False) -> str:
+    """Align rows (the first is the header) as plain text, or as a markdown table."""
+    rows = [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    if markdown:
+        line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+        sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+        return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]])

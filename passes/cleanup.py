@@ -1,0 +1,156 @@
+"""Clean-up passes: dead-code elimination, no-op removal, constant folding."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxcompile import graph_utils
+from fxcompile.registry import register_pass
+
+aten = torch.ops.aten
+
+
+@register_pass("dead_code_elimination", default=True)
+def dead_code_elimination(gm: fx.GraphModule) -> int:
+    """Remove nodes whose results nothing uses, and the parameters only they read."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    return before - len(gm.graph.nodes)
+
+
+# Ops that return their first argument's value unchanged (in eval mode).
+_IDENTITY = {aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
+             aten.clone.default}
+# Ops that only change the memory layout: no-ops when their input already has that layout.
+_LAYOUT = {aten.contiguous.default}
+# Ops that are no-ops when the output has the input's shape and dtype.
+_SAME_SHAPE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+               aten.expand.default, aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims,
+               aten.unsqueeze.default, aten.slice.Tensor, aten.to.dtype, aten.to.dtype_layout,
+               aten.to.device, aten._to_copy.default, aten.type_as.default, aten.repeat.default,
+               aten.permute.default, aten.transpose.int}
+_DROP = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+         aten.sym_constrain_range_for_size.default}
+
+
+def _dropout_is_noop(node: fx.Node) -> bool:
+    if node.target is aten.dropout.default:
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        return not train or p == 0
+    return node.target in (aten.feature_dropout.default, aten.alpha_dropout.default) and not node.args[2]
+
+
+def _permutation_is_identity(node: fx.Node) -> bool:
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == list(range(len(node.args[1])))
+    if node.target is aten.transpose.int:
+        ndim = node.args[0].meta["val"].dim()
+        return node.args[1] % max(ndim, 1) == node.args[2] % max(ndim, 1)
+    return True
+
+
+def _keeps_layout(node: fx.Node) -> bool:
+    fmt = node.kwargs.get("memory_format")
+    return fmt in (None, torch.preserve_format) or node.args[0].meta["val"].is_contiguous(memory_format=fmt)
+
+
+def _feeds_mutation(node: fx.Node) -> bool:
+    """True if a mutating op reads ``node`` (directly or through views): then a copy matters."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if graph_utils.is_mutating(user):
+                return True
+            schema = getattr(user.target, "_schema", None)
+            if schema is not None and any(r.alias_info is not None for r in schema.returns):
+                stack.append(user)
+    return False
+
+
+@register_pass("remove_noops", default=True)
+def remove_noops(gm: fx.GraphModule) -> int:
+    """Remove eval-mode no-ops: dropout, identity, clone, contiguous, same-shape views and casts."""
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _DROP:
+            gm.graph.erase_node(node)
+            rewrites += 1
+            continue
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if src is None:
+            continue
+        noop = (_dropout_is_noop(node)
+                or (node.target in _IDENTITY and _keeps_layout(node))
+                or (node.target in _LAYOUT and src.meta["val"].is_contiguous())
+                or (node.target in _SAME_SHAPE and graph_utils.same_shape(node, src)
+                    and _permutation_is_identity(node)
+                    and src.meta["val"].device == node.meta["val"].device))
+        if noop and not _feeds_mutation(node) and not graph_utils.is_mutating(node):
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+            rewrites += 1
+    return rewrites
+
+
+@dataclass
+class FoldConstantsOptions:
+    """max_growth: fold a node only if its result has at most this many times the elements of the
+    constants it reads (plus 1024), so folding never blows up the model's size (e.g. expand)."""
+
+    max_growth: float = 1.0
+
+    def validate(self):
+        if self.max_growth < 0:
+            raise ValueError("max_growth must be >= 0")
+
+
+def _foldable(node: fx.Node, const: set[fx.Node]) -> bool:
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if node.is_impure() or graph_utils.is_mutating(node):
+        return False
+    if torch.Tag.nondeterministic_seeded in node.target.tags:
+        return False
+    if not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    inputs = node.all_input_nodes
+    return all(i in const for i in inputs)
+
+
+@register_pass("fold_constants", options=FoldConstantsOptions, after=("remove_noops",), default=True)
+def fold_constants(gm: fx.GraphModule, opts: FoldConstantsOptions) -> int:
+    """Precompute subgraphs that read only parameters and constants; store their results."""
+    # A constant that an in-place op writes to is not constant across calls.
+    const: set[fx.Node] = {n for n in gm.graph.find_nodes(op="get_attr") if not _feeds_mutation(n)}
+    values: dict[fx.Node, torch.Tensor] = {n: graph_utils.fetch_attr(gm, n.target) for n in const}
+    size_in: dict[fx.Node, int] = {n: v.numel() if isinstance(v, torch.Tensor) else 0 for n, v in values.items()}
+    for node in gm.graph.nodes:
+        if _foldable(node, const) and not _feeds_mutation(node):
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+            with torch.no_grad():
+                values[node] = node.target(*args, **kwargs)
+            const.add(node)
+            size_in[node] = sum(size_in[i] for i in node.all_input_nodes)
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        if node not in const or node.op == "get_attr":
+            continue
+        if all(u in const for u in node.users):
+            continue  # an inner node of a larger constant subgraph: its frontier is folded
+        value = values[node]
+        if value.numel() > opts.max_growth * size_in[node] + 1024:
+            continue
+        new = graph_utils.add_constant(gm, value.contiguous(), f"folded_{node.name}", node)
+        new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in const)
+        rewrites += 1
+    return rewrites
