@@ -1,6 +1,8 @@
 """The onnx backend: torch.onnx.export of the IR graph, checked, run by onnxruntime."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -83,7 +85,9 @@ def _to_numpy(x):
 
 def _save_proto(proto, path: str, external: bool) -> None:
     import onnx
-    if external:
+    if external:  # onnx.save_model moves the weights out of the proto it is given: save a copy
+        proto, original = onnx.ModelProto(), proto
+        proto.CopyFrom(original)
         onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=os.path.basename(path) + ".data", size_threshold=1024)
     else:
@@ -124,7 +128,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs, options: dict):
     names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     prepared = prepare_for_export(gm)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_exporter_logs():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 prepared, tuple(example_inputs), dynamo=True, input_names=names,
@@ -132,7 +136,11 @@ def export_onnx(gm: fx.GraphModule, example_inputs, options: dict):
                 dynamic_shapes=options["dynamic_shapes"], verbose=False)
     except Exception as e:
         raise BackendError(_explain_export_failure(gm, e)) from e
-    proto = program.model_proto
+    # Materialise the model through the exporter's own save: program.model_proto may reference
+    # tensor memory of the exporter instead of holding the weights.
+    with tempfile.TemporaryDirectory(prefix="fxcompile-export-") as tmp:
+        program.save(os.path.join(tmp, "model.onnx"), external_data=True)
+        proto = onnx.load(os.path.join(tmp, "model.onnx"), load_external_data=True)
     try:
         onnx.checker.check_model(proto, full_check=False)
     except Exception as e:
@@ -140,11 +148,24 @@ def export_onnx(gm: fx.GraphModule, example_inputs, options: dict):
     return proto, names
 
 
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """torch.onnx logs a warning per missing torchvision op on every export: noise for users."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _explain_export_failure(gm: fx.GraphModule, e: Exception) -> str:
     text = f"{e}\n{e.__cause__ or ''}"
-    ops = set(re.findall(r"aten[.:]{1,2}([A-Za-z0-9_]+)", text))
-    culprits = [n for n in gm.graph.nodes
-                if n.op == "call_function" and getattr(n.target, "_opname", None) in ops]
+    # Ops appear as 'ns::name' or 'ns.name.overload' in the exporter's messages.
+    ops = {f"{ns}::{name}" for ns, name in re.findall(r"\b([a-z_][a-z0-9_]*)(?:::|\.)([A-Za-z0-9_]+)", text)}
+    culprits = [n for n in gm.graph.nodes if n.op == "call_function"
+                and getattr(getattr(n.target, "_schema", None), "name", None) in ops]
     cause = str(e.__cause__ or e).strip().splitlines()
     last = next((ln for ln in reversed(cause) if "Error" in ln), cause[-1] if cause else "")
     where = "\n  ".join(describe_node(n) for n in culprits[:3])

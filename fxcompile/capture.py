@@ -111,6 +111,24 @@ class _OutputEncoder(torch.nn.Module):
         return encode_outputs(self.model(*args, **kwargs))
 
 
+def _encoder_for(model: torch.nn.Module, n_args: int, kw_names: list[str]) -> _OutputEncoder:
+    """An _OutputEncoder whose forward names every input (``_arg0``.., then the keywords).
+
+    torch.export matches ``dynamic_shapes`` to forward's parameter names, and fails on a forward
+    that takes only ``*args, **kwargs``; a generated forward with explicit names avoids both.
+    """
+    if not all(k.isidentifier() and not k.startswith("_arg") for k in kw_names):
+        return _OutputEncoder(model)
+    params = [f"_arg{i}" for i in range(n_args)] + list(kw_names)
+    call = [f"_arg{i}" for i in range(n_args)] + [f"{k}={k}" for k in kw_names]
+    src = (f"def forward(self, {', '.join(params)}):\n"
+           f"    return encode_outputs(self.model({', '.join(call)}))\n")
+    namespace = {"encode_outputs": encode_outputs}
+    exec(src, namespace)  # noqa: S102 - names are checked identifiers
+    cls = type("_NamedOutputEncoder", (_OutputEncoder,), {"forward": namespace["forward"]})
+    return cls(model)
+
+
 # -- inputs ------------------------------------------------------------------------------
 @dataclass
 class InputSignature:
@@ -224,23 +242,43 @@ def capture(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | No
         except TypeError as e:
             raise InputError(f"the example inputs do not fit {type(model).__name__}.forward{sig}: {e}") from None
 
+    if dynamic_shapes is not None:
+        dynamic_shapes = _dynamic_shapes_for_encoder(dynamic_shapes, args, kwargs)
     work = copy.deepcopy(model).eval()
     try:
-        with torch.no_grad():
-            work(*args, **kwargs)
-    except Exception as e:
-        raise InputError(f"{type(model).__name__} fails on the example inputs in eager PyTorch, before "
-                         f"any compilation: {type(e).__name__}: {e}") from e
-    try:
-        ep = torch.export.export(_OutputEncoder(work), args, kwargs, dynamic_shapes=dynamic_shapes,
+        ep = torch.export.export(_encoder_for(work, len(args), list(kwargs)), args, kwargs, dynamic_shapes=dynamic_shapes,
                                  strict=False)
     except Exception as e:  # torch.export raises many types; all mean 'not capturable'
+        _raise_if_eager_fails(model, args, kwargs)
         raise CaptureError(_explain_export_failure(model, e)) from e
     gm, in_spec, out_spec = _flat_graph_module(ep)
     names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     flat = pytree.tree_leaves((args, kwargs))
     return Captured(gm, InputSignature(sig, in_spec, names, flat), out_spec, flat,
                     type(model).__name__)
+
+
+def _dynamic_shapes_for_encoder(dynamic_shapes, args: tuple, kwargs: dict):
+    """User-facing ``{input name: {dim: Dim}}`` -> the spec for the named encoder's forward."""
+    if not isinstance(dynamic_shapes, dict):
+        raise InputError("dynamic_shapes must be a dict {input name: {dim index: torch.export.Dim}}")
+    unknown = set(dynamic_shapes) - set(kwargs)
+    if unknown:
+        raise InputError(f"dynamic_shapes names {sorted(unknown)}, which are not inputs of the model; "
+                         f"its named inputs are {sorted(kwargs)}")
+    spec = {f"_arg{i}": None for i in range(len(args))}
+    spec.update({k: dynamic_shapes.get(k) for k in kwargs})
+    return spec
+
+
+def _raise_if_eager_fails(model, args, kwargs) -> None:
+    """Tell bad inputs (the model fails in plain PyTorch too) from graphs torch.export can't take."""
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).eval()(*args, **kwargs)
+    except Exception as e:
+        raise InputError(f"{type(model).__name__} fails on the example inputs in eager PyTorch, before "
+                         f"any compilation: {type(e).__name__}: {e}") from e
 
 
 def _flat_graph_module(ep: torch.export.ExportedProgram):

@@ -99,8 +99,19 @@ def refresh_meta(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> int:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     with FlopCounterMode(display=False) as counter:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
+        _FakeAttrProp(gm, mode).propagate_dont_convert_inputs(*fake)
     return counter.get_total_flops()
+
+
+class _FakeAttrProp(FakeTensorProp):
+    """FakeTensorProp that also fakes parameters and buffers, so in-place ops in the graph
+    (buffer updates) never write into the real tensors while shapes are propagated."""
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+            return self._mode.from_tensor(value)
+        return value
 
 
 def same_shape(a: fx.Node, b: fx.Node) -> bool:

@@ -1,0 +1,57 @@
+"""Small models shared by the tests; every test compares against eager PyTorch."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+torch.set_num_threads(2)
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        y = self.drop(y).clone().view(y.shape)
+        return self.fc(y.mean((2, 3)))
+
+
+class DictOut(nn.Module):
+    """Keyword inputs and a nested output structure."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+
+    def forward(self, x, scale=None, *, bias):
+        h = self.a(x) * (scale if scale is not None else 1.0) + bias
+        return {"h": h, "parts": (h.relu(), [h.sigmoid()])}
+
+
+@pytest.fixture
+def convbn():
+    torch.manual_seed(0)
+    m = ConvBN().eval()
+    # non-trivial BN statistics so folding or removal mistakes show up numerically
+    m.bn.running_mean.uniform_(-1, 1)
+    m.bn.running_var.uniform_(0.5, 2)
+    return m, (torch.randn(2, 3, 8, 8),)
+
+
+@pytest.fixture
+def dictout():
+    torch.manual_seed(0)
+    return DictOut().eval(), (torch.randn(2, 6),), {"scale": torch.tensor(2.0), "bias": torch.randn(6)}
+
+
+def assert_close(ref, out, tol=1e-4):
+    from fxcompile.numerics import max_error
+    err = max_error(ref, out)
+    assert err <= tol, f"max error {err:.3g} relative to output scale exceeds {tol}"
+    return err

@@ -1,0 +1,112 @@
+"""Clean-up passes: op lists before/after and parity with eager PyTorch."""
+import torch
+import torch.nn as nn
+
+import fxcompile
+from fxcompile.graph_utils import count_ops, op_list
+
+from .conftest import assert_close
+
+
+def _compile(model, inputs, passes, check=True):
+    before = fxcompile.capture(model, inputs)
+    compiled = fxcompile.compile(model, inputs, passes=passes, check=check)
+    return count_ops(before.gm), count_ops(compiled.graph_module), compiled
+
+
+class Noops(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        y = self.drop(self.lin(x))
+        y = y.clone().contiguous().view(y.shape).reshape(2, 4)
+        y = y.to(torch.float32).permute(0, 1).transpose(0, 0)
+        z = y.transpose(0, 1).contiguous()  # a real layout change: must stay
+        return y.flatten(0, 0) + z.view(8).view(4, 2).t()
+
+
+def test_remove_noops():
+    torch.manual_seed(0)
+    model, inputs = Noops().eval(), (torch.randn(2, 4),)
+    before, after, compiled = _compile(model, inputs, ["remove_noops"])
+    assert before["aten.dropout.default"] == 1 and "aten.dropout.default" not in after
+    assert before["aten.clone.default"] == 1 and "aten.clone.default" not in after
+    assert "aten.permute.default" not in after
+    # contiguous after a transpose is a real copy that the later view needs
+    assert after["aten.contiguous.default"] == 1 and after["aten.transpose.int"] == 1
+    assert after["aten.view.default"] == 2  # the two shape-changing views stay
+    assert sum(after.values()) < sum(before.values())
+    assert_close(model(*inputs), compiled(*inputs), tol=1e-6)
+
+
+class InPlace(nn.Module):
+    def forward(self, x):
+        y = x.clone()
+        y.add_(1)  # removing the clone would write into the input
+        return y
+
+
+def test_remove_noops_keeps_copies_that_are_mutated():
+    x = torch.randn(3)
+    keep = x.clone()
+    compiled = fxcompile.compile(InPlace(), (x,), passes=["remove_noops"])
+    out = compiled(x)
+    assert torch.equal(x, keep), "the compiled model wrote into its input"
+    assert torch.allclose(out, keep + 1)
+
+
+class Consts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.register_buffer("pos", torch.arange(4))
+        self.register_buffer("count", torch.zeros(4))
+
+    def forward(self, x):
+        w = (self.w * 2).t().softmax(-1)  # parameter-only: folds into one constant
+        big = self.pos.view(1, 4).expand(512, 4)  # would grow 512x: must not fold
+        self.count.add_(1)  # a mutated buffer is not a constant
+        return (x @ w + self.count).unsqueeze(0) + big.float().unsqueeze(1)
+
+
+def test_fold_constants():
+    torch.manual_seed(0)
+    model, inputs = Consts().eval(), (torch.randn(2, 4),)
+    ref = Consts().eval()
+    ref.load_state_dict(model.state_dict())
+    # check=False: checking runs the graph, which would advance the mutated buffer
+    before, after, compiled = _compile(model, inputs, ["fold_constants"], check=False)
+    assert before["aten.mul.Tensor"] == 1 and before["aten.softmax.int"] == 1
+    assert "aten.mul.Tensor" not in after and "aten.softmax.int" not in after and "aten.t.default" not in after
+    assert after["aten.expand.default"] == 1 and "aten.arange.default" not in after
+    assert after["aten.add_.Tensor"] == 1
+    rec = compiled.report.passes[0]
+    assert rec.rewrites >= 1
+    for _ in range(2):  # the mutated buffer keeps counting: it was not frozen
+        ref_out = ref(*inputs)
+        assert_close(ref_out, compiled(*inputs), tol=1e-6)
+
+
+def test_dead_code_elimination():
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    compiled = fxcompile.compile(Dead(), (torch.randn(1, 3),), passes=["dead_code_elimination"])
+    assert op_list(compiled.graph_module) == ["aten.linear.default"]
+    assert "unused.weight" not in compiled.graph_module.state_dict()
+
+
+def test_default_pipeline_on_convbn(convbn):
+    model, inputs = convbn
+    compiled = fxcompile.compile(model, inputs, check=True)
+    assert [r.name for r in compiled.report.passes] == fxcompile.default_pipeline()
+    assert "aten.dropout.default" not in op_list(compiled.graph_module)
+    assert_close(model(*inputs), compiled(*inputs))
