@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import tempfile
@@ -25,6 +26,9 @@ DEFAULTS = {
     "external_data_threshold": 1 << 30,  # bytes: larger models are saved with external data
     "dynamic_shapes": None,   # passed to torch.onnx.export (see torch.export's dynamic_shapes)
 }
+# Translations for ops the exporter has none for (DESIGN §4): {op overload: onnxscript function}.
+# The module that defines such an op adds its entry (fxcompile.quant_ops: quantize/dequantize).
+CUSTOM_TRANSLATIONS: dict = {}
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -133,7 +137,8 @@ def export_onnx(gm: fx.GraphModule, example_inputs, options: dict):
             program = torch.onnx.export(
                 prepared, tuple(example_inputs), dynamo=True, input_names=names,
                 opset_version=options["opset"], optimize=options["optimize"],
-                dynamic_shapes=options["dynamic_shapes"], verbose=False)
+                dynamic_shapes=options["dynamic_shapes"], verbose=False,
+                custom_translation_table=dict(CUSTOM_TRANSLATIONS) or None)
     except Exception as e:
         raise BackendError(_explain_export_failure(gm, e)) from e
     # Materialise the model through the exporter's own save: program.model_proto may reference
@@ -146,6 +151,52 @@ def export_onnx(gm: fx.GraphModule, example_inputs, options: dict):
     except Exception as e:
         raise BackendError(f"torch.onnx.export produced an ONNX model that onnx.checker rejects: {e}") from e
     return proto, names
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+          enable_gqa=False):
+    """scaled_dot_product_attention as the ops hand-written attention exports to:
+    MatMul(q, Transpose(k)) -> Mul(scale) -> Add(mask) or Where(mask) -> Softmax -> MatMul.
+
+    torch.onnx's own lowering (opset < 23) transposes k through Reshape/Transpose/Reshape and
+    scales q and k separately: four more nodes per attention, which onnxruntime's fusions
+    (Transpose and scale into FusedMatMul) no longer see through.
+    """
+    from onnxscript import opset18 as op
+    from onnxscript.function_libs.torch_lib.ops import nn as torchlib_nn
+    rank, head = len(query.shape), query.shape[-1]
+    causal_shape = (query.shape[-2], key.shape[-2])
+    if (dropout_p or rank < 3 or len(key.shape) != rank or (scale is None and not isinstance(head, int))
+            or (is_causal and not all(isinstance(d, int) for d in causal_shape))):
+        return torchlib_nn.aten_scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if enable_gqa and query.shape[1] != key.shape[1]:
+        key, value = torchlib_nn._attention_repeat_kv_for_group_query(query, key, value)
+    scale = 1.0 / math.sqrt(head) if scale is None else scale
+    perm = list(range(rank))
+    perm[-2], perm[-1] = perm[-1], perm[-2]
+    scores = op.MatMul(query, op.Transpose(key, perm=perm))
+    if scale != 1.0:
+        scores = op.Mul(scores, op.CastLike(scale, scores))
+    if is_causal:
+        import numpy as np
+        attend = op.Constant(value=onnx_ir().tensor(np.tril(np.ones(causal_shape, dtype=bool))))
+        scores = op.Where(attend, scores, op.CastLike(float("-inf"), scores))
+    elif attn_mask is not None and attn_mask.dtype == onnx_ir().DataType.BOOL:
+        scores = op.Where(attn_mask, scores, op.CastLike(float("-inf"), scores))
+    elif attn_mask is not None:
+        scores = op.Add(scores, attn_mask)
+    return op.MatMul(op.Softmax(scores, axis=-1), value)
+
+
+def onnx_ir():
+    from torch.onnx._internal._lazy_import import onnx_ir as ir
+    return ir
+
+
+# The exporter has a translation for sdpa, but a worse one (see _sdpa): fuse_attention produces
+# sdpa from attention that would otherwise export to the compact form.
+CUSTOM_TRANSLATIONS[aten.scaled_dot_product_attention.default] = _sdpa
 
 
 @contextlib.contextmanager

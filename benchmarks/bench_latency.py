@@ -6,10 +6,12 @@ torch.onnx.export + onnxruntime, and fxcompile's eager and onnx backends (defaul
 
 For every zoo model and batch size each contender is built once (its compile/export time is
 recorded), checked against eager PyTorch (max error relative to output scale, fxcompile.numerics),
-warmed up, then timed. Timing is interleaved: several rounds, each running every contender a few
-times in a rotating order, so drift on a shared machine hits all contenders alike; the median over
-all runs is reported, with eager_ms / contender_ms (> 1: faster than eager). Absolute times drift
-between runs on shared machines: compare the ratios of one run (DESIGN §6).
+warmed up, then timed. Timing is interleaved: --runs rounds, each running every contender once in
+a rotating order, so drift on a shared machine hits all contenders alike; the median and the min
+over all runs are reported, with eager_ms / contender_ms from the medians (> 1: faster than
+eager). Absolute times drift between runs on shared machines: compare the ratios of one run
+(DESIGN §6). The share of CPU time that other processes took while timing ran is printed under
+the table: above ~10% the 2-thread numbers are unreliable (see OtherLoad).
 A contender that fails is reported as 'failed: <reason>' and the run goes on.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import math
+import os
 import platform
 import shlex
 import statistics
@@ -43,7 +45,7 @@ CONTENDERS = {
     "fx_eager": "fxcompile eager",
     "fx_onnx": "fxcompile onnx",
 }
-HEADER = ("model", "input", "contender", "compile s", "median ms", "vs eager", "max err")
+HEADER = ("model", "input", "contender", "compile s", "median ms", "min ms", "vs eager", "max err")
 WARMUP = 2
 
 
@@ -125,25 +127,57 @@ def _error_vs(reference: Any, out: Any) -> float:
 
 # -- timing --------------------------------------------------------------------------------
 def time_interleaved(contenders: list[Contender], runs: int) -> None:
-    """Time every live contender ``runs`` times in rounds that interleave them."""
-    rounds = max(1, min(runs, 5))
-    per_round = math.ceil(runs / rounds)
-    for r in range(rounds):
+    """Time every live contender ``runs`` times: ``runs`` rounds of one call each, the order
+    rotating from round to round, so drift and other processes hit every contender alike."""
+    for r in range(runs):
         live = [c for c in contenders if not c.failed]
         shift = r % max(1, len(live))
-        for c in live[shift:] + live[:shift]:  # rotate so no contender always goes first
-            n = min(per_round, runs - len(c.times))
+        for c in live[shift:] + live[:shift]:
             try:
-                for _ in range(n):
-                    start = time.perf_counter()
-                    c.fn()
-                    c.times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                c.fn()
+                c.times.append(time.perf_counter() - start)
             except Exception as e:
                 c.failed = _short(e)
 
 
-def bench_one(name: str, batch: int, args, keys: list[str], log) -> list[tuple]:
-    """All contenders on one zoo model and batch size -> table rows."""
+class OtherLoad:
+    """The share of the machine's CPU time that other processes took while timing ran.
+
+    Their load matters more than usual here: torch's OpenMP threads wait for each other at every
+    op, so one busy core can slow a 2-thread model by 10x and more."""
+
+    def __enter__(self):
+        self._start = (_busy_seconds(), _own_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc):
+        busy0, own0, wall0 = self._start
+        busy, own, wall = _busy_seconds(), _own_seconds(), time.perf_counter()
+        if busy is None or busy0 is None or wall <= wall0:
+            self.share = None
+        else:
+            others = max(0.0, (busy - busy0) - (own - own0))
+            self.share = min(1.0, others / ((wall - wall0) * (os.cpu_count() or 1)))
+
+
+def _busy_seconds() -> float | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def bench_one(name: str, batch: int, args, keys: list[str], log) -> tuple[list[tuple], str]:
+    """All contenders on one zoo model and batch size -> (table rows, a note on the load)."""
     model, kwargs = zoo.build(name, batch=batch, size=args.size, seq=args.seq)
     params = sum(p.numel() for p in model.parameters())
     shape = "x".join(str(d) for d in next(iter(kwargs.values())).shape)
@@ -158,7 +192,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], log) -> list[tuple]:
             out = c.fn()
             if c.key == "eager":
                 reference = out
-            else:
+            elif reference is not None:
                 c.error = _error_vs(reference, out)
             for _ in range(WARMUP):
                 c.fn()
@@ -167,7 +201,10 @@ def bench_one(name: str, batch: int, args, keys: list[str], log) -> list[tuple]:
             log(f"    failed: {c.failed}")
         gc.collect()
     log(f"  {name} batch {batch}: timing {args.runs} runs each")
-    time_interleaved(contenders, args.runs)
+    with OtherLoad() as load:
+        time_interleaved(contenders, args.runs)
+    if load.share is not None:
+        log(f"  {name} batch {batch}: other processes used {load.share:.0%} of the CPU meanwhile")
 
     base = contenders[0].median_ms  # eager
     rows = []
@@ -175,23 +212,24 @@ def bench_one(name: str, batch: int, args, keys: list[str], log) -> list[tuple]:
         compile_s = "-" if c.key == "eager" or c.compile_s is None else f"{c.compile_s:.1f}"
         ms = c.median_ms
         if c.failed:
-            cells = ("-", f"failed: {c.failed}", "-", "-")
+            cells = ("-", f"failed: {c.failed}", "-", "-", "-")
         else:
             ratio = f"{base / ms:.2f}x" if base and ms else "-"
             err = "-" if c.error is None else f"{c.error:.1e}"
-            cells = (compile_s, f"{ms:.2f}", ratio, err)
-        rows.append((f"{name} ({params / 1e6:.1f}M)", f"{shape}", c.label) + cells)
+            cells = (compile_s, f"{ms:.2f}", f"{min(c.times) * 1e3:.2f}", ratio, err)
+        rows.append((f"{name} ({params / 1e6:.1f}M)", shape, c.label) + cells)
     # free the compiled artifacts (sessions, graphs, inductor code) before the next model
     for c in contenders:
         c.fn = None
     del contenders, model, kwargs, reference
     torch._dynamo.reset()
     gc.collect()
-    return rows
+    share = "unknown" if load.share is None else f"{load.share:.0%}"
+    return rows, f"{name} {shape}: other processes used {share} of the CPU while timing ran."
 
 
 # -- the report ----------------------------------------------------------------------------
-def machine_line(threads: int) -> str:
+def machine_line(threads: int, when: datetime.datetime | None = None) -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
@@ -202,7 +240,7 @@ def machine_line(threads: int) -> str:
     import transformers
     return (f"machine: {cpu}, {torch.multiprocessing.cpu_count()} cores; torch {torch.__version__}, "
             f"onnxruntime {onnxruntime.__version__}, transformers {transformers.__version__}; "
-            f"threads {threads}; {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")
+            f"threads {threads}; {(when or datetime.datetime.now()).strftime('%Y-%m-%d %H:%M')}")
 
 
 def load_average() -> str:
@@ -213,17 +251,19 @@ def load_average() -> str:
         return "?"
 
 
-def render(rows: list[tuple], args, command: str, done: bool = True) -> str:
+def render(rows: list[tuple], loads: list[str], args, command: str, done: bool = True) -> str:
     load = (f"1-minute load average (other processes share this machine): {args.load_start} at "
             f"start, {load_average()} at the end.")
-    notes = (f"fp32, torch.no_grad(); median of {args.runs} runs after {WARMUP} warm-up runs, timed in "
-             "interleaved rounds. vs eager = eager ms / contender ms (> 1: faster). max err = max "
+    notes = (f"fp32, torch.no_grad(); median and min of {args.runs} runs after {WARMUP} warm-up runs, "
+             "timed in interleaved rounds (one run of each contender per round). vs eager = eager ms / contender ms (> 1: faster), from the medians. max err = max "
              "|out - eager| / max |eager| over all outputs. compile s: torch.compile includes its "
              "first call; onnx rows include export and session creation; fxcompile rows include "
              "capture, default passes and lowering.")
-    parts = [f"# Latency: {args.size} models", "", machine_line(args.threads), "",
+    parts = [f"# Latency: {args.size} models", "", machine_line(args.threads, args.started), "",
              f"command: `{command}`", "", notes, load, "",
              format_table([HEADER] + rows, markdown=True) if rows else "(no results)"]
+    if loads:
+        parts += [""] + [f"- {line}" for line in loads]
     if not done:
         parts += ["", "(incomplete: the run is still going)"]
     return "\n".join(parts) + "\n"
@@ -260,21 +300,24 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/bench_latency.py", *argv])
-    args.load_start = load_average()
+    args.load_start, args.started = load_average(), datetime.datetime.now()
     torch.set_num_threads(args.threads)
     keys = [k for k in CONTENDERS if k not in args.skip_list]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     log(machine_line(args.threads))
     rows: list[tuple] = []
+    loads: list[str] = []
     with torch.no_grad():
         for name in args.model_list:
             for batch in args.batch_list:
                 start = time.perf_counter()
-                rows += bench_one(name, batch, args, keys, log)
+                new_rows, load = bench_one(name, batch, args, keys, log)
+                rows += new_rows
+                loads.append(load)
                 log(f"  {name} batch {batch}: done in {time.perf_counter() - start:.0f} s")
                 if args.out:  # keep what is measured so far if a later model dies
-                    _write(args.out, render(rows, args, command, done=False))
-    markdown = render(rows, args, command)
+                    _write(args.out, render(rows, loads, args, command, done=False))
+    markdown = render(rows, loads, args, command)
     print(markdown)
     if args.out:
         _write(args.out, markdown)

@@ -63,29 +63,38 @@ class CompiledModule(torch.nn.Module):
 
 def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backend: str = "eager",
             check: bool = False, *, example_kwargs: dict | None = None, dynamic_shapes=None,
-            progress: bool = False, **options) -> CompiledModule:
+            progress: bool = False, calibration_data=None, **options) -> CompiledModule:
     """Compile ``model`` for inputs like ``example_inputs`` (a tensor or tuple; keyword inputs in
     ``example_kwargs``).
 
     ``passes``: None for the default pipeline, [] for none, or a list of pass names, (name,
     options) pairs and callables. ``backend``: 'eager', 'onnx', 'tensorrt' or a registered one;
     ``**options`` go to the backend. ``check=True`` compares outputs after every pass and after
-    lowering, failing on a lossless step that changes them. The user's model is never modified.
+    lowering, failing on a lossless step that changes them. ``calibration_data``: batches like
+    the inputs (each a tensor, a tuple of positional inputs or a dict of keyword inputs) for
+    quantization passes to calibrate on (insert_fake_quant does). The user's model is never modified.
     """
     report = Report(model=type(model).__name__, backend=backend)
     lower = get_backend(backend)  # fail on a bad name before any slow work
     start = time.perf_counter()
     captured = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     report.capture_seconds = time.perf_counter() - start
+    data = None
+    if calibration_data is not None:
+        from .calibrate import FlatBatches
+        data = FlatBatches(calibration_data, captured.inputs)
     gm, report.passes = run_pipeline(captured.gm, passes, captured.example_inputs, check=check,
-                                     progress=progress)
+                                     progress=progress, data=data)
     captured.gm = gm
+    from .quant_state import report_section
+    report.extra.update(report_section(gm))
     if dynamic_shapes is not None and backend == "onnx":
         options.setdefault("dynamic_shapes", _flat_dynamic_shapes(dynamic_shapes, captured))
     start = time.perf_counter()
     runner = lower(gm, captured.example_inputs, options)
     report.backend_seconds = time.perf_counter() - start
     report.extra.update(runner.describe())
+    report.extra.update(gm.meta.get("report_extra", {}))  # what passes chose to report (e.g. prune)
     compiled = CompiledModule(captured, runner, report, static_shapes=dynamic_shapes is None)
     if check:
         from .numerics import max_error

@@ -246,8 +246,8 @@ def capture(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | No
         dynamic_shapes = _dynamic_shapes_for_encoder(dynamic_shapes, args, kwargs)
     work = copy.deepcopy(model).eval()
     try:
-        ep = torch.export.export(_encoder_for(work, len(args), list(kwargs)), args, kwargs, dynamic_shapes=dynamic_shapes,
-                                 strict=False)
+        ep = torch.export.export(_encoder_for(work, len(args), list(kwargs)), args, kwargs,
+                                 dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # torch.export raises many types; all mean 'not capturable'
         _raise_if_eager_fails(model, args, kwargs)
         raise CaptureError(_explain_export_failure(model, e)) from e

@@ -22,8 +22,22 @@ class PassError(FxCompileError):
     """A pass is unknown, got bad options, failed, or broke the model's numerics."""
 
 
+class PruneError(PassError):
+    """Pruning got options it cannot honour (a bad ratio, an unmeetable target, an ignore pattern
+    that matches nothing, a criterion without the data it needs)."""
+
+
 class BackendError(FxCompileError):
     """A backend is unknown, missing, or could not lower an op."""
+
+
+class QuantizationError(FxCompileError):
+    """A quantization step does not fit the graph's state: quantizing a quantized graph, folding
+    before calibrating, calibrating a graph without fake-quant nodes."""
+
+
+class CalibrationError(QuantizationError):
+    """Calibration data is unusable: empty, of the wrong structure, or giving NaN/inf activations."""
 
 
 def suggest(name: str, known: Iterable[str]) -> str:

@@ -123,3 +123,71 @@ def same_shape(a: fx.Node, b: fx.Node) -> bool:
 def is_mutating(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+# -- reading and editing a node's arguments by their schema names (for pattern rewrites) ------
+def _schema_args(node: fx.Node):
+    schema = getattr(node.target, "_schema", None)
+    return schema.arguments if schema is not None else []
+
+
+def get_arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """The argument ``name`` of an ATen call node: positional, keyword or the schema's default."""
+    for i, arg in enumerate(_schema_args(node)):
+        if arg.name == name:
+            if i < len(node.args) and not arg.kwarg_only:
+                return node.args[i]
+            if name in node.kwargs:
+                return node.kwargs[name]
+            return arg.default_value if arg.has_default_value() else default
+    return default
+
+
+def set_arg(node: fx.Node, name: str, value: Any) -> None:
+    """Set the argument ``name`` of an ATen call node, where it is given or as a keyword."""
+    for i, arg in enumerate(_schema_args(node)):
+        if arg.name == name:
+            if i < len(node.args) and not arg.kwarg_only:
+                node.update_arg(i, value)
+            else:
+                node.update_kwarg(name, value)
+            return
+    raise KeyError(f"{node.target} has no argument '{name}'")
+
+
+def constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    """The tensor behind a get_attr node, or None for anything else."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value = fetch_attr(gm, arg.target)
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def scalar(gm: fx.GraphModule, arg: Any) -> float | None:
+    """A Python number, or the value of a one-element constant tensor; None for anything else."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg)
+    value = constant(gm, arg)
+    if value is not None and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
+        return float(value.item())
+    return None
+
+
+def copy_origin(dst: fx.Node, src: fx.Node) -> fx.Node:
+    """Give ``dst`` the user-facing provenance of ``src`` (module path and source line)."""
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+    return dst
+
+
+def real_users(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node`` other than the dtype/shape assertions torch.export inserts."""
+    return [u for u in node.users if u.target is not torch.ops.aten._assert_tensor_metadata.default]
+
+
+def drop_asserts(node: fx.Node) -> None:
+    """Erase the metadata assertions that read ``node`` (they would keep a replaced node alive)."""
+    for user in list(node.users):
+        if user.target is torch.ops.aten._assert_tensor_metadata.default:
+            node.graph.erase_node(user)

@@ -1,6 +1,7 @@
-"""Clean-up passes: dead-code elimination, no-op removal, constant folding."""
+"""Clean-up passes: dead-code elimination, no-op removal, constant folding, common subexpressions."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -153,4 +154,58 @@ def fold_constants(gm: fx.GraphModule, opts: FoldConstantsOptions) -> int:
         new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
         node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in const)
         rewrites += 1
+    return rewrites
+
+
+def _cse_key(node: fx.Node, canonical: dict[fx.Node, fx.Node]):
+    """A hashable key of what ``node`` computes; equal keys compute equal values."""
+    def freeze(a):
+        if isinstance(a, fx.Node):
+            return ("node", canonical.get(a, a))
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(freeze(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple(sorted((k, freeze(v)) for k, v in a.items())))
+        if isinstance(a, slice):
+            return ("slice", freeze(a.start), freeze(a.stop), freeze(a.step))
+        if isinstance(a, float) and a != a:
+            return ("nan",)
+        # 1, 1.0 and True hash alike but give different dtypes: keep the type in the key
+        return (type(a).__name__, a)
+    return node.op, node.target, freeze(node.args), freeze(node.kwargs)
+
+
+def _cse_candidate(node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function" or node.is_impure() or graph_utils.is_mutating(node):
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        if torch.Tag.nondeterministic_seeded in node.target.tags:
+            return False
+    elif node.target is not operator.getitem:
+        return False
+    # A value that is written in place later, or that reads one, depends on where it is computed.
+    return not _feeds_mutation(node) and not any(_feeds_mutation(i) for i in node.all_input_nodes)
+
+
+@register_pass("cse", after=("merge_parallel_linears",), before=("dead_code_elimination",), default=True)
+def cse(gm: fx.GraphModule) -> int:
+    """Merge identical pure computations (same op, same inputs) into one node."""
+    canonical: dict[fx.Node, fx.Node] = {}
+    seen: dict[tuple, fx.Node] = {}
+    rewrites = 0
+    for node in list(gm.graph.nodes):
+        if not _cse_candidate(node):
+            continue
+        try:
+            key = _cse_key(node, canonical)
+            first = seen.setdefault(key, node)
+        except TypeError:  # an unhashable argument: leave the node alone
+            continue
+        if first is not node:
+            canonical[node] = first
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            rewrites += 1
     return rewrites

@@ -1,0 +1,190 @@
+"""What the fusion passes buy, in one process: each zoo model compiled by fxcompile without
+fusion (passes remove_noops, fold_constants) and with the full default pipeline, on the eager and
+onnx backends, next to plain torch.onnx.export + onnxruntime of the original model.
+
+    python benchmarks/bench_fusion.py --models resnet,mobilenet_v2,efficientnet,bert,vit \
+        --seq 128 --runs 20 --budget 60 --out benchmarks/results/fusion.md
+
+Models are built at size "base" where fxcompile.zoo has one (resnet, mobilenet_v2, bert, vit),
+else "small"; bert and vit with attn_implementation="eager" (attention written out, what
+fuse_attention rewrites); batch 1. Every contender is checked against eager PyTorch, warmed up,
+then timed in interleaved rounds (one call of each per round, the order rotating), so drift and
+other processes hit all alike; medians are reported. ratio = unfused ms / fused ms (> 1: fusion
+made it faster); vs torch.onnx = torch.onnx+ORT ms / fxcompile onnx fused ms. ONNX node counts:
+our exported graph without and with fusion, and torch.onnx.export(model, dynamo=True,
+optimize=True)'s. Absolute times drift on a shared machine: compare the ratios of one run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.utils._pytree as pytree
+
+import fxcompile
+import fxcompile.zoo as zoo
+from fxcompile.numerics import max_error
+from fxcompile.report import format_table
+
+UNFUSED = ["remove_noops", "fold_constants"]
+HAS_BASE = {"resnet", "mobilenet_v2", "bert", "vit"}  # zoo models with a size="base" config
+EAGER_ATTENTION = {"bert", "vit", "gpt2", "llama"}
+WARMUP = 2
+HEADER = ("model", "input", "backend", "unfused ms", "fused ms", "ratio", "max err",
+          "ONNX nodes unfused / fused / torch.onnx", "torch.onnx+ORT ms", "vs torch.onnx")
+
+
+def _ort_session(model, kwargs: dict, threads: int):
+    """torch.onnx.export (dynamo, optimize=True) of the original model, run by onnxruntime."""
+    import onnxruntime as ort
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (), kwargs=kwargs, dynamo=True, optimize=True,
+                                    verbose=False)
+    nodes = len(program.model_proto.graph.node)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), so,
+                                   providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feed = ({n: kwargs[n] for n in names} if all(n in kwargs for n in names)
+            else dict(zip(names, kwargs.values())))
+    feed = {n: t.contiguous().numpy() for n, t in feed.items()}
+
+    def run():
+        return tuple(torch.from_numpy(o) for o in session.run(None, feed))
+    return run, nodes
+
+
+def _error(reference, out) -> float:
+    if isinstance(out, tuple) and not isinstance(reference, tuple):  # onnxruntime: flat outputs
+        from fxcompile.capture import encode_outputs
+        reference = tuple(pytree.tree_leaves(encode_outputs(reference)))[:len(out)]
+    return max_error(reference, out)
+
+
+def bench_model(name: str, args, log) -> list[tuple]:
+    size = args.size if name in HAS_BASE else "small"
+    attn = "eager" if name in EAGER_ATTENTION else None
+    model, kwargs = zoo.build(name, batch=1, size=size, seq=args.seq, attn_implementation=attn)
+    shape = "x".join(str(d) for d in next(iter(kwargs.values())).shape)
+    with torch.no_grad():
+        reference = model(**kwargs)
+    calls, errors, nodes = {}, {}, {}
+    for backend in ("eager", "onnx"):
+        opts = {"threads": args.threads} if backend == "onnx" else {}
+        for label, passes in (("unfused", UNFUSED), ("fused", None)):
+            log(f"  {name}: compiling {backend} {label}")
+            compiled = fxcompile.compile(model, example_kwargs=kwargs, passes=passes,
+                                         backend=backend, **opts)
+            calls[backend, label] = lambda c=compiled: c(**kwargs)
+            errors[backend, label] = max_error(reference, calls[backend, label]())
+            nodes[backend, label] = compiled.report.extra.get("onnx nodes")
+    log(f"  {name}: torch.onnx.export + onnxruntime")
+    calls["ort"], nodes["ort"] = _ort_session(model, kwargs, args.threads)
+    errors["ort"] = _error(reference, calls["ort"]())
+    for fn in calls.values():
+        for _ in range(WARMUP):
+            fn()
+    times = {k: [] for k in calls}
+    keys = list(calls)
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < args.runs and (rounds < args.min_runs or time.perf_counter() - start < args.budget):
+        shift = rounds % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            t = time.perf_counter()
+            calls[k]()
+            times[k].append(time.perf_counter() - t)
+        rounds += 1
+    log(f"  {name}: {rounds} rounds in {time.perf_counter() - start:.0f} s")
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rows = []
+    for backend in ("eager", "onnx"):
+        unfused, fused = ms[backend, "unfused"], ms[backend, "fused"]
+        err = max(errors[backend, "unfused"], errors[backend, "fused"])
+        if backend == "onnx":
+            count = f"{nodes['onnx', 'unfused']} / {nodes['onnx', 'fused']} / {nodes['ort']}"
+            ort = (f"{ms['ort']:.2f}", f"{ms['ort'] / fused:.2f}x")
+        else:
+            count, ort = "-", ("-", "-")
+        rows.append((f"{name} ({size})", shape, backend, f"{unfused:.2f}", f"{fused:.2f}",
+                     f"{unfused / fused:.2f}x", f"{err:.1e}", count) + ort)
+    del calls, model
+    gc.collect()
+    return rows
+
+
+def machine_line(threads: int) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import onnxruntime
+    import transformers
+    return (f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, onnxruntime "
+            f"{onnxruntime.__version__}, transformers {transformers.__version__}; threads {threads}; "
+            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")
+
+
+def _load() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="resnet,mobilenet_v2,efficientnet,bert,vit")
+    p.add_argument("--seq", type=int, default=128, help="sequence length of text models")
+    p.add_argument("--runs", type=int, default=20, help="most timing rounds per model")
+    p.add_argument("--min-runs", type=int, default=5, help="fewest timing rounds per model")
+    p.add_argument("--budget", type=float, default=60, help="seconds of timing per model")
+    p.add_argument("--size", default="base", choices=("small", "base"),
+                   help="zoo size of the models that have a base config")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="also write the markdown to this file")
+    args = p.parse_args(argv)
+    command = shlex.join(["python", "benchmarks/bench_fusion.py", *argv])
+    torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    load_start = _load()
+    rows = []
+    with torch.no_grad():
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            rows += bench_model(name, args, log)
+    markdown = "\n".join([
+        "# Fusion: unfused vs default pipeline", "", machine_line(args.threads), "",
+        f"command: `{command}`", "",
+        "fp32, batch 1, torch.no_grad(); medians over interleaved rounds. unfused = passes "
+        f"{UNFUSED}; fused = the default pipeline ({', '.join(fxcompile.default_pipeline())}). "
+        "ratio = unfused ms / fused ms. vs torch.onnx = torch.onnx.export+onnxruntime ms / fused "
+        "onnx ms. max err: relative to output scale, against eager PyTorch.",
+        f"1-minute load average (other processes share this machine): {load_start} at start, "
+        f"{_load()} at the end.", "",
+        format_table([HEADER] + rows, markdown=True)]) + "\n"
+    print(markdown)
+    if args.out:
+        from pathlib import Path
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(markdown)
+    return {"rows": [dict(zip(HEADER, r)) for r in rows], "markdown": markdown}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""int8 on onnxruntime, side by side in one process: fxcompile's int8 ONNX model against its fp32
+ONNX model and against onnxruntime.quantization run on that same fp32 model with the same
+calibration data; then accuracy on scikit-learn's digits (PTQ and QAT).
+
+    python benchmarks/bench_quant.py --models bert,resnet --size base --batch 1,8 --seq 128 \
+        --runs 10 --out benchmarks/results/quant.md
+
+Contenders per zoo model and batch size (all onnxruntime CPU, the same threads):
+  fp32           fxcompile.compile(backend="onnx"), default passes: the reference for speed
+  fx int8        fxcompile.quantize_passes("onnxruntime") calibrated on the calibration batches
+  ort static     quantize_static(QDQ, uint8 activations, int8 per-channel weights, MinMax) of the
+                 fp32 file (reduce_range as onnxruntime defaults it: off)
+  ort static rr  the same with reduce_range=True (7-bit weights, as fxcompile picks on CPUs
+                 without VNNI, where onnxruntime's U8S8 kernels saturate otherwise)
+  ort dynamic    quantize_dynamic (int8 weights, activations quantized at run time); text models
+cos = cosine similarity of all outputs with the fp32 graph's on a held-out input
+(fxcompile.numerics.cosine); vs fp32 = fp32 ms / contender ms (> 1: faster), from medians of
+interleaved rounds; size = the .onnx file (plus external data).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+import fxcompile
+import fxcompile.zoo as zoo
+from fxcompile.numerics import cosine
+from fxcompile.report import format_table
+
+CONTENDERS = {"fp32": "fxcompile fp32", "fx_int8": "fxcompile int8",
+              "ort_static": "ort quantize_static", "ort_static_rr": "ort quantize_static rr",
+              "ort_dynamic": "ort quantize_dynamic"}
+HEADER = ("model", "input", "contender", "build s", "median ms", "vs fp32", "cos", "size MB")
+DIGITS_HEADER = ("model", "accuracy %", "vs fp32 (points)", "notes")
+WARMUP = 2
+
+
+@dataclass
+class Contender:
+    key: str
+    run: Callable[[], Any] | None = None
+    build_s: float | None = None
+    cos: float | None = None
+    size: int | None = None
+    failed: str | None = None
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self):
+        return statistics.median(self.times) * 1e3 if self.times and not self.failed else None
+
+
+def _short(e: BaseException, limit: int = 90) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}".replace("|", "/")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _inputs(name: str, batch: int, args, seed: int) -> dict:
+    """A zoo model's inputs, drawn with ``seed`` (calibration and test inputs differ)."""
+    _, kwargs = zoo.build(name, batch=batch, size="small", seq=args.seq)  # shapes and dtypes only
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in kwargs.items():
+        if k == "input_ids":
+            out[k] = torch.randint(0, 1000 if args.size == "small" else 30522, v.shape, generator=g)
+        elif v.dtype.is_floating_point:
+            shape = v.shape if args.size == "small" else (v.shape[0], 3, 224, 224)
+            out[k] = torch.randn(shape, generator=g)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def _session(path: str, threads: int):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def _file_size(path: str) -> int:
+    return sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.exists(p))
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader over our calibration batches."""
+
+    def __init__(self, batches: list[dict], names: list[str]):
+        self.items = iter([{n: b[n].numpy() for n in names} for b in batches])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> list[tuple]:
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    model, kwargs = zoo.build(name, batch=batch, size=args.size, seq=args.seq)
+    params = sum(p.numel() for p in model.parameters())
+    test = _inputs(name, batch, args, seed=1234)
+    calib = [_inputs(name, batch, args, seed=s) for s in range(args.calib)]
+    shape = "x".join(str(d) for d in next(iter(kwargs.values())).shape)
+    fp32_path = os.path.join(tmp, f"{name}{batch}_fp32.onnx")
+    contenders = [Contender(k) for k in keys]
+    reference, feed_names = None, None
+    for c in contenders:
+        log(f"  {name} batch {batch}: building {CONTENDERS[c.key]}")
+        try:
+            start = time.perf_counter()
+            if c.key in ("fp32", "fx_int8"):
+                passes = (None if c.key == "fp32" else
+                          fxcompile.quantize_passes("onnxruntime", method=args.method))
+                compiled = fxcompile.compile(model, example_kwargs=kwargs, passes=passes, backend="onnx",
+                                             threads=args.threads,
+                                             calibration_data=None if c.key == "fp32" else calib)
+                c.build_s = time.perf_counter() - start
+                path = os.path.join(tmp, f"{name}{batch}_{c.key}.onnx")
+                compiled.save(path)
+                c.size = _file_size(path)
+                if c.key == "fp32":
+                    reference = compiled(**test)
+                    feed_names = [i.name for i in compiled.runner.session.get_inputs()]
+                    compiled.save(fp32_path)
+                c.run = (lambda m: lambda: m(**test))(compiled)
+                c.cos = cosine(reference, c.run())
+            else:
+                if feed_names is None:
+                    raise RuntimeError("needs the fp32 contender")
+                out = os.path.join(tmp, f"{name}{batch}_{c.key}.onnx")
+                large = os.path.getsize(fp32_path) > (1 << 30)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if c.key == "ort_dynamic":
+                        quantize_dynamic(fp32_path, out, weight_type=QuantType.QInt8,
+                                         use_external_data_format=large)
+                    else:
+                        quantize_static(fp32_path, out, _Reader(calib, feed_names), quant_format=QuantFormat.QDQ,
+                                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                        per_channel=True, reduce_range=c.key == "ort_static_rr",
+                                        calibrate_method=CalibrationMethod.MinMax,
+                                        use_external_data_format=large)
+                c.build_s = time.perf_counter() - start
+                c.size = _file_size(out)
+                sess = _session(out, args.threads)
+                feed = {n: test[n].numpy() for n in feed_names}
+                c.run = (lambda s, f: lambda: tuple(torch.from_numpy(o) for o in s.run(None, f)))(sess, feed)
+                c.cos = cosine(_flat(reference), c.run())
+            for _ in range(WARMUP):
+                c.run()
+        except Exception as e:
+            c.failed, c.run = _short(e), None
+            log(f"    failed: {c.failed}")
+        gc.collect()
+    log(f"  {name} batch {batch}: timing {args.runs} runs each")
+    for r in range(args.runs):
+        live = [c for c in contenders if not c.failed]
+        shift = r % max(1, len(live))
+        for c in live[shift:] + live[:shift]:
+            start = time.perf_counter()
+            c.run()
+            c.times.append(time.perf_counter() - start)
+    base = contenders[0].median_ms if contenders[0].key == "fp32" else None
+    rows = []
+    for c in contenders:
+        if c.failed:
+            cells = ("-", f"failed: {c.failed}", "-", "-", "-")
+        else:
+            ms = c.median_ms
+            cells = (f"{c.build_s:.1f}", f"{ms:.2f}", f"{base / ms:.2f}x" if base else "-",
+                     f"{c.cos:.4f}", f"{c.size / 2**20:.1f}")
+        rows.append((f"{name} ({params / 1e6:.1f}M)", shape, CONTENDERS[c.key]) + cells)
+    for c in contenders:
+        c.run = None
+    gc.collect()
+    return rows
+
+
+def _flat(out):
+    import torch.utils._pytree as pytree
+    from fxcompile.capture import encode_outputs
+    return tuple(pytree.tree_leaves(encode_outputs(out)))
+
+
+# -- digits: accuracy of PTQ and QAT ---------------------------------------------------------
+class DigitsCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc1, self.fc2 = nn.Linear(32 * 16, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = nn.functional.max_pool2d(torch.relu(self.b2(self.c2(x))), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def _train(net, x, y, epochs, lr, seed):
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    return net
+
+
+def _accuracy(fn, x, y) -> float:
+    with torch.no_grad():
+        return (fn(x).argmax(1) == y).float().mean().item() * 100
+
+
+def bench_digits(args, tmp: str, log) -> list[tuple]:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    xtr, xte, ytr, yte = train_test_split(x, torch.tensor(d.target), test_size=0.5, random_state=0,
+                                          stratify=d.target)
+    start = time.perf_counter()
+    with torch.enable_grad():
+        torch.manual_seed(0)
+        model = _train(DigitsCNN(), xtr, ytr, epochs=12, lr=3e-3, seed=0).eval()
+    log(f"  digits: trained fp32 in {time.perf_counter() - start:.0f} s")
+    calib = list(xtr[:512].split(64))
+    fp32 = _accuracy(model, xte, yte)
+    rows = [("fp32 (eager)", f"{fp32:.2f}", "0.00", f"train {len(xtr)} / test {len(xte)} images")]
+
+    def row(label, acc, note=""):
+        rows.append((label, f"{acc:.2f}", f"{acc - fp32:+.2f}", note))
+
+    batch = torch.export.Dim("batch", min=1, max=4096)  # onnxruntime calibrates it on batches of 64
+    fp32_onnx = fxcompile.compile(model, (xte,), backend="onnx", threads=args.threads,
+                                  dynamic_shapes={"x": {0: batch}})
+    fp32_path = os.path.join(tmp, "digits_fp32.onnx")
+    fp32_onnx.save(fp32_path)
+    for method in ("minmax", "percentile", "mse", "entropy"):
+        fq = fxcompile.compile(model, (xte,), calibration_data=calib,
+                               passes=fxcompile.quantize_passes("onnxruntime", fold=False, method=method))
+        int8 = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx", threads=args.threads)
+        row(f"fxcompile PTQ int8, {method}", _accuracy(int8, xte, yte), "onnxruntime, 512 calibration images")
+    with torch.enable_grad():
+        net = fxcompile.trainable(fq)
+        _train(net, xtr, ytr, epochs=3, lr=5e-4, seed=1)
+    qat = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx", threads=args.threads)
+    row("fxcompile QAT int8 (3 epochs from entropy PTQ)", _accuracy(qat, xte, yte), "onnxruntime")
+    with torch.enable_grad():
+        fq = fxcompile.compile(model, (xte,), calibration_data=calib,
+                               passes=fxcompile.quantize_passes("onnxruntime", fold=False, method="minmax"))
+        net = fxcompile.trainable(fq, learnable_scales=True)
+        _train(net, xtr, ytr, epochs=3, lr=5e-4, seed=1)
+    qat = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx", threads=args.threads)
+    row("fxcompile QAT int8, learnable scales (3 epochs)", _accuracy(qat, xte, yte), "onnxruntime")
+    out = os.path.join(tmp, "digits_ort_static.onnx")
+    names = [i.name for i in fp32_onnx.runner.session.get_inputs()]
+    quantize_static(fp32_path, out, _Reader([{names[0]: b} for b in calib], names), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    sess = _session(out, args.threads)
+    ort_out = torch.from_numpy(sess.run(None, {names[0]: xte.numpy()})[0])
+    row("ort quantize_static (QDQ U8S8 per-channel, MinMax)", (ort_out.argmax(1) == yte).float().mean().item() * 100)
+    return rows
+
+
+# -- the report --------------------------------------------------------------------------------
+def machine_line(threads: int) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read(1 << 16)
+        cpu = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
+        have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in text]
+        flags = f" ({', '.join(have)})" if have else ""
+    except (OSError, StopIteration):
+        pass
+    import onnxruntime
+    return (f"machine: {cpu}{flags}, {os.cpu_count()} cores; torch {torch.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}; threads {threads}; "
+            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
+
+
+def render(rows, digits, args, command, done=True) -> str:
+    notes = (f"onnxruntime CPU, {args.threads} threads, ORT_ENABLE_ALL. median of {args.runs} runs after "
+             f"{WARMUP} warm-ups, interleaved rounds. vs fp32 = fxcompile fp32 ms / contender ms (> 1: "
+             f"faster). cos = cosine similarity of all outputs with fxcompile fp32 on a held-out "
+             f"input. Calibration: {args.calib} random batches of the same shape ({args.method} for "
+             "fxcompile, MinMax for onnxruntime). build s: fxcompile rows include capture, passes, "
+             "calibration and export; ort rows the quantization of the fp32 file.")
+    parts = ["# int8 on onnxruntime", "", machine_line(args.threads), "", f"command: `{command}`", "",
+             notes, f"1-minute load average: {args.load_start} at start, {load_average()} at the end.", ""]
+    if rows:
+        parts.append(format_table([HEADER] + rows, markdown=True))
+    if digits:
+        parts += ["", "## Accuracy on scikit-learn digits (small CNN with BatchNorm, int8 on onnxruntime)", "",
+                  format_table([DIGITS_HEADER] + digits, markdown=True)]
+    if not done:
+        parts += ["", "(incomplete: the run is still going)"]
+    return "\n".join(parts) + "\n"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="bert,resnet", help=f"comma-separated zoo models ({', '.join(zoo.ZOO)}); '' for none")
+    p.add_argument("--size", default="base", choices=("small", "base"))
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--calib", type=int, default=8, help="calibration batches")
+    p.add_argument("--method", default="minmax", choices=("minmax", "percentile", "mse", "entropy"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip", default="", help=f"contenders to skip: {', '.join(list(CONTENDERS)[1:])}")
+    p.add_argument("--no-digits", action="store_true", help="skip the digits accuracy table")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.batch_list = [int(b) for b in args.batch.split(",") if b.strip()]
+    args.skip_list = [s.strip() for s in args.skip.split(",") if s.strip()]
+    for m in args.model_list:
+        if m not in zoo.ZOO:
+            p.error(f"unknown model {m!r}")
+    for s in args.skip_list:
+        if s not in CONTENDERS or s == "fp32":
+            p.error(f"--skip takes {', '.join(list(CONTENDERS)[1:])}; got {s!r}")
+    return args
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = shlex.join(["python", "benchmarks/bench_quant.py", *argv])
+    args.load_start = load_average()
+    torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log(machine_line(args.threads))
+    import logging
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
+    rows, digits = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp, torch.no_grad():
+        for name in args.model_list:
+            keys = [k for k in CONTENDERS if k not in args.skip_list
+                    and not (k == "ort_dynamic" and name not in ("bert", "distilbert", "roberta"))]
+            for batch in args.batch_list:
+                start = time.perf_counter()
+                rows += bench_one(name, batch, args, keys, tmp, log)
+                log(f"  {name} batch {batch}: done in {time.perf_counter() - start:.0f} s")
+                if args.out:
+                    _write(args.out, render(rows, digits, args, command, done=False))
+        if not args.no_digits:
+            digits = bench_digits(args, tmp, log)
+    markdown = render(rows, digits, args, command)
+    print(markdown)
+    if args.out:
+        _write(args.out, markdown)
+    return {"rows": [dict(zip(HEADER, r)) for r in rows], "digits": [dict(zip(DIGITS_HEADER, r)) for r in digits],
+            "markdown": markdown}
+
+
+def _write(path: str, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

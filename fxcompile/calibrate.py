@@ -1,0 +1,264 @@
+"""``fxcompile.calibrate``: run data through a fake-quant graph and set its activation scales.
+
+    compiled = fxcompile.compile(model, x, passes=[..., "insert_fake_quant"])
+    fxcompile.calibrate(compiled, batches, method="entropy")   # minmax | percentile | mse | entropy
+
+Calibration runs the graph in float (every fake-quant node passes its input through) and feeds
+each quantized activation to an ``Observer``; when all batches ran it sets every scale and zero
+point at once. On any error nothing has changed: the graph keeps its previous scales.
+``compile(..., calibration_data=batches)`` does the same inside the pass pipeline: the batches
+reach insert_fake_quant through the PassContext.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import fx
+
+from .errors import CalibrationError, InputError, QuantizationError, describe_node, suggest
+from .observers import METHODS, NonFiniteError, Observer
+from .quant_state import get_state, qparams
+
+
+class FlatBatches:
+    """Calibration batches already flattened to the graph's placeholders (what compile passes
+    down the pipeline): each item is a list of flat inputs, or a CalibrationError to raise."""
+
+    def __init__(self, data: Iterable, signature):
+        self.data, self.signature = data, signature
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        for i, batch in enumerate(_iterate(self.data)):
+            yield _flatten_structured(batch, self.signature, i)
+
+
+def calibrate(model, data: Iterable, method: str = "minmax", *, percentile: float = 99.99,
+              bins: int = 2048, progress: bool = True, max_batches: int | None = None):
+    """Calibrate the activation fake-quant nodes of ``model`` on ``data`` and return ``model``.
+
+    ``model``: a CompiledModule (from compile with insert_fake_quant) or a GraphModule with
+    fake-quant nodes. ``data``: an iterable of batches, each what the model takes: a tensor, a
+    tuple of positional inputs or a dict of keyword inputs (for a GraphModule: its flat inputs).
+    ``method``: minmax | percentile (``percentile``, e.g. 99.99) | mse | entropy (KL, TensorRT's).
+    A compiled module on a backend other than eager is lowered again with the new scales.
+    """
+    from .api import CompiledModule
+    compiled = model if isinstance(model, CompiledModule) else None
+    gm = compiled.graph_module if compiled is not None else model
+    if not isinstance(gm, fx.GraphModule):
+        raise InputError(f"calibrate takes a CompiledModule or a torch.fx.GraphModule, got {type(model).__name__}")
+    if isinstance(data, FlatBatches):
+        batches = data
+    elif compiled is not None:
+        batches = FlatBatches(data, compiled._captured.inputs)
+    else:
+        batches = _GraphBatches(data, gm)
+    calibrate_graph(gm, batches, method, percentile=percentile, bins=bins, progress=progress,
+                    max_batches=max_batches)
+    if compiled is not None:
+        _refresh(compiled)
+    return model
+
+
+def calibrate_graph(gm: fx.GraphModule, batches: Iterable, method: str = "minmax", *,
+                    percentile: float = 99.99, bins: int = 2048, progress: bool = False,
+                    max_batches: int | None = None) -> int:
+    """Calibrate ``gm`` on batches of flat inputs; return how many batches ran."""
+    if method not in METHODS:
+        raise QuantizationError(f"unknown calibration method '{method}'.{suggest(method, METHODS)} "
+                                f"Methods: {', '.join(METHODS)}.")
+    if not 0 < percentile <= 100:
+        raise QuantizationError(f"percentile must be in (0, 100], got {percentile}")
+    state = get_state(gm)
+    points = state.activations() if state is not None else []
+    if not points:
+        raise QuantizationError("the graph has no activation fake-quant nodes to calibrate: run the "
+                                "'insert_fake_quant' pass first (compile(..., passes=[..., 'insert_fake_quant']))")
+    if state.folded:
+        raise QuantizationError("the graph's fake-quant nodes were already folded into int8 weights and "
+                                "Q/DQ ops; calibrate before 'fold_fake_quant'")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    missing = [p.name for p in points if p.name not in nodes]
+    if missing:
+        raise QuantizationError(f"fake-quant nodes {missing[:3]} are no longer in the graph; insert "
+                                "fake-quant again on a fresh capture")
+    observers = {nodes[p.name]: Observer(histogram=method != "minmax", bins=bins) for p in points}
+    runner = _ObservingInterpreter(gm, observers)
+    from tqdm.auto import tqdm
+    total = _length(batches, max_batches)
+    count = 0
+    with torch.no_grad():
+        for flat in tqdm(batches, desc=f"calibrating ({method})", unit="batch", total=total,
+                         disable=not progress, leave=False):
+            if isinstance(flat, CalibrationError):
+                raise flat
+            runner.run_batch(flat, count)
+            count += 1
+            if max_batches is not None and count >= max_batches:
+                break
+    if count == 0:
+        raise CalibrationError("the calibration data is empty: give an iterable with at least one batch "
+                               "(a generator that was already consumed is empty too)")
+    new = {}
+    for p in points:
+        obs = observers[nodes[p.name]]
+        if obs.count == 0:
+            raise CalibrationError(f"the fake-quant node {p.name} saw no values during calibration")
+        lo, hi = obs.range(method, p.quant_min, p.quant_max, p.symmetric, percentile)
+        new[p.name] = (lo, hi) + qparams(lo, hi, p.quant_min, p.quant_max, p.symmetric)
+    # Commit only now: an error above leaves the graph as it was.
+    from .graph_utils import fetch_attr
+    with torch.no_grad():
+        for p in points:
+            lo, hi, scale, zero_point = new[p.name]
+            fetch_attr(gm, p.scale_attr).fill_(scale)
+            fetch_attr(gm, p.zero_point_attr).fill_(zero_point)
+            p.lo, p.hi = lo, hi
+            p.method = method if method != "percentile" else f"percentile {percentile:g}"
+            p.observer = observers[nodes[p.name]]
+    state.batches = count
+    return count
+
+
+class _ObservingInterpreter(fx.Interpreter):
+    """Runs the graph in float: activation fake-quant nodes feed their observer and pass their input
+    through; weight fake-quant nodes pass the weight through."""
+
+    def __init__(self, gm: fx.GraphModule, observers: dict[fx.Node, Observer]):
+        super().__init__(gm)
+        self.observers = observers
+        from .quant_state import FAKE_QUANT_OPS
+        self._fq = FAKE_QUANT_OPS
+        self._batch = 0
+
+    def run_batch(self, flat: list, index: int):
+        self._batch = index
+        try:
+            return self.run(*flat)
+        except CalibrationError:
+            raise
+        except Exception as e:
+            raise CalibrationError(
+                f"calibration batch {index} failed to run through the graph: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}. Each batch must be shaped "
+                "like the example inputs given to compile.") from e
+
+    def run_node(self, n: fx.Node):
+        if n.op == "call_function" and n.target in self._fq:
+            x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
+            observer = self.observers.get(n)
+            if observer is not None:
+                try:
+                    observer.update(x)
+                except NonFiniteError as e:
+                    raise CalibrationError(
+                        f"calibration batch {self._batch}: the activation quantized by {n.name} has "
+                        f"NaN/inf values ({e}); it comes from {describe_node(n.args[0])}. Check the "
+                        "calibration data (normalisation, dtype) or skip this layer with "
+                        "insert_fake_quant's skip=[...] option.") from None
+            return x
+        return super().run_node(n)
+
+
+# -- batches -----------------------------------------------------------------------------
+def _iterate(data):
+    if isinstance(data, (torch.Tensor, dict)) or data is None:
+        raise CalibrationError(f"calibration data must be an iterable of batches (a list, a generator, "
+                               f"a DataLoader), got a single {type(data).__name__}; wrap one batch as [batch]")
+    try:
+        return iter(data)
+    except TypeError:
+        raise CalibrationError(f"calibration data must be an iterable of batches, got {type(data).__name__}") from None
+
+
+def _length(batches, max_batches):
+    try:
+        n = len(batches)
+    except TypeError:
+        return max_batches
+    return min(n, max_batches) if max_batches is not None else n
+
+
+def _as_call(batch, index: int) -> tuple[tuple, dict]:
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    raise CalibrationError(f"calibration batch {index} is a {type(batch).__name__}; a batch is a tensor, "
+                           "a tuple of positional inputs or a dict of keyword inputs")
+
+
+def _flatten_structured(batch, signature, index: int):
+    args, kwargs = _as_call(batch, index)
+    try:
+        flat = signature.flatten(args, kwargs)
+    except InputError as e:
+        return CalibrationError(
+            f"calibration batch {index} does not fit the model's inputs: {e}\nA batch is what you would "
+            "pass to the model (a tensor, a tuple of positional inputs, a dict of keyword inputs); "
+            "for (input, label) pairs from a DataLoader pass (x for x, _ in loader).")
+    for name, got, want in zip(signature.names, flat, signature.examples):
+        if isinstance(want, torch.Tensor) and got.dim() != want.dim():
+            return CalibrationError(f"calibration batch {index}: input '{name}' has {got.dim()} dimensions "
+                                    f"{tuple(got.shape)}; the model was compiled for {tuple(want.shape)}")
+    return flat
+
+
+class _GraphBatches:
+    """Batches for a bare GraphModule: its flat placeholders, checked against their meta['val']."""
+
+    def __init__(self, data, gm: fx.GraphModule):
+        self.data = data
+        self.placeholders = list(gm.graph.find_nodes(op="placeholder"))
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        for i, batch in enumerate(_iterate(self.data)):
+            yield self._check(batch, i)
+
+    def _check(self, batch, index: int):
+        if isinstance(batch, dict):
+            missing = [p.name for p in self.placeholders if p.name not in batch]
+            if missing:
+                return CalibrationError(f"calibration batch {index} lacks inputs {missing}")
+            flat = [batch[p.name] for p in self.placeholders]
+        else:
+            flat = list(_as_call(batch, index)[0])
+        if len(flat) != len(self.placeholders):
+            return CalibrationError(
+                f"calibration batch {index} has {len(flat)} inputs; the graph takes {len(self.placeholders)} "
+                f"({', '.join(p.name for p in self.placeholders)}). For (input, label) pairs pass "
+                "(x for x, _ in loader).")
+        for p, got in zip(self.placeholders, flat):
+            want = p.meta.get("val")
+            if isinstance(want, torch.Tensor):
+                if not isinstance(got, torch.Tensor):
+                    return CalibrationError(f"calibration batch {index}: input '{p.name}' must be a tensor, "
+                                            f"got {type(got).__name__}")
+                if got.dtype != want.dtype or got.dim() != want.dim():
+                    return CalibrationError(
+                        f"calibration batch {index}: input '{p.name}' is {got.dtype} {tuple(got.shape)}; "
+                        f"the graph takes {want.dtype} tensors shaped like {tuple(want.shape)}")
+        return flat
+
+
+def _refresh(compiled) -> None:
+    """Bring a CompiledModule up to date with its recalibrated graph: report, and the backend."""
+    from .quant_state import report_section
+    from .registry import get_backend
+    gm = compiled.graph_module
+    compiled.report.extra.update(report_section(gm))
+    if compiled.backend != "eager":
+        options = dict(getattr(compiled.runner, "options", None) or {})
+        compiled.runner = get_backend(compiled.backend)(gm, compiled._captured.example_inputs, options)
+
+
+__all__ = ["calibrate", "calibrate_graph", "FlatBatches", "METHODS"]

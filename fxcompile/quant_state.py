@@ -1,0 +1,231 @@
+"""What a quantized graph knows about itself, and the arithmetic of scales and zero points.
+
+The fake-quant nodes are ordinary ATen calls whose scale and zero point are get_attr buffers, so a
+graph runs, trains and saves without this module. Beside them, ``gm.meta["fxcompile.quant"]`` holds
+a ``QuantState``: one ``QuantPoint`` per fake-quant node (keyed by the node's name) with what it
+quantizes, its integer range, the calibration method and range it got, and its observer; plus the
+target backend and the weight bytes before and after folding. GraphModule deep copies keep it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+META_KEY = "fxcompile.quant"
+
+# Fake-quant ops as insert_fake_quant writes them (and their learnable twins, for QAT).
+FQ_PER_TENSOR = aten.fake_quantize_per_tensor_affine.tensor_qparams
+FQ_PER_CHANNEL = aten.fake_quantize_per_channel_affine.default
+FQ_LEARNABLE_PER_TENSOR = aten._fake_quantize_learnable_per_tensor_affine.default
+FQ_LEARNABLE_PER_CHANNEL = aten._fake_quantize_learnable_per_channel_affine.default
+FAKE_QUANT_OPS = {FQ_PER_TENSOR, FQ_PER_CHANNEL, FQ_LEARNABLE_PER_TENSOR, FQ_LEARNABLE_PER_CHANNEL,
+                  aten.fake_quantize_per_tensor_affine.default}
+TARGETS = {
+    # activations: (quant_min, quant_max, symmetric). onnxruntime's fast x86 kernels want uint8
+    # activations (U8S8); TensorRT wants symmetric int8 (PEERS.md).
+    "onnxruntime": (0, 255, False),
+    "tensorrt": (-128, 127, True),
+}
+# Weights: symmetric int8 with scale amax/127, so -128 never occurs; the declared range is
+# [-128, 127] because torch.onnx refuses [-127, 127] for fake-quant ops.
+WEIGHT_RANGE = (-128, 127)
+EPS = 1e-8
+
+
+@dataclass
+class QuantPoint:
+    """One fake-quant node: what it quantizes and how it was calibrated."""
+
+    name: str                    # the fake-quant node's name
+    kind: str                    # "activation" | "weight"
+    source: str                  # the quantized tensor: node name or weight attribute
+    consumers: list[str]         # ops that read the quantized value
+    module: str                  # the user's module path (nn_module_stack), '' for the root
+    quant_min: int
+    quant_max: int
+    symmetric: bool
+    axis: int | None = None      # per-channel axis, None for per tensor
+    scale_attr: str = ""
+    zero_point_attr: str = ""
+    method: str | None = None    # calibration method; "minmax" for weights
+    lo: float | None = None      # calibrated range (activations), |w| range over channels (weights)
+    hi: float | None = None
+    follows: str | None = None   # shares the scale of this (weight) point: not calibrated itself
+    observer: Any = field(default=None, repr=False)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method is not None
+
+
+@dataclass
+class QuantState:
+    target: str
+    points: dict[str, QuantPoint] = field(default_factory=dict)
+    weight_bytes_before: int = 0
+    weight_bytes_after: int | None = None
+    folded: bool = False
+    reduce_range: bool = False   # weights use 7 bits (see u8s8_saturates)
+    batches: int = 0             # calibration batches seen by the last calibration
+
+    def activations(self) -> list[QuantPoint]:
+        """The activation points calibration sets (not those sharing a weight's scale)."""
+        return [p for p in self.points.values() if p.kind == "activation" and p.follows is None]
+
+    def uncalibrated(self) -> list[QuantPoint]:
+        return [p for p in self.points.values() if not p.calibrated]
+
+
+def get_state(gm: fx.GraphModule) -> QuantState | None:
+    return getattr(gm, "meta", {}).get(META_KEY)
+
+
+def set_state(gm: fx.GraphModule, state: QuantState) -> None:
+    gm.meta[META_KEY] = state
+
+
+def fake_quant_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in FAKE_QUANT_OPS]
+
+
+def qparams(lo: float, hi: float, quant_min: int, quant_max: int, symmetric: bool) -> tuple[float, int]:
+    """Scale and zero point that cover [lo, hi] (widened to hold 0, so 0 is exact)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        amax = max(-lo, hi)
+        return max(amax / quant_max, EPS), 0
+    scale = max((hi - lo) / (quant_max - quant_min), EPS)
+    zero_point = int(min(max(round(quant_min - lo / scale), quant_min), quant_max))
+    return scale, zero_point
+
+
+def weight_qparams(w: torch.Tensor, axis: int | None, reduce_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 scales (amax / 127, or amax / 63 with ``reduce_range``: 7-bit values) per
+    channel along ``axis`` (or one for the tensor)."""
+    w = w.detach().float()
+    if axis is None:
+        amax = w.abs().amax().reshape(1)
+    else:
+        amax = w.abs().movedim(axis, 0).reshape(w.shape[axis], -1).amax(1)
+    scale = (amax / (63.0 if reduce_range else 127.0)).clamp_min(EPS)
+    return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+
+def u8s8_saturates() -> bool:
+    """True on x86 CPUs without VNNI: onnxruntime's U8S8 MatMul/Gemm kernels there add pairs of
+    uint8 x int8 products in int16 (vpmaddubsw) and saturate unless weights use 7 bits. Measured
+    on this project's AVX2-only machines: 25-40% relative error on a MatMul with 8-bit weights,
+    exact agreement with the fake-quant graph with 7-bit ones."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read(1 << 16)
+    except OSError:
+        return False
+    return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def tensor_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of every tensor the graph reads through get_attr (each counted once)."""
+    from .graph_utils import attr_tensors
+    seen, total = set(), 0
+    for t in attr_tensors(gm).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost user module path of ``node`` ('' for the model itself)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _strip_wrapper(path)
+
+
+def module_paths(node: fx.Node) -> list[str]:
+    """Every enclosing module path of ``node``, outermost first, in the user's naming."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [p for p in (_strip_wrapper(v[0]) for v in stack.values()) if p]
+
+
+def _strip_wrapper(path: str) -> str:
+    # capture wraps the model in an encoder module whose attribute is 'model' (see capture.py)
+    if path == "model":
+        return ""
+    return path[len("model."):] if path.startswith("model.") else path
+
+
+class QuantReport:
+    """The quantization section of a CompiledModule's report: one row per fake-quant node and the
+    weight bytes before and after folding. ``str()`` gives a table; ``rows`` the data."""
+
+    def __init__(self, state: QuantState, scales: dict[str, tuple[float, float]]):
+        self.target = state.target
+        self.folded = state.folded
+        self.reduce_range = state.reduce_range
+        self.weight_bytes_before = state.weight_bytes_before
+        self.weight_bytes_after = state.weight_bytes_after
+        self.rows = [{"node": p.name, "kind": p.kind, "of": p.source, "module": p.module or "<root>",
+                      "int range": f"[{p.quant_min}, {p.quant_max}]",
+                      "granularity": "per tensor" if p.axis is None else f"per channel (axis {p.axis})",
+                      "method": p.method or "uncalibrated",
+                      "scale": _scale_range(scales.get(p.name)), "range": _range(p)}
+                     for p in state.points.values()]
+
+    def __str__(self) -> str:
+        from .report import format_table
+        head = (f"target {self.target}, {sum(r['kind'] == 'activation' for r in self.rows)} activation and "
+                f"{sum(r['kind'] == 'weight' for r in self.rows)} weight fake-quant points"
+                f"{' (7-bit weights)' if self.reduce_range else ''}"
+                f"{', folded' if self.folded else ''}; weight bytes {_mb(self.weight_bytes_before)}"
+                + (f" -> {_mb(self.weight_bytes_after)} "
+                   f"({self.weight_bytes_after / max(self.weight_bytes_before, 1):.2f}x)"
+                   if self.weight_bytes_after is not None else ""))
+        cols = ("node", "kind", "module", "granularity", "method", "scale", "range")
+        table = format_table([cols] + [tuple(r[c] for c in cols) for r in self.rows])
+        return f"{head}\n{table}"
+
+    __repr__ = __str__
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _range(p: QuantPoint) -> str:
+    if p.lo is None:
+        return "-"
+    return f"[{p.lo:.4g}, {p.hi:.4g}]"
+
+
+def _scale_range(scales: tuple[float, float] | None) -> str:
+    if scales is None:
+        return "-"
+    lo, hi = scales
+    return f"{lo:.3g}" if math.isclose(lo, hi) else f"{lo:.3g}..{hi:.3g}"
+
+
+def report_section(gm: fx.GraphModule) -> dict[str, Any]:
+    """``{"quantization": QuantReport}`` for a quantized graph, else {} (for Report.extra)."""
+    state = get_state(gm)
+    if state is None:
+        return {}
+    from .graph_utils import fetch_attr
+    scales = {}
+    for p in state.points.values():
+        try:
+            s = fetch_attr(gm, p.scale_attr).detach().abs()
+        except AttributeError:
+            continue
+        scales[p.name] = (s.min().item(), s.max().item())
+    return {"quantization": QuantReport(state, scales)}

@@ -1,0 +1,222 @@
+"""Channel dependency analysis: which channels of which parameters must be removed together.
+
+Walks the IR once in order. Every tensor dimension gets an axis (see axes.py); each op's rule
+(rules.py) couples, splits or factors its inputs' axes into its outputs'. Graph inputs and outputs
+block their axes (their shapes never change); an op without a rule blocks every axis it touches.
+The result is a list of ``Group``s: the leaf axes that carry at least one parameter dimension,
+each prunable or skipped with the node, op and source line that stopped it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import fx
+
+from fxcompile import graph_utils
+from fxcompile.errors import describe_node
+
+from .axes import AxisTable, Conflict
+
+
+@dataclass
+class Member:
+    """One parameter dimension that a group's channels index."""
+
+    target: str          # the get_attr target (the user's state_dict key)
+    dim: int
+    axis: int
+    is_param: bool       # a trainable parameter (not a buffer such as BN running statistics)
+
+
+@dataclass
+class Group:
+    leaf: int
+    size: int
+    kind: str                                   # 'channel', 'heads' or 'head_dim'
+    members: list[Member] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    inexact: list[str] = field(default_factory=list)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blocked and self.size > 1
+
+    def names(self) -> list[str]:
+        return sorted({f"{m.target}[{m.dim}]" for m in self.members})
+
+
+class Analysis:
+    """The state the rules work on: axes per node output dimension, and per-node extras."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.ax = AxisTable()
+        self.node_dims: dict[fx.Node, list] = {}   # node -> [axis per dim] (or list of such for tuples)
+        self.extra: dict[fx.Node, dict] = {}
+        self.members: list[Member] = []
+        self.bn_weights: set[str] = set()
+        self.input_side: set[tuple[str, int]] = set()  # (param, dim) that consumes channels
+        self._attr_axes: dict[str, list[int]] = {}
+
+    # -- helpers for rules --------------------------------------------------------------
+    @staticmethod
+    def val(x):
+        return x.meta.get("val") if isinstance(x, fx.Node) else None
+
+    def shape(self, x) -> tuple[int, ...] | None:
+        v = self.val(x)
+        return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+
+    def dims(self, x) -> list[int] | None:
+        if not isinstance(x, fx.Node):
+            return None
+        d = self.node_dims.get(x)
+        if d is None or (d and isinstance(d[0], list)):
+            return None
+        return d
+
+    def fresh(self, shape, reason: str | None = None) -> list[int]:
+        axes = [self.ax.new(s) for s in shape]
+        if reason:
+            for a in axes:
+                self.ax.block(a, reason)
+        return axes
+
+    def set(self, node: fx.Node, dims) -> None:
+        self.node_dims[node] = dims
+
+    def union(self, a: int, b: int) -> None:
+        self.ax.union(a, b)
+
+    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
+        return [x for x in node.all_input_nodes if isinstance(self.val(x), torch.Tensor)]
+
+    def block_node(self, node: fx.Node, reason: str) -> None:
+        """Block every axis that ``node`` reads or writes; give its outputs blocked axes."""
+        why = f"{reason} at {describe_node(node)}"
+        for x in node.all_input_nodes:
+            for a in self._all_axes(x):
+                self.ax.block(a, why)
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            self.set(node, self.fresh(v.shape, why))
+        elif isinstance(v, (list, tuple)):
+            self.set(node, [self.fresh(t.shape, why) if isinstance(t, torch.Tensor) else [] for t in v])
+
+    def _all_axes(self, x) -> list[int]:
+        d = self.node_dims.get(x)
+        if not d:
+            return []
+        if isinstance(d[0], list):
+            return [a for sub in d for a in sub]
+        return list(d)
+
+    def mark_input_side(self, param, dim: int) -> None:
+        """Record that ``param``'s ``dim`` reads channels (a weight's input columns)."""
+        if isinstance(param, fx.Node) and param.op == "get_attr":
+            self.input_side.add((param.target, dim % len(self.shape(param))))
+
+    def why(self, node: fx.Node, reason: str) -> str:
+        return f"{reason} at {describe_node(node)}"
+
+    # -- driver -------------------------------------------------------------------------
+    def run(self) -> None:
+        from .rules import RULES
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                v = node.meta.get("val")
+                if isinstance(v, torch.Tensor):
+                    self.set(node, self.fresh(v.shape, f"graph input '{node.target}' keeps its shape"))
+            elif node.op == "get_attr":
+                self._get_attr(node)
+            elif node.op == "output":
+                for x in node.all_input_nodes:
+                    why = f"graph output keeps its shape: {describe_node(x)}"
+                    for a in self._all_axes(x):
+                        self.ax.block(a, why)
+            elif node.op == "call_function":
+                rule = RULES.get(node.target)
+                if rule is None:
+                    target = getattr(node.target, "__name__", str(node.target))
+                    if self._touches_tensors(node):
+                        self.block_node(node, f"no pruning rule for {target}")
+                    continue
+                try:
+                    rule(self, node)
+                except Conflict as e:
+                    self.block_node(node, f"channel layouts conflict ({e})")
+                if node not in self.node_dims and isinstance(node.meta.get("val"), torch.Tensor):
+                    self.block_node(node, "rule gave no layout")
+            else:
+                if self._touches_tensors(node):
+                    self.block_node(node, f"no pruning rule for {node.op} nodes")
+
+    def _touches_tensors(self, node: fx.Node) -> bool:
+        v = node.meta.get("val")
+        return bool(self.tensor_inputs(node)) or isinstance(v, (torch.Tensor, list, tuple))
+
+    def _get_attr(self, node: fx.Node) -> None:
+        value = graph_utils.fetch_attr(self.gm, node.target)
+        if not isinstance(value, torch.Tensor):
+            return
+        axes = self._attr_axes.get(node.target)
+        if axes is None:
+            axes = self.fresh(value.shape)
+            self._attr_axes[node.target] = axes
+            is_param = isinstance(value, torch.nn.Parameter)
+            for d, a in enumerate(axes):
+                self.members.append(Member(node.target, d, a, is_param))
+            if not value.is_floating_point():
+                for a in axes:
+                    self.ax.block(a, f"integer tensor '{node.target}' (indices, not weights)")
+        self.set(node, list(axes))
+
+    # -- results ------------------------------------------------------------------------
+    def groups(self) -> list[Group]:
+        ax = self.ax
+        leaf_of: dict[int, Group] = {}
+
+        def group(leaf: int) -> Group:
+            if leaf not in leaf_of:
+                leaf_of[leaf] = Group(leaf, ax.size[leaf], "channel")
+            return leaf_of[leaf]
+
+        for m in self.members:
+            for leaf in ax.leaves(m.axis):
+                group(leaf).members.append(m)
+        for node, dims in self.node_dims.items():  # layouts the position algebra cannot expand
+            for a in (x for d in dims for x in (d if isinstance(d, list) else [d])):
+                try:
+                    ax.positions(a)
+                except Conflict as e:
+                    ax.block(a, self.why(node, f"channel layout is not expressible ({e})"))
+        for table, attr in ((ax.blocks, "blocked"), (ax.flags, "inexact")):
+            for a, reason in table:
+                for leaf in self._safe_leaves(a):
+                    if leaf in leaf_of:
+                        lst = getattr(leaf_of[leaf], attr)
+                        if reason not in lst:
+                            lst.append(reason)
+        for a, kind in ax.tags:
+            for leaf in self._safe_leaves(a):
+                if leaf in leaf_of and leaf_of[leaf].kind != "heads":
+                    leaf_of[leaf].kind = kind
+        return sorted(leaf_of.values(), key=lambda g: self._first_member_order(g))
+
+    def _safe_leaves(self, a: int) -> list[int]:
+        return self.ax.leaves(a)
+
+    def _first_member_order(self, g: Group) -> int:
+        order = {m.target: i for i, m in enumerate(self.members)}
+        return min((order[m.target] for m in g.members), default=0)
+
+    def kept(self, axis: int, removed: dict[int, np.ndarray]) -> np.ndarray | None:
+        return self.ax.kept_positions(axis, removed)
+
+
+def analyse(gm: fx.GraphModule) -> tuple[Analysis, list[Group]]:
+    a = Analysis(gm)
+    a.run()
+    return a, a.groups()

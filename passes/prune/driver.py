@@ -1,0 +1,183 @@
+"""The ``prune`` pass: analyse, score, choose, check on a shadow copy, then rewrite the graph."""
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+import torch
+from torch import fx
+
+from fxcompile import graph_utils
+from fxcompile.errors import PassError, PruneError
+from fxcompile.registry import register_pass
+
+from . import criteria
+from .analysis import Analysis, Group, analyse
+from .options import PruneOptions
+from .report import GroupRecord, PruneReport, SkippedGroup
+from .rewrite import Rewriter, check_shapes
+from .select import Limits, choose, search
+
+aten = torch.ops.aten
+# ops whose result depends on every position of a dim (the oracle masks these, see tests)
+_REDUCING = {aten.layer_norm.default, aten.group_norm.default, aten.mean.dim, aten.sum.dim_IntList,
+             aten.softmax.int, aten._softmax.default, aten.amax.default, aten.var.correction}
+if hasattr(aten, "rms_norm"):
+    _REDUCING.add(aten.rms_norm.default)
+
+
+def _module_path(target: str) -> str:
+    return target.rsplit(".", 1)[0] if "." in target else ""
+
+
+def _matches(pattern: str, target: str) -> bool:
+    path = _module_path(target)
+    return (fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(target, pattern)
+            or path == pattern or path.startswith(pattern + "."))
+
+
+def _reportable(g: Group) -> bool:
+    return (g.size > 1 and any(m.is_param for m in g.members)
+            and not (g.blocked and all("kernel dim" in r for r in g.blocked)))
+
+
+def _candidates(A: Analysis, groups: list[Group], opts: PruneOptions):
+    targets = [m.target for m in A.members]
+    for pattern in list(opts.ignore) + list(opts.max_ratio_per_layer):
+        if not any(_matches(pattern, t) for t in targets):
+            some = sorted({_module_path(t) for t in targets if _module_path(t)})[:8]
+            raise PruneError(f"prune: the pattern {pattern!r} matches no module of this model; "
+                             f"module paths look like {some}")
+    attention_ok = {"heads": {"heads"}, "head_dim": {"head_dim"}, "both": {"heads", "head_dim"},
+                    "none": set()}[opts.attention]
+    keep, skipped = [], []
+    for g in groups:
+        reason = None
+        if g.blocked:
+            reason = g.blocked[0]
+        elif g.size <= 1:
+            reason = "a single channel"
+        elif g.kind != "channel" and g.kind not in attention_ok:
+            reason = f"attention={opts.attention!r} leaves {g.kind} groups"
+        elif opts.keep_normalized and g.inexact:
+            reason = f"keep_normalized: {g.inexact[0]}"
+        else:
+            # an ignored module keeps its output channels; its input columns follow its producers
+            hit = next(((p, m.target) for p in opts.ignore for m in g.members
+                        if (m.target, m.dim) not in A.input_side and _matches(p, m.target)), None)
+            if hit:
+                reason = f"ignored: pattern {hit[0]!r} matches '{hit[1]}'"
+        if reason is None:
+            keep.append(g)
+        elif _reportable(g):
+            skipped.append((g, reason))
+    return keep, skipped
+
+
+def _limits(groups: list[Group], opts: PruneOptions) -> dict[int, Limits]:
+    out = {}
+    for g in groups:
+        cap = opts.max_ratio
+        for pattern, value in dict(opts.max_ratio_per_layer).items():
+            if any(_matches(pattern, m.target) for m in g.members):
+                cap = min(cap, value)
+        max_remove = min(g.size - 1, int(np.floor(cap * g.size + 1e-9)))
+        out[g.leaf] = Limits(max_remove, opts.round_to if g.kind == "channel" else 1)
+    return out
+
+
+def _measure(A: Analysis, gm: fx.GraphModule, removed, inputs) -> tuple[int, int]:
+    """(params, FLOPs) of ``gm`` pruned by ``removed``, counted on a shadow copy; raises
+    PassError if any node would not get the shape the analysis predicts."""
+    R = Rewriter(A, removed)
+    shadow, expected = R.shadow(gm)
+    try:
+        flops = graph_utils.refresh_meta(shadow, inputs)
+    except Exception as e:
+        raise PassError(f"prune: the pruned graph does not run ({type(e).__name__}: {e}); this is a "
+                        "bug in a pruning rule: please report it with the model") from e
+    bad = check_shapes(R, shadow, expected)
+    if bad:
+        raise PassError("prune: shapes after pruning differ from the analysis (a pruning rule bug): "
+                        + "; ".join(bad[:5]))
+    return graph_utils.count_params(shadow), flops
+
+
+@register_pass("prune", options=PruneOptions, lossless=False)
+def prune(gm: fx.GraphModule, opts: PruneOptions, ctx) -> int:
+    """Structured pruning: remove channels and attention heads, rewriting every shape constant."""
+    opts.validate()
+    data = opts.data if opts.data is not None else getattr(ctx, "data", None)
+    if opts.criterion == "taylor" and data is None:
+        raise PruneError("prune: criterion 'taylor' needs data: pass options {'data': [batch, ...]} "
+                         "(tuples of graph inputs or dicts by input name), or run_pipeline(data=...)")
+    inputs = list(ctx.example_inputs)
+    A, groups = analyse(gm)
+    cands, skipped = _candidates(A, groups, opts)
+    scores, notes = criteria.compute(A, gm, cands, opts.criterion, data=data, loss_fn=opts.loss_fn,
+                                     seed=opts.seed)
+    limits = _limits(cands, opts)
+    params0, flops0 = _measure(A, gm, {}, inputs)
+    ratio, target, allocation = opts.ratio, f"ratio {opts.ratio:g}", opts.allocation
+    goal = ("FLOPs", opts.flops_reduction) if opts.flops_reduction is not None else \
+        ("parameter", opts.params_reduction) if opts.params_reduction is not None else None
+    if goal is not None:
+        what, frac = goal
+        hi = max([limits[g.leaf].max_remove / g.size for g in cands] or [0.0])
+
+        def reduction(r: float, allocation: str) -> float:
+            p, f = _measure(A, gm, choose(cands, scores, r, allocation, limits), inputs)
+            return 1 - (f / max(flops0, 1) if what == "FLOPs" else p / max(params0, 1))
+
+        ratio, achieved, _ = search(lambda r: reduction(r, allocation), frac, hi, opts.tolerance, what)
+        if abs(achieved - frac) > opts.tolerance and allocation == "uniform":
+            # every group steps at once under a uniform ratio; global allocation steps by one channel
+            notes.append(f"uniform steps miss the {what} target ({achieved:.1%}): used global allocation")
+            allocation = "global"
+            ratio, achieved, _ = search(lambda r: reduction(r, allocation), frac, hi, opts.tolerance, what)
+        if abs(achieved - frac) > opts.tolerance:
+            raise PruneError(f"prune: cannot meet a {what} reduction of {frac:.1%} within "
+                             f"{opts.tolerance:.0%}: the closest is {achieved:.1%} (channel steps are too "
+                             "coarse for this model; lower round_to or widen tolerance)")
+        target = f"{what} -{frac:.0%} (ratio {ratio:.3f})"
+    removed = choose(cands, scores, ratio, allocation, limits)
+    params1, flops1 = _measure(A, gm, removed, inputs)  # checks every shape before gm changes
+    R = Rewriter(A, removed)
+    reduced = _reduced_positions(A, R, gm)
+    removed_at = R.apply(gm)
+    report = PruneReport(opts.criterion, allocation, ratio, target, params0, params1, flops0, flops1,
+                         notes=notes)
+    for g in cands:
+        gone = removed.get(g.leaf, np.array([], dtype=int))
+        report.groups.append(GroupRecord(g.kind, g.size, [int(i) for i in gone], g.names(),
+                                         not g.inexact, g.inexact[0] if g.inexact else ""))
+    report.skipped = [SkippedGroup(g.kind, g.size, g.names(), reason) for g, reason in skipped]
+    report.removed = {t: {d: [int(i) for i in idx] for d, idx in dims.items()} for t, dims in removed_at.items()}
+    report.reduced = reduced
+    gm.meta["prune_report"] = report
+    gm.meta.setdefault("report_extra", {})["prune"] = report
+    return len(removed)
+
+
+def _reduced_positions(A: Analysis, R: Rewriter, gm: fx.GraphModule) -> dict[str, dict[int, list[int]]]:
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _REDUCING and isinstance(node.args[0], fx.Node):
+            dims = A.dims(node.args[0]) or []
+            entry = {}
+            for d, a in enumerate(dims):
+                k = R.kept(a)
+                if k is not None:
+                    entry[d] = [int(i) for i in np.setdiff1d(np.arange(A.ax.size[A.ax.find(a)]), k)]
+            if entry:
+                out[node.name] = entry
+    return out
+
+
+def chosen_channels(gm_or_compiled) -> dict[str, dict[int, list[int]]]:
+    """The channels ``prune`` removed, per parameter (state_dict key) and dim."""
+    gm = getattr(gm_or_compiled, "graph_module", gm_or_compiled)
+    report = gm.meta.get("prune_report")
+    if report is None:
+        raise PruneError("this graph was not pruned: no prune report on it")
+    return report.removed

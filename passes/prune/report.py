@@ -1,0 +1,83 @@
+"""What pruning did: sizes before/after, per group what went, every skipped group and why."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fxcompile.report import format_table
+
+
+@dataclass
+class GroupRecord:
+    kind: str                 # 'channel', 'heads' or 'head_dim'
+    size: int
+    removed: list[int]
+    members: list[str]        # 'param[dim]'
+    exact: bool               # False: a normalisation or reduction runs over these channels
+    inexact_reason: str = ""
+
+
+@dataclass
+class SkippedGroup:
+    kind: str
+    size: int
+    members: list[str]
+    reason: str
+
+
+@dataclass
+class PruneReport:
+    criterion: str
+    allocation: str
+    ratio: float
+    target: str
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int = 0
+    flops_after: int = 0
+    groups: list[GroupRecord] = field(default_factory=list)
+    skipped: list[SkippedGroup] = field(default_factory=list)
+    # param (state_dict key) -> dim -> removed indices: what the oracle zeroes in the original
+    removed: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    # node name -> dim -> removed positions of its input, for ops that normalise or reduce over them
+    reduced: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params_reduction(self) -> float:
+        return 1 - self.params_after / max(self.params_before, 1)
+
+    @property
+    def flops_reduction(self) -> float:
+        return 1 - self.flops_after / max(self.flops_before, 1)
+
+    def summary(self) -> str:
+        pruned = [g for g in self.groups if g.removed]
+        inexact = sum(not g.exact for g in pruned)
+        text = (f"{len(pruned)} groups pruned ({self.criterion}, {self.allocation}, {self.target}); "
+                f"params {self.params_before:,} -> {self.params_after:,} (-{self.params_reduction:.1%}), "
+                f"FLOPs {self.flops_before:,} -> {self.flops_after:,} (-{self.flops_reduction:.1%}); "
+                f"{len(self.skipped)} groups skipped")
+        if inexact:
+            text += f"; {inexact} pruned groups are normalised over (not zero-equivalent)"
+        return text
+
+    __str__ = summary
+
+    def table(self, markdown: bool = False, width: int = 60) -> str:
+        rows = [("group", "kind", "removed", "exact", "members")]
+        for i, g in enumerate(self.groups):
+            rows.append((str(i), g.kind, f"{len(g.removed)}/{g.size}", "yes" if g.exact else "no",
+                         _short(", ".join(g.members), width)))
+        out = [self.summary(), format_table(rows, markdown)]
+        if self.skipped:
+            rows = [("skipped", "kind", "size", "reason", "members")]
+            for i, s in enumerate(self.skipped):
+                rows.append((str(i), s.kind, str(s.size), _short(s.reason, 2 * width),
+                             _short(", ".join(s.members), width)))
+            out.append(format_table(rows, markdown))
+        out.extend(self.notes)
+        return "\n".join(out)
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."

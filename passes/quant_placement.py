@@ -1,0 +1,196 @@
+"""Where fake-quant goes: which ops are quantized and which tensors get a fake-quant node.
+
+The placement depends on the backend that will run the int8 graph (PEERS.md, measured):
+
+- onnxruntime fuses DequantizeLinear -> Conv/Gemm/MatMul -> QuantizeLinear into QLinearConv /
+  QGemm / QLinearMatMul only when the op's output is quantized right after it. So every quantized
+  op gets its inputs *and* its output quantized; a ReLU right after the op is taken into the unit
+  (the output fake-quant goes after it, and with an asymmetric uint8 range starting at 0
+  onnxruntime drops the ReLU). A quantized output feeds all of the tensor's users.
+- TensorRT wants symmetric Q/DQ on the inputs of conv/gemm only and picks its own output
+  precision: only the quantized ops' inputs are quantized, and only for those ops.
+
+Both are graph-level placements, so the exported ONNX graph already has the backend's pattern and
+no ONNX-side surgery is needed.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from fxcompile.quant_state import module_paths
+
+aten = torch.ops.aten
+
+FAMILIES: dict[str, set] = {
+    "conv": {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+             aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default},
+    "linear": {aten.linear.default},
+    "matmul": {aten.matmul.default, aten.mm.default, aten.bmm.default},
+    "add": {aten.add.Tensor},
+    "pool": {aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
+             aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
+             aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
+             aten.adaptive_avg_pool3d.default},
+    "cat": {aten.cat.default},
+    "embedding": {aten.embedding.default},
+}
+DEFAULT_OPS = {"onnxruntime": ("conv", "linear", "matmul", "embedding"),
+               "tensorrt": ("conv", "linear", "matmul")}
+WEIGHTED = ("conv", "linear", "matmul")       # families computing with a weight operand
+OUTPUT_QUANTIZED = ("conv", "linear", "matmul", "add")  # onnxruntime: quantized output units
+# Ops taken into an onnxruntime unit when they are the op's only user: the output fake-quant goes
+# after them. batch_norm only when it was not folded (insert_fake_quant warns).
+RELU = {aten.relu.default, aten.relu_.default}
+BATCH_NORM = {aten.batch_norm.default}
+_ASSERT = aten._assert_tensor_metadata.default
+
+
+@dataclass
+class Site:
+    """A quantized op: its activation operands and its weight operand."""
+
+    node: fx.Node
+    family: str
+    activations: list[fx.Node]
+    weight: tuple[int, fx.Node, int | None] | None = None  # (arg index, get_attr node, channel axis)
+
+
+@dataclass
+class Plan:
+    sites: list[Site] = field(default_factory=list)
+    # tensor -> the nodes whose operand it is replaced in; None: every user (a quantized output)
+    activations: dict[fx.Node, set[fx.Node] | None] = field(default_factory=dict)
+    # onnxruntime: embedding lookups whose output is quantized with the table's own scale, so
+    # DequantizeLinear -> Gather -> QuantizeLinear reduces to a Gather of int8 rows (lossless)
+    embeddings: list[Site] = field(default_factory=list)
+    unfolded_batch_norm: list[fx.Node] = field(default_factory=list)
+
+
+def family_of(node: fx.Node) -> str | None:
+    if node.op != "call_function":
+        return None
+    for name, ops in FAMILIES.items():
+        if node.target in ops:
+            return name
+    return None
+
+
+def is_float_tensor(arg) -> bool:
+    val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dtype == torch.float32
+
+
+def _is_constant(arg) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "get_attr"
+
+
+def real_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u.target is not _ASSERT]
+
+
+def _matches(node: fx.Node, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(path, pat) for path in module_paths(node) for pat in patterns)
+
+
+def _site(node: fx.Node, family: str, per_channel: bool) -> Site | None:
+    if family in ("conv", "linear"):
+        if node.target is aten.convolution.default and node.args[6]:
+            return None  # transposed: its output channels are not the weight's first axis
+        x, w = node.args[0], node.args[1]
+        if not (is_float_tensor(x) and _is_constant(w) and is_float_tensor(w)):
+            return None
+        return Site(node, family, [x], (1, w, 0 if per_channel else None))
+    if family == "matmul":
+        a, b = node.args[0], node.args[1]
+        acts = [t for t in (a, b) if is_float_tensor(t) and not _is_constant(t)]
+        weight = None
+        if _is_constant(b) and is_float_tensor(b) and b.meta["val"].dim() >= 2:
+            # [.., K, N] @ : output channels are the last axis
+            weight = (1, b, b.meta["val"].dim() - 1 if per_channel else None)
+        elif _is_constant(a) or _is_constant(b):
+            return None
+        if not acts:
+            return None
+        return Site(node, family, acts, weight)
+    if family == "embedding":
+        w = node.args[0]
+        if not (_is_constant(w) and is_float_tensor(w)):
+            return None
+        # per tensor: onnxruntime then gathers int8 rows (see Plan.embeddings)
+        return Site(node, family, [], (0, w, None))
+    if family == "cat":
+        tensors = node.args[0]
+        acts = [t for t in tensors if is_float_tensor(t) and not _is_constant(t)]
+        return Site(node, family, acts) if acts and len(acts) == len(tensors) else None
+    # add, pool: the tensor operands
+    acts = [a for a in node.args if isinstance(a, fx.Node) and is_float_tensor(a) and not _is_constant(a)]
+    if family == "add" and len(acts) != 2:
+        return None
+    return Site(node, family, acts[:1] if family == "pool" else acts) if acts else None
+
+
+def _exported_as_matmul_add(node: fx.Node) -> bool:
+    # A linear over >2-D inputs exports as MatMul + Add; onnxruntime rewrites that into
+    # Reshape -> Gemm -> Reshape, and a ReLU after it then keeps the Reshape between Gemm and the
+    # QuantizeLinear: no QGemm. Quantizing right after the linear keeps it fusable (measured).
+    val = node.args[0].meta.get("val") if node.target is aten.linear.default else None
+    return isinstance(val, torch.Tensor) and val.dim() > 2
+
+
+def output_of(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The end of the op's onnxruntime unit: follow sole users that are ReLU (or an unfolded BN
+    after a conv/linear); also returns those BNs."""
+    out, bns = node, []
+    while True:
+        users = real_users(out)
+        if len(users) != 1 or not users[0].args or users[0].args[0] is not out:
+            return out, bns
+        user = users[0]
+        if user.target in RELU and not _exported_as_matmul_add(node):
+            out = user
+        elif user.target in BATCH_NORM and family_of(node) in ("conv", "linear"):
+            bns.append(user)
+            out = user
+        else:
+            return out, bns
+
+
+def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=False, keep_last=False,
+         per_channel=True) -> Plan:
+    """Choose the quantized ops and the tensors to fake-quantize (see the module docstring)."""
+    sites = []
+    for node in gm.graph.nodes:
+        family = family_of(node)
+        if family is None or family not in ops:
+            continue
+        if skip and _matches(node, skip):
+            continue
+        if only and not _matches(node, only):
+            continue
+        site = _site(node, family, per_channel)
+        if site is not None:
+            sites.append(site)
+    weighted = [s for s in sites if s.family in WEIGHTED]
+    dropped = set()
+    if keep_first and weighted:
+        dropped.add(weighted[0].node)
+    if keep_last and weighted:
+        dropped.add(weighted[-1].node)
+    result = Plan(sites=[s for s in sites if s.node not in dropped])
+    for site in result.sites:
+        for x in site.activations:
+            users = result.activations.setdefault(x, set())
+            if users is not None:
+                users.add(site.node)
+        if target == "onnxruntime" and site.family == "embedding" and is_float_tensor(site.node):
+            result.embeddings.append(site)
+        if target == "onnxruntime" and site.family in OUTPUT_QUANTIZED:
+            out, bns = output_of(site.node)
+            result.unfolded_batch_norm += bns
+            if is_float_tensor(out):
+                result.activations[out] = None
+    return result

@@ -1,0 +1,352 @@
+"""Quantization passes: insert_fake_quant and fold_fake_quant.
+
+insert_fake_quant puts ATen fake-quant nodes on the activations and weights of conv, linear and
+matmul (optionally add, pooling, concat), placed for the target backend (quant_placement.py).
+Scales and zero points are get_attr buffers, so they live in the graph and save with it; weights
+are calibrated at once (symmetric int8 per output channel), activations by fxcompile.calibrate
+or, in compile(..., calibration_data=...), right here. The fake-quant graph runs and trains on
+the eager backend (ATen's fake-quant ops pass straight-through gradients).
+
+fold_fake_quant turns it into what an int8 runtime takes: each weight becomes an int8 constant
+and a dequantize node (an int8 initializer + DequantizeLinear in ONNX, ~4x smaller), each
+activation fake-quant a quantize/dequantize pair (QuantizeLinear/DequantizeLinear). The folded
+graph computes exactly what the fake-quant graph did.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from fxcompile import graph_utils
+from fxcompile.errors import QuantizationError, describe_node
+from fxcompile.observers import METHODS
+from fxcompile.quant_ops import DEQUANTIZE, QUANTIZE
+from fxcompile.quant_state import (FQ_PER_CHANNEL, FQ_PER_TENSOR, TARGETS, WEIGHT_RANGE, QuantPoint,
+                                   QuantState, fake_quant_nodes, get_state, module_path, qparams,
+                                   set_state, tensor_bytes, u8s8_saturates, weight_qparams)
+from fxcompile.registry import register_pass
+
+from . import quant_placement as placement
+
+
+@dataclass
+class InsertFakeQuantOptions:
+    """target: 'onnxruntime' (uint8 asymmetric activations, quantized op outputs: U8S8) or
+    'tensorrt' (symmetric int8 activations on conv/gemm inputs only).
+    ops: op families to quantize, from conv, linear, matmul, add, pool, cat, embedding (8-bit
+    lookup tables); None: conv, linear, matmul, plus embedding for onnxruntime.
+    skip / only: module path patterns (fnmatch over the model's own module names, e.g.
+    'classifier', '*.embeddings.*') to leave in float / to restrict quantization to.
+    keep_first / keep_last: leave the first / last conv, linear or matmul in float.
+    per_channel: per-output-channel weight scales (else one per weight).
+    reduce_range: 7-bit weights; 'auto' turns it on for onnxruntime on x86 CPUs without VNNI,
+    whose U8S8 kernels saturate otherwise (quant_state.u8s8_saturates).
+    method, percentile: the calibration run when compile is given calibration_data.
+    progress: show a bar while calibrating."""
+
+    target: str = "onnxruntime"
+    ops: tuple | None = None
+    skip: tuple = ()
+    only: tuple = ()
+    keep_first: bool = False
+    keep_last: bool = False
+    per_channel: bool = True
+    reduce_range: object = "auto"
+    method: str = "minmax"
+    percentile: float = 99.99
+    progress: bool = False
+
+    def validate(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        for name in ("ops", "skip", "only"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                value = (value,)
+            setattr(self, name, tuple(value))
+        unknown = set(self.ops or ()) - set(placement.FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown op families {sorted(unknown)}; known: {', '.join(placement.FAMILIES)}")
+        if self.reduce_range not in ("auto", True, False):
+            raise ValueError(f"reduce_range must be 'auto', True or False, got {self.reduce_range!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+
+def _check_not_quantized(gm: fx.GraphModule) -> None:
+    state = get_state(gm)
+    existing = fake_quant_nodes(gm) + [n for n in gm.graph.nodes if n.target in (QUANTIZE, DEQUANTIZE)]
+    if state is not None or existing:
+        where = describe_node(existing[0]) if existing else "its quantization state"
+        raise QuantizationError(
+            f"the graph is already quantized ({where}); quantizing it twice would stack fake-quant "
+            "nodes. Insert fake-quant once, on a fresh compile of the float model.")
+
+
+def _name(gm: fx.GraphModule, base: str) -> str:
+    base = "".join(c if c.isalnum() else "_" for c in base)
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _buffer(gm: fx.GraphModule, base: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    name = _name(gm, base)
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def _copy_origin(dst: fx.Node, src: fx.Node) -> None:
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+@register_pass("insert_fake_quant", options=InsertFakeQuantOptions, lossless=False,
+               after=("remove_noops", "fold_constants", "fold_batch_norm"))
+def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None) -> int:
+    """Insert fake-quant on activations and weights (per-tensor / per-channel) for the target backend."""
+    _check_not_quantized(gm)
+    act_min, act_max, symmetric = TARGETS[opts.target]
+    ops = opts.ops if opts.ops is not None else placement.DEFAULT_OPS[opts.target]
+    plan = placement.plan(gm, opts.target, ops, opts.skip, opts.only, opts.keep_first,
+                          opts.keep_last, opts.per_channel)
+    for bn in plan.unfolded_batch_norm[:1]:
+        warnings.warn(f"insert_fake_quant: BatchNorm {describe_node(bn)} is not folded into its conv; "
+                      "run 'fold_batch_norm' first so training and deployment agree and int8 kernels fuse")
+    reduce_range = opts.reduce_range
+    if reduce_range == "auto":
+        reduce_range = opts.target == "onnxruntime" and u8s8_saturates()
+    state = QuantState(opts.target, weight_bytes_before=tensor_bytes(gm), reduce_range=reduce_range)
+    graph = gm.graph
+    weights: dict[tuple[fx.Node, int | None], fx.Node] = {}
+    for site in plan.sites:
+        if site.weight is None:
+            continue
+        index, w, axis = site.weight
+        fq = weights.get((w, axis))
+        if fq is None:
+            value = graph_utils.fetch_attr(gm, w.target)
+            qrange, symmetric_w = WEIGHT_RANGE, True
+            if site.family == "embedding" and opts.target == "onnxruntime":
+                # onnxruntime gathers rows of a uint8 table directly (DQ -> Gather -> Q drops to
+                # a Gather) but not of an int8 one (measured): asymmetric uint8 like its own
+                # quantizer; a lookup does no int8 arithmetic, so no reduce_range either
+                qrange, symmetric_w = (0, 255), False
+                sc, zp = qparams(value.min().item(), value.max().item(), 0, 255, False)
+                scale, zero_point = torch.tensor([sc]), torch.tensor([zp], dtype=torch.int32)
+            else:
+                scale, zero_point = weight_qparams(value, axis, reduce_range and site.family != "embedding")
+            s = _buffer(gm, f"{w.target}_scale", scale, site.node)
+            z = _buffer(gm, f"{w.target}_zero_point", zero_point, site.node)
+            with graph.inserting_before(site.node):
+                if axis is None:
+                    fq = graph.create_node("call_function", FQ_PER_TENSOR, (w, s, z, *qrange),
+                                           name=f"fq_{w.name}")
+                else:
+                    fq = graph.create_node("call_function", FQ_PER_CHANNEL, (w, s, z, axis, *WEIGHT_RANGE),
+                                           name=f"fq_{w.name}")
+            _copy_origin(fq, site.node)
+            weights[(w, axis)] = fq
+            if symmetric_w:
+                amax = scale * (63 if reduce_range and site.family != "embedding" else 127)
+                lo, hi = amax.min().item(), amax.max().item()
+            else:
+                lo, hi = value.min().item(), value.max().item()
+            state.points[fq.name] = QuantPoint(
+                fq.name, "weight", w.target, [], module_path(site.node), *qrange, symmetric_w, axis,
+                s.target, z.target, "minmax", lo, hi)
+        site.node.update_arg(index, fq)
+        state.points[fq.name].consumers.append(site.node.name)
+    for site in plan.embeddings:
+        if site.node in plan.activations:
+            continue  # a quantized op reads it: that op's input fake-quant is its Q
+        wfq = site.node.args[0]
+        _, s, z, qmin, qmax = wfq.args
+        users = list(site.node.users)
+        with graph.inserting_after(site.node):
+            fq = graph.create_node("call_function", FQ_PER_TENSOR, (site.node, s, z, qmin, qmax),
+                                   name=f"fq_{site.node.name}")
+        for user in users:
+            user.replace_input_with(site.node, fq)
+        _copy_origin(fq, site.node)
+        fq.meta["val"] = site.node.meta.get("val")
+        weight = state.points[wfq.name]
+        state.points[fq.name] = QuantPoint(fq.name, "activation", site.node.name, [u.name for u in users],
+                                           module_path(site.node), qmin, qmax, weight.symmetric, None, s.target,
+                                           z.target, "= table", weight.lo, weight.hi, follows=wfq.name)
+    for tensor, consumers in plan.activations.items():
+        anchor = tensor.next
+        while anchor.op in ("placeholder",):
+            anchor = anchor.next
+        s = _buffer(gm, f"{tensor.name}_scale", torch.ones(1), anchor)
+        z = _buffer(gm, f"{tensor.name}_zero_point", torch.zeros(1, dtype=torch.int32), anchor)
+        with graph.inserting_before(anchor):
+            fq = graph.create_node("call_function", FQ_PER_TENSOR, (tensor, s, z, act_min, act_max),
+                                   name=f"fq_{tensor.name}")
+        users = [u for u in tensor.users if u is not fq and (consumers is None or u in consumers)]
+        for user in users:
+            user.replace_input_with(tensor, fq)
+        origin = tensor if tensor.op != "placeholder" else users[0]
+        _copy_origin(fq, origin)
+        fq.meta["val"] = tensor.meta.get("val")
+        state.points[fq.name] = QuantPoint(fq.name, "activation", tensor.name, [u.name for u in users],
+                                           module_path(origin), act_min, act_max, symmetric,
+                                           None, s.target, z.target)
+    if not state.points:
+        return 0
+    set_state(gm, state)
+    if ctx is not None and ctx.data is not None:
+        from fxcompile.calibrate import calibrate_graph
+        gm.recompile()
+        calibrate_graph(gm, ctx.data, opts.method, percentile=opts.percentile, progress=opts.progress)
+    return len(state.points)
+
+
+@register_pass("fold_fake_quant", lossless=False, after=("insert_fake_quant",))
+def fold_fake_quant(gm: fx.GraphModule) -> int:
+    """Fold fake-quant into int8 weights + dequantize, and activations into quantize/dequantize pairs."""
+    from fxcompile.qat import freeze
+    state = get_state(gm)
+    nodes = fake_quant_nodes(gm)
+    if not nodes:
+        if state is not None and state.folded:
+            raise QuantizationError("the graph's fake-quant nodes are already folded; fold_fake_quant runs once")
+        return 0
+    uncalibrated = [p.name for p in (state.uncalibrated() if state is not None else [])]
+    if uncalibrated:
+        raise QuantizationError(
+            f"{len(uncalibrated)} activation fake-quant nodes are not calibrated ({', '.join(uncalibrated[:3])}"
+            f"{', ...' if len(uncalibrated) > 3 else ''}); folding now would bake placeholder scales "
+            "into the model. Calibrate first: compile(..., calibration_data=batches), or "
+            "fxcompile.calibrate(compiled, batches) before folding.")
+    for node in nodes:
+        qmin, qmax = _range(node)
+        if (qmin, qmax) not in ((0, 255), (-128, 127)):
+            raise QuantizationError(f"{describe_node(node)} quantizes to [{qmin}, {qmax}]; folding supports "
+                                    "the full uint8 [0, 255] and int8 [-128, 127] ranges")
+    freeze(gm)  # learnable (QAT) scales -> plain buffers
+    for node in fake_quant_nodes(gm):
+        if node.args[0].op == "get_attr":
+            _fold_weight(gm, node, state)
+        else:
+            _fold_activation(gm, node, state)
+    gm.graph.eliminate_dead_code()
+    graph_utils.drop_unused_attrs(gm)
+    if state is not None:
+        state.folded = True
+        state.weight_bytes_after = tensor_bytes(gm)
+    return len(nodes)
+
+
+def _range(node: fx.Node) -> tuple[int, int]:
+    if node.target is FQ_PER_CHANNEL:
+        return node.args[4], node.args[5]
+    if node.target is FQ_PER_TENSOR:
+        return node.args[3], node.args[4]
+    from fxcompile.quant_state import FQ_LEARNABLE_PER_CHANNEL
+    return (node.args[4], node.args[5]) if node.target is FQ_LEARNABLE_PER_CHANNEL else (node.args[3], node.args[4])
+
+
+def _qparams_of(gm, node):
+    scale = graph_utils.fetch_attr(gm, node.args[1].target).detach()
+    zero_point = graph_utils.fetch_attr(gm, node.args[2].target).detach()
+    return scale, zero_point
+
+
+def _int_dtype(qmin: int) -> torch.dtype:
+    return torch.uint8 if qmin >= 0 else torch.int8
+
+
+def _fold_weight(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -> None:
+    w = node.args[0]
+    scale, zero_point = _qparams_of(gm, node)
+    qmin, qmax = _range(node)
+    weight = graph_utils.fetch_attr(gm, w.target).detach()
+    with torch.no_grad():
+        fq = node.target(weight, *[graph_utils.fetch_attr(gm, a.target) if isinstance(a, fx.Node) else a
+                                   for a in node.args[1:]])
+    axis = node.args[3] if node.target is FQ_PER_CHANNEL else None
+    if axis is None:
+        s, zp = scale.reshape(()), zero_point.reshape(())
+        q = torch.round(fq / s) + zp
+    else:
+        shape = [1] * weight.dim()
+        shape[axis] = -1
+        s, zp = scale.float(), zero_point
+        q = torch.round(fq / s.reshape(shape)) + zp.reshape(shape)
+    dtype = _int_dtype(qmin)
+    q = q.clamp(qmin, qmax).to(dtype)
+    qn = _buffer(gm, f"{w.target}_{str(dtype).removeprefix('torch.')}", q, node)
+    sn = _buffer(gm, f"{w.target}_scale", s.float().contiguous(), node)
+    zn = _buffer(gm, f"{w.target}_zero_point", zp.to(dtype).contiguous(), node)
+    with gm.graph.inserting_before(node):
+        dq = gm.graph.create_node("call_function", DEQUANTIZE, (qn, sn, zn, axis or 0),
+                                  name=f"dequantize_{w.name}")
+    _copy_origin(dq, node)
+    dq.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(dq)
+    gm.graph.erase_node(node)
+    _rename(state, node.name, dq.name, sn.target, zn.target)
+
+
+def _fold_activation(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -> None:
+    scale, zero_point = _qparams_of(gm, node)
+    qmin, qmax = _range(node)
+    dtype = _int_dtype(qmin)
+    sn = _buffer(gm, f"{node.name}_scale", scale.float().reshape(()).clone(), node)
+    zn = _buffer(gm, f"{node.name}_zero_point", zero_point.reshape(()).to(dtype), node)
+    with gm.graph.inserting_before(node):
+        q = gm.graph.create_node("call_function", QUANTIZE, (node.args[0], sn, zn, qmin, qmax),
+                                 name=f"quantize_{node.args[0].name}")
+        dq = gm.graph.create_node("call_function", DEQUANTIZE, (q, sn, zn, 0),
+                                  name=f"dequantize_{node.args[0].name}")
+    for n in (q, dq):
+        _copy_origin(n, node)
+    dq.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(dq)
+    gm.graph.erase_node(node)
+    _rename(state, node.name, dq.name, sn.target, zn.target)
+
+
+def _rename(state: QuantState | None, old: str, new: str, scale_attr: str, zero_point_attr: str) -> None:
+    if state is None or old not in state.points:
+        return
+    point = state.points.pop(old)
+    point.name, point.scale_attr, point.zero_point_attr = new, scale_attr, zero_point_attr
+    state.points[new] = point
+
+
+def quantize_passes(target: str = "onnxruntime", fold: bool = True, **options) -> list:
+    """A pipeline for int8: the default clean-ups, fold_batch_norm (when registered), then
+    insert_fake_quant with ``options`` (calibrated by compile's calibration_data) and, with
+    ``fold``, fold_fake_quant.
+
+        fxcompile.compile(model, x, passes=quantize_passes("onnxruntime", method="entropy"),
+                          calibration_data=batches, backend="onnx")
+    """
+    from fxcompile.errors import PassError
+    from fxcompile.pass_manager import resolve_pipeline
+    from fxcompile.registry import default_pipeline, list_passes
+    passes: list = [p for p in default_pipeline() if p not in ("insert_fake_quant", "fold_fake_quant")]
+    tail: list = [("insert_fake_quant", {"target": target, **options})] + (["fold_fake_quant"] if fold else [])
+    if any(p.name == "fold_batch_norm" for p in list_passes()) and "fold_batch_norm" not in passes:
+        for i in range(len(passes), -1, -1):  # the latest place its after/before constraints allow
+            candidate = passes[:i] + ["fold_batch_norm"] + passes[i:]
+            try:
+                resolve_pipeline(candidate + tail)
+            except PassError:
+                continue
+            passes = candidate
+            break
+    return passes + tail

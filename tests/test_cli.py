@@ -1,0 +1,223 @@
+"""The `fxcompile` command, run as users run it: the installed console script in a subprocess.
+
+Outputs of compiled artifacts are compared with eager PyTorch (the oracle, DESIGN §6).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxcompile
+from fxcompile import cli
+from fxcompile.numerics import max_error
+
+from . import helpers
+
+ROOT = Path(__file__).resolve().parents[1]
+_SCRIPT = shutil.which("fxcompile", path=os.path.dirname(sys.executable)) or shutil.which("fxcompile")
+
+
+def run(*args: str, cwd: Path = ROOT, timeout: int = 120) -> subprocess.CompletedProcess:
+    assert _SCRIPT, "the fxcompile console script is not installed (pip install -e .)"
+    return subprocess.run([_SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """Rows of the first table printed by format_table (cells split on runs of 2+ spaces); the
+    table ends at the first line with another number of cells."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if re.fullmatch(r"[- ]+", ln) and "--" in ln)
+    columns = len(lines[start].split())
+    rows = []
+    for ln in lines[start + 1:]:
+        cells = re.split(r"\s{2,}", ln.strip())
+        if len(cells) != columns:
+            break
+        rows.append(cells)
+    return rows
+
+
+def test_help_shows_commands_and_examples(capsys):
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    for word in ("demo", "compile", "passes", "backends", "examples:"):
+        assert word in result.stdout
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["compile", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "package.module:factory" in out and "--report-json" in out
+
+
+def test_python_dash_m_works_too():
+    result = subprocess.run([sys.executable, "-m", "fxcompile", "--version"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"fxcompile {fxcompile.__version__}"
+
+
+def test_passes_lists_every_pass_with_its_pipeline_position():
+    result = run("passes")
+    assert result.returncode == 0, result.stderr
+    rows = {r[0]: r for r in table_rows(result.stdout)}
+    # The command sees the built-in and plugin passes, not those the test modules register here.
+    registered = [p for p in fxcompile.list_passes() if not p.fn.__module__.startswith("tests")]
+    assert set(rows) == {p.name for p in registered}
+    for i, name in enumerate(fxcompile.default_pipeline(), start=1):
+        assert rows[name][1] == str(i)
+    for info in registered:
+        name, _, lossless, options, doc = rows[info.name]
+        assert lossless == ("yes" if info.lossless else "no") and doc == (info.doc or "-")
+        if info.options is not None:
+            fields = dataclasses.fields(info.options)
+            assert options == ", ".join(f"{f.name}={cli._field_default(f)}" for f in fields)
+
+
+def test_backends_reports_availability_with_reason():
+    from fxcompile.backends import tensorrt
+    result = run("backends")
+    assert result.returncode == 0, result.stderr
+    rows = {r[0]: r for r in table_rows(result.stdout)}
+    # (tests in this process may register more backends than the command sees)
+    assert {"eager", "onnx", "tensorrt"} <= set(rows) <= set(fxcompile.backend_names())
+    assert rows["eager"][1] == "yes" and rows["onnx"][1] == "yes"
+    ok, why = tensorrt.available()
+    assert rows["tensorrt"][1] == ("yes" if ok else "no")
+    if not ok:
+        assert rows["tensorrt"][2] == why
+
+
+def test_demo_runs_checks_parity_and_skips_unavailable_backends():
+    from fxcompile.backends import tensorrt
+    result = run("demo", "--backends", "eager,tensorrt", "--runs", "2", "--warmup", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    ok, why = tensorrt.available()
+    if not ok:
+        assert f"skipping backend 'tensorrt': {why}" in result.stdout
+    rows = table_rows(result.stdout)
+    assert [r[:2] for r in rows] == [["resnet_style", "pytorch (uncompiled)"], ["resnet_style", "eager"],
+                                     ["bert_style", "pytorch (uncompiled)"], ["bert_style", "eager"]]
+    for model, backend, compile_s, latency, speedup, err, parity in rows:
+        assert float(latency) > 0 and speedup.endswith("x")
+        if backend == "eager":
+            assert float(compile_s) > 0 and float(err) <= 1e-4 and parity == "ok"
+
+
+def test_compile_factory_to_onnx_file_matches_eager(tmp_path):
+    import onnxruntime as ort
+    out, report = tmp_path / "model.onnx", tmp_path / "report.json"
+    result = run("compile", "tests.helpers:small_convnet", "--backend", "onnx", "-o", str(out),
+                 "--report-json", str(report), "--check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fxcompile report: SmallConvNet -> backend 'onnx'" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["backend"] == "onnx" and data["target"] == "tests.helpers:small_convnet"
+    assert [p["name"] for p in data["passes"]] == fxcompile.default_pipeline()
+    assert all(p["max_error"] is not None and p["max_error"] <= 1e-4 for p in data["passes"])
+    # The saved file, run by onnxruntime here, against the model in eager PyTorch.
+    model, (x,) = helpers.small_convnet()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert max_error(model(x), torch.from_numpy(got)) <= 1e-4
+
+
+def test_compile_keyword_factory_without_passes(tmp_path, capsys):
+    report = tmp_path / "r.json"
+    status = cli.main(["compile", "tests.helpers:keyword_model", "--passes", "none", "--report-json", str(report)])
+    assert status == 0
+    assert "(no passes ran)" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["passes"] == [] and data["model"] == "KeywordModel"
+    assert float(data["extra"]["max error vs original"]) <= 1e-4
+
+
+def test_compile_pt2_program(tmp_path):
+    model, (x,) = helpers.small_convnet()
+    program = tmp_path / "convnet.pt2"
+    torch.export.save(torch.export.export(model, (x,)), str(program))
+    out = tmp_path / "compiled.pt2"
+    result = run("compile", str(program), "--passes", "remove_noops,fold_constants", "-o", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {r[0] for r in table_rows(result.stdout)}
+    assert rows == {"remove_noops", "fold_constants"}
+    loaded = torch.export.load(str(out)).module()
+    x2 = torch.randn_like(x)
+    with torch.no_grad():
+        assert max_error(model(x2), loaded(x2)) <= 1e-4
+
+
+def test_bad_pass_name_is_an_error_with_a_suggestion():
+    result = run("compile", "tests.helpers:small_convnet", "--passes", "remove_noop,fold_constants")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: unknown pass 'remove_noop'. Did you mean 'remove_noops'?")
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+# The remaining error paths run main() in this process: the same code, without a new interpreter.
+@pytest.mark.parametrize("target, message", [
+    ("tests.helpers:nope", "'tests.helpers' has no attribute 'nope'"),
+    ("tests.helpers:small_convnt", "Did you mean 'small_convnet'"),
+    ("tests.no_such_module:f", "no module named 'tests.no_such_module'"),
+    ("tests.helpers:returns_a_model", "must return (model, example_inputs)"),
+    ("tests.helpers:returns_bad_inputs", "example_inputs is a str, not a tuple"),
+    ("tests.helpers:raises", "raised RuntimeError: weights file missing"),
+    ("tests.helpers:A_MODEL_INSTANCE", "is a model, not a factory"),
+    ("no_colon_here", "TARGET must be 'package.module:factory'"),
+    ("missing.pt2", "no such file: missing.pt2"),
+    ("missing.py:factory", "no such file: missing.py"),
+])
+def test_bad_targets_are_clear_errors(target, message, capsys):
+    assert cli.main(["compile", target]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_compile_factory_from_a_python_file(capsys):
+    assert cli.main(["compile", f"{ROOT / 'tests' / 'helpers.py'}:small_convnet", "--passes", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "fxcompile report: SmallConvNet -> backend 'eager'" in out
+    assert float(re.search(r"max error vs original: (\S+)", out).group(1)) <= 1e-4
+
+
+def test_unknown_backend_and_backend_option(capsys):
+    assert cli.main(["compile", "tests.helpers:small_convnet", "--backend", "onx"]) == 2
+    assert "Did you mean 'onnx'?" in capsys.readouterr().err
+    assert cli.main(["compile", "tests.helpers:small_convnet", "--passes", "none", "-b", "onnx",
+                     "-O", "thread=1"]) == 2
+    assert "has no option 'thread'. Did you mean 'threads'?" in capsys.readouterr().err
+
+
+def test_backend_options_are_parsed_as_literals():
+    assert cli._parse_backend_options(["threads=1", "providers=['CPUExecutionProvider']", "level=all"]) == {
+        "threads": 1, "providers": ["CPUExecutionProvider"], "level": "all"}
+    with pytest.raises(fxcompile.InputError):
+        cli._parse_backend_options(["novalue"])
+
+
+@fxcompile.register_pass("test_cli_perturb_outputs", lossless=False)
+def _perturb_outputs(gm):
+    """Scale every graph output by 1.01 (a deliberately wrong, lossy rewrite)."""
+    out = gm.graph.output_node()
+    with gm.graph.inserting_before(out):
+        scaled = [gm.graph.call_function(torch.ops.aten.mul.Tensor, (v, 1.01)) for v in out.args[0]]
+    out.args = (tuple(scaled),)
+    return len(scaled)
+
+
+def test_demo_fails_when_parity_is_broken(capsys):
+    status = cli.main(["demo", "--models", "bert_style", "--backends", "eager", "--runs", "1",
+                       "--warmup", "0", "--passes", "test_cli_perturb_outputs"])
+    captured = capsys.readouterr()
+    assert status == 1
+    (row,) = [r for r in table_rows(captured.out) if r[1] == "eager"]
+    assert float(row[5]) == pytest.approx(0.01, rel=1e-3) and row[6] == "FAIL"
+    assert "FAIL bert_style on eager: max error" in captured.err
