@@ -38,7 +38,8 @@ class OnnxRunner(Lowered):
 
     backend = "onnx"
 
-    def __init__(self, model_proto, input_names: list[str], n_outputs: int, options: dict):
+    def __init__(self, model_proto, input_names: list[str], n_outputs: int, options: dict,
+                 constant_outputs: dict[int, Any] | None = None):
         super().__init__()
         import onnxruntime as ort
         self.model_proto = model_proto
@@ -59,8 +60,10 @@ class OnnxRunner(Lowered):
         feeds = {i.name for i in self.session.get_inputs()}
         # Placeholders that the exporter dropped (non-tensor or unused inputs) are not fed.
         self._feed = [(i, name) for i, name in enumerate(input_names) if name in feeds]
+        # Outputs that are Python values in the graph (e.g. a size) are not ONNX outputs.
+        self._constant_outputs = dict(constant_outputs or {})
         self._n_outputs = n_outputs
-        got = len(self.session.get_outputs())
+        got = len(self.session.get_outputs()) + len(self._constant_outputs)
         if got != n_outputs:
             raise BackendError(f"the ONNX model has {got} outputs where the graph has {n_outputs}")
 
@@ -68,7 +71,9 @@ class OnnxRunner(Lowered):
         feed = {name: _to_numpy(flat[i]) for i, name in self._feed}
         outs = self.session.run(None, feed)
         device = next((t.device for t in flat if isinstance(t, torch.Tensor)), torch.device("cpu"))
-        return tuple(torch.from_numpy(o).to(device) for o in outs)
+        tensors = iter(torch.from_numpy(o).to(device) for o in outs)
+        return tuple(self._constant_outputs[i] if i in self._constant_outputs else next(tensors)
+                     for i in range(self._n_outputs))
 
     def save(self, path: str) -> list[str]:
         """Write the .onnx file (weights in ``<path>.data`` beside it when the model is large)."""
@@ -123,6 +128,8 @@ def prepare_for_export(gm: fx.GraphModule) -> fx.GraphModule:
                                                 {"memory_format": torch.contiguous_format})
                 clone.meta = dict(src.meta)
                 node.replace_input_with(src, clone)
+    out = graph.output_node()
+    out.args = (tuple(a for a in out.args[0] if isinstance(a, fx.Node)),)
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
@@ -232,5 +239,6 @@ def lower(gm: fx.GraphModule, example_inputs, options: dict) -> OnnxRunner:
     if options["graph_optimization_level"] not in _ORT_LEVELS:
         raise BackendError(f"graph_optimization_level must be one of {', '.join(_ORT_LEVELS)}")
     proto, names = export_onnx(gm, example_inputs, options)
-    n_outputs = len(gm.graph.output_node().args[0])
-    return OnnxRunner(proto, names, n_outputs, options)
+    outputs = gm.graph.output_node().args[0]
+    constants = {i: v for i, v in enumerate(outputs) if not isinstance(v, fx.Node)}
+    return OnnxRunner(proto, names, len(outputs), options, constants)

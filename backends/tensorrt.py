@@ -17,7 +17,7 @@ def available() -> tuple[bool, str]:
         return False, 'the tensorrt package is not installed: pip install "fxcompile[tensorrt]"'
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible to torch (TensorRT engines run only on NVIDIA GPUs)"
-    return True, ""
+    return False, "the TensorRT engine builder is not implemented in this version of fxcompile yet"
 
 
 def lower(gm, example_inputs, options):
@@ -25,5 +25,4 @@ def lower(gm, example_inputs, options):
     if not ok:
         raise BackendError(f"backend 'tensorrt' is unavailable: {why}. "
                            "Use backend='onnx' (onnxruntime) on this machine.")
-    raise BackendError("backend 'tensorrt': engine building is not implemented in this version of "
-                       "fxcompile yet; use backend='onnx' with providers=['CUDAExecutionProvider'].")
+    raise AssertionError("unreachable: available() is False until the engine builder lands")

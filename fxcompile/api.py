@@ -10,7 +10,7 @@ from torch import fx
 from .backend_api import Lowered
 from .capture import Captured, capture
 from .errors import InputError
-from .pass_manager import run_pipeline
+from .pass_manager import resolve_pipeline, run_pipeline
 from .registry import get_backend
 from .report import Report
 
@@ -75,7 +75,8 @@ def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backe
     quantization passes to calibrate on (insert_fake_quant does). The user's model is never modified.
     """
     report = Report(model=type(model).__name__, backend=backend)
-    lower = get_backend(backend)  # fail on a bad name before any slow work
+    lower = get_backend(backend)  # fail on bad names before any slow work
+    passes = resolve_pipeline(passes)
     start = time.perf_counter()
     captured = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     report.capture_seconds = time.perf_counter() - start

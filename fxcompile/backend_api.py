@@ -27,6 +27,6 @@ def check_options(backend: str, options: dict, known: dict) -> dict:
     from .errors import BackendError, suggest
     for key in options:
         if key not in known:
-            raise BackendError(f"backend '{backend}' has no option '{key}'.{suggest(key, known)} "
-                               f"Its options: {', '.join(known)}.")
+            takes = f"Its options: {', '.join(known)}." if known else "It takes no options."
+            raise BackendError(f"backend '{backend}' has no option '{key}'.{suggest(key, known)} {takes}")
     return {**known, **options}

@@ -48,6 +48,9 @@ def resolve_pipeline(spec: PipelineSpec | str | None) -> list[tuple[PassInfo, An
     resolved = []
     for item in spec:
         opts = None
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], PassInfo):
+            resolved.append(item)  # already resolved (options built and checked)
+            continue
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
             item, opts = item
         if isinstance(item, str):

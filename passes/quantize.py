@@ -169,8 +169,8 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
         site.node.update_arg(index, fq)
         state.points[fq.name].consumers.append(site.node.name)
     for site in plan.embeddings:
-        if site.node in plan.activations:
-            continue  # a quantized op reads it: that op's input fake-quant is its Q
+        # the rows keep the table's scale: lossless, and the Q of any quantized op reading them
+        plan.activations.pop(site.node, None)
         wfq = site.node.args[0]
         _, s, z, qmin, qmax = wfq.args
         users = list(site.node.users)

@@ -83,3 +83,15 @@ def test_onnx_dynamic_batch(convbn):
     for n in (1, 5):
         x = torch.randn(n, 3, 8, 8)
         assert_close(model(x), compiled(x))
+
+
+class ReturnsSize(nn.Module):
+    def forward(self, x):
+        return x * 2, x.shape[0]
+
+
+def test_onnx_graph_returning_a_python_number():
+    x = torch.randn(3, 2)
+    compiled = fxcompile.compile(ReturnsSize(), (x,), backend="onnx")
+    out, n = compiled(x)
+    assert n == 3 and torch.allclose(out, x * 2)

@@ -142,3 +142,10 @@ def test_entry_point_plugin(tmp_path, monkeypatch, convbn):
     finally:
         registry._PASSES.pop("double_output", None)
         sys.modules.pop("my_plugin", None)
+
+
+def test_bad_pass_name_is_reported_before_capture():
+    from .test_capture import DataDependent
+    # capture of this model would fail; the pass name is checked first, so that error shows
+    with pytest.raises(PassError, match="unknown pass"):
+        fxcompile.compile(DataDependent(), (torch.ones(3),), passes=["no_such_pass"])
