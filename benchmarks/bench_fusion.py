@@ -3,16 +3,20 @@ fusion (passes remove_noops, fold_constants) and with the full default pipeline,
 onnx backends, next to plain torch.onnx.export + onnxruntime of the original model.
 
     python benchmarks/bench_fusion.py --models resnet,mobilenet_v2,efficientnet,bert,vit \
-        --seq 128 --runs 20 --budget 60 --out benchmarks/results/fusion.md
+        --seq 128 --runs 60 --budget 60 --out benchmarks/results/fusion.md
 
 Models are built at size "base" where fxcompile.zoo has one (resnet, mobilenet_v2, bert, vit),
 else "small"; bert and vit with attn_implementation="eager" (attention written out, what
 fuse_attention rewrites); batch 1. Every contender is checked against eager PyTorch, warmed up,
 then timed in interleaved rounds (one call of each per round, the order rotating), so drift and
-other processes hit all alike; medians are reported. ratio = unfused ms / fused ms (> 1: fusion
+other processes hit all alike; medians are reported, and ratios of each contender's fastest run
+beside them (other processes only ever add time). ratio = unfused ms / fused ms (> 1: fusion
 made it faster); vs torch.onnx = torch.onnx+ORT ms / fxcompile onnx fused ms. ONNX node counts:
-our exported graph without and with fusion, and torch.onnx.export(model, dynamo=True,
-optimize=True)'s. Absolute times drift on a shared machine: compare the ratios of one run.
+our exported graph without and with fusion ("same graph" when they compute alike: then the onnx
+ratio measures only the timing noise), and torch.onnx.export(model, dynamo=True,
+optimize=True)'s. For bert and vit the eager backend also runs the default pipeline without
+fuse_attention, which isolates what attention fusion buys. Absolute times drift on a shared
+machine: compare the ratios of one run.
 """
 from __future__ import annotations
 
@@ -39,8 +43,11 @@ UNFUSED = ["remove_noops", "fold_constants"]
 HAS_BASE = {"resnet", "mobilenet_v2", "bert", "vit"}  # zoo models with a size="base" config
 EAGER_ATTENTION = {"bert", "vit", "gpt2", "llama"}
 WARMUP = 2
-HEADER = ("model", "input", "backend", "unfused ms", "fused ms", "ratio", "max err",
-          "ONNX nodes unfused / fused / torch.onnx", "torch.onnx+ORT ms", "vs torch.onnx")
+HEADER = ("model", "input", "backend", "unfused ms", "fused ms", "ratio", "ratio of mins", "max err",
+          "ONNX nodes unfused / fused / torch.onnx", "torch.onnx+ORT ms", "vs torch.onnx",
+          "vs torch.onnx, mins")
+ATTENTION_HEADER = ("model", "input", "eager ms without fuse_attention", "eager ms default pipeline",
+                    "ratio", "ratio of mins")
 
 
 def _ort_session(model, kwargs: dict, threads: int):
@@ -57,13 +64,22 @@ def _ort_session(model, kwargs: dict, threads: int):
     session = ort.InferenceSession(program.model_proto.SerializeToString(), so,
                                    providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    feed = ({n: kwargs[n] for n in names} if all(n in kwargs for n in names)
-            else dict(zip(names, kwargs.values())))
-    feed = {n: t.contiguous().numpy() for n, t in feed.items()}
+    inputs = ({n: kwargs[n] for n in names} if all(n in kwargs for n in names)
+              else dict(zip(names, kwargs.values())))
 
-    def run():
+    def run():  # converts its inputs on every call, as the fxcompile onnx runner does
+        feed = {n: t.contiguous().numpy() for n, t in inputs.items()}
         return tuple(torch.from_numpy(o) for o in session.run(None, feed))
     return run, nodes
+
+
+def _graph_signature(proto) -> tuple:
+    """Op types, attributes and weight shapes: equal for graphs that compute the same way (the
+    exporter folds batch norm and zero padding itself, so CNNs export alike with or without
+    fusion; their 'ratio' on onnx then shows how noisy the timing is)."""
+    from onnx import numpy_helper
+    ops = tuple((n.op_type, tuple(str(a) for a in n.attribute)) for n in proto.graph.node)
+    return ops, tuple(sorted(numpy_helper.to_array(t).shape for t in proto.graph.initializer))
 
 
 def _error(reference, out) -> float:
@@ -80,16 +96,22 @@ def bench_model(name: str, args, log) -> list[tuple]:
     shape = "x".join(str(d) for d in next(iter(kwargs.values())).shape)
     with torch.no_grad():
         reference = model(**kwargs)
-    calls, errors, nodes = {}, {}, {}
+    calls, errors, nodes, graphs = {}, {}, {}, {}
+    no_attention = [p for p in fxcompile.default_pipeline() if p != "fuse_attention"]
     for backend in ("eager", "onnx"):
         opts = {"threads": args.threads} if backend == "onnx" else {}
-        for label, passes in (("unfused", UNFUSED), ("fused", None)):
+        configs = [("unfused", UNFUSED), ("fused", None)]
+        if backend == "eager" and attn:  # isolates what fuse_attention itself buys
+            configs.append(("no_attention", no_attention))
+        for label, passes in configs:
             log(f"  {name}: compiling {backend} {label}")
             compiled = fxcompile.compile(model, example_kwargs=kwargs, passes=passes,
                                          backend=backend, **opts)
             calls[backend, label] = lambda c=compiled: c(**kwargs)
             errors[backend, label] = max_error(reference, calls[backend, label]())
             nodes[backend, label] = compiled.report.extra.get("onnx nodes")
+            if backend == "onnx":
+                graphs[label] = _graph_signature(compiled.runner.model_proto)
     log(f"  {name}: torch.onnx.export + onnxruntime")
     calls["ort"], nodes["ort"] = _ort_session(model, kwargs, args.threads)
     errors["ort"] = _error(reference, calls["ort"]())
@@ -109,20 +131,30 @@ def bench_model(name: str, args, log) -> list[tuple]:
         rounds += 1
     log(f"  {name}: {rounds} rounds in {time.perf_counter() - start:.0f} s")
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    best = {k: min(v) * 1e3 for k, v in times.items()}
     rows = []
     for backend in ("eager", "onnx"):
         unfused, fused = ms[backend, "unfused"], ms[backend, "fused"]
         err = max(errors[backend, "unfused"], errors[backend, "fused"])
         if backend == "onnx":
-            count = f"{nodes['onnx', 'unfused']} / {nodes['onnx', 'fused']} / {nodes['ort']}"
-            ort = (f"{ms['ort']:.2f}", f"{ms['ort'] / fused:.2f}x")
+            same = " (same graph)" if graphs["unfused"] == graphs["fused"] else ""
+            count = f"{nodes['onnx', 'unfused']} / {nodes['onnx', 'fused']}{same} / {nodes['ort']}"
+            ort = (f"{ms['ort']:.2f}", f"{ms['ort'] / fused:.2f}x",
+                   f"{best['ort'] / best['onnx', 'fused']:.2f}x")
         else:
-            count, ort = "-", ("-", "-")
+            count, ort = "-", ("-", "-", "-")
         rows.append((f"{name} ({size})", shape, backend, f"{unfused:.2f}", f"{fused:.2f}",
-                     f"{unfused / fused:.2f}x", f"{err:.1e}", count) + ort)
+                     f"{unfused / fused:.2f}x", f"{best[backend, 'unfused'] / best[backend, 'fused']:.2f}x",
+                     f"{err:.1e}", count) + ort)
+    attention = None
+    if ("eager", "no_attention") in ms:
+        without = ms["eager", "no_attention"]
+        attention = (f"{name} ({size})", shape, f"{without:.2f}", f"{ms['eager', 'fused']:.2f}",
+                     f"{without / ms['eager', 'fused']:.2f}x",
+                     f"{best['eager', 'no_attention'] / best['eager', 'fused']:.2f}x")
     del calls, model
     gc.collect()
-    return rows
+    return rows, attention
 
 
 def machine_line(threads: int) -> str:
@@ -164,26 +196,34 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     load_start = _load()
-    rows = []
+    rows, attention = [], []
     with torch.no_grad():
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-            rows += bench_model(name, args, log)
+            model_rows, model_attention = bench_model(name, args, log)
+            rows += model_rows
+            attention += [model_attention] if model_attention else []
     markdown = "\n".join([
         "# Fusion: unfused vs default pipeline", "", machine_line(args.threads), "",
         f"command: `{command}`", "",
         "fp32, batch 1, torch.no_grad(); medians over interleaved rounds. unfused = passes "
         f"{UNFUSED}; fused = the default pipeline ({', '.join(fxcompile.default_pipeline())}). "
-        "ratio = unfused ms / fused ms. vs torch.onnx = torch.onnx.export+onnxruntime ms / fused "
-        "onnx ms. max err: relative to output scale, against eager PyTorch.",
+        "ratio = unfused ms / fused ms (> 1: fusion is faster), from the medians; ratio of mins: "
+        "the same from each contender's fastest run (less sensitive to other processes). vs "
+        "torch.onnx = torch.onnx.export+onnxruntime ms / fused onnx ms. max err: relative to "
+        "output scale, against eager PyTorch.",
         f"1-minute load average (other processes share this machine): {load_start} at start, "
         f"{_load()} at the end.", "",
-        format_table([HEADER] + rows, markdown=True)]) + "\n"
+        format_table([HEADER] + rows, markdown=True), "",
+        "Attention fusion alone (eager backend): the default pipeline without fuse_attention vs "
+        "the default pipeline; ratio > 1: fuse_attention made it faster.", "",
+        format_table([ATTENTION_HEADER] + attention, markdown=True) if attention else "(none)"]) + "\n"
     print(markdown)
     if args.out:
         from pathlib import Path
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(markdown)
-    return {"rows": [dict(zip(HEADER, r)) for r in rows], "markdown": markdown}
+    return {"rows": [dict(zip(HEADER, r)) for r in rows],
+            "attention": [dict(zip(ATTENTION_HEADER, r)) for r in attention], "markdown": markdown}
 
 
 if __name__ == "__main__":

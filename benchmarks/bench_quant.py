@@ -8,6 +8,8 @@ calibration data; then accuracy on scikit-learn's digits (PTQ and QAT).
 Contenders per zoo model and batch size (all onnxruntime CPU, the same threads):
   fp32           fxcompile.compile(backend="onnx"), default passes: the reference for speed
   fx int8        fxcompile.quantize_passes("onnxruntime") calibrated on the calibration batches
+                 (conv, linear, matmul, embedding tables)
+  fx int8 +add   the same with ops=(..., "add"): residual adds quantized too (QLinearAdd)
   ort static     quantize_static(QDQ, uint8 activations, int8 per-channel weights, MinMax) of the
                  fp32 file (reduce_range as onnxruntime defaults it: off)
   ort static rr  the same with reduce_range=True (7-bit weights, as fxcompile picks on CPUs
@@ -42,7 +44,7 @@ import fxcompile.zoo as zoo
 from fxcompile.numerics import cosine
 from fxcompile.report import format_table
 
-CONTENDERS = {"fp32": "fxcompile fp32", "fx_int8": "fxcompile int8",
+CONTENDERS = {"fp32": "fxcompile fp32", "fx_int8": "fxcompile int8", "fx_int8_add": "fxcompile int8 +add",
               "ort_static": "ort quantize_static", "ort_static_rr": "ort quantize_static rr",
               "ort_dynamic": "ort quantize_dynamic"}
 HEADER = ("model", "input", "contender", "build s", "median ms", "vs fp32", "cos", "size MB")
@@ -124,9 +126,13 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
         log(f"  {name} batch {batch}: building {CONTENDERS[c.key]}")
         try:
             start = time.perf_counter()
-            if c.key in ("fp32", "fx_int8"):
+            if c.key in ("fp32", "fx_int8", "fx_int8_add"):
+                ops = {}
+                if c.key == "fx_int8_add":
+                    from fxcompile.passes.quant_placement import DEFAULT_OPS
+                    ops = {"ops": DEFAULT_OPS["onnxruntime"] + ("add",)}
                 passes = (None if c.key == "fp32" else
-                          fxcompile.quantize_passes("onnxruntime", method=args.method))
+                          fxcompile.quantize_passes("onnxruntime", method=args.method, **ops))
                 compiled = fxcompile.compile(model, example_kwargs=kwargs, passes=passes, backend="onnx",
                                              threads=args.threads,
                                              calibration_data=None if c.key == "fp32" else calib)
@@ -138,6 +144,8 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
                     reference = compiled(**test)
                     feed_names = [i.name for i in compiled.runner.session.get_inputs()]
                     compiled.save(fp32_path)
+                if c.key != "fp32":
+                    compiled.graph_module.meta.clear()  # drop observers (histograms) early
                 c.run = (lambda m: lambda: m(**test))(compiled)
                 c.cos = cosine(reference, c.run())
             else:

@@ -30,7 +30,7 @@ FAMILIES: dict[str, set] = {
              aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default},
     "linear": {aten.linear.default},
     "matmul": {aten.matmul.default, aten.mm.default, aten.bmm.default},
-    "add": {aten.add.Tensor},
+    "add": {aten.add.Tensor, aten.add_.Tensor},
     "pool": {aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
              aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
              aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
@@ -130,6 +130,8 @@ def _site(node: fx.Node, family: str, per_channel: bool) -> Site | None:
     acts = [a for a in node.args if isinstance(a, fx.Node) and is_float_tensor(a) and not _is_constant(a)]
     if family == "add" and len(acts) != 2:
         return None
+    if node.target is aten.add_.Tensor and real_users(node.args[0]) != [node]:
+        return None  # others read the tensor add_ writes: it must stay that tensor
     return Site(node, family, acts[:1] if family == "pool" else acts) if acts else None
 
 
