@@ -8,7 +8,7 @@ onnx backends, next to plain torch.onnx.export + onnxruntime of the original mod
 Models are built at size "base" where fxcompile.zoo has one (resnet, mobilenet_v2, bert, vit),
 else "small"; bert and vit with attn_implementation="eager" (attention written out, what
 fuse_attention rewrites); batch 1. Every contender is checked against eager PyTorch, warmed up,
-then timed in interleaved rounds (one call of each per round, the order rotating), so drift and
+then timed in interleaved rounds (one call of each per round, in a random order), so drift and
 other processes hit all alike; medians are reported, and ratios of each contender's fastest run
 beside them (other processes only ever add time). ratio = unfused ms / fused ms (> 1: fusion
 made it faster); vs torch.onnx = torch.onnx+ORT ms / fxcompile onnx fused ms. ONNX node counts:
@@ -25,6 +25,7 @@ import datetime
 import gc
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -120,11 +121,14 @@ def bench_model(name: str, args, log) -> list[tuple]:
             fn()
     times = {k: [] for k in calls}
     keys = list(calls)
+    # A random order every round: a rotation would keep each contender behind the same one, and
+    # a runtime's worker threads still spinning after its call (onnxruntime's, OpenMP's) then
+    # slow the same next contender every round (an identical graph measured 0.7x behind another).
+    order = random.Random(0)
     start = time.perf_counter()
     rounds = 0
     while rounds < args.runs and (rounds < args.min_runs or time.perf_counter() - start < args.budget):
-        shift = rounds % len(keys)
-        for k in keys[shift:] + keys[:shift]:
+        for k in order.sample(keys, len(keys)):
             t = time.perf_counter()
             calls[k]()
             times[k].append(time.perf_counter() - t)

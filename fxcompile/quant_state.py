@@ -56,6 +56,7 @@ class QuantPoint:
     lo: float | None = None      # calibrated range (activations), |w| range over channels (weights)
     hi: float | None = None
     follows: str | None = None   # shares the scale of this (weight) point: not calibrated itself
+    bits: int = 8                # 7 for reduce_range weights (values in [-63, 63])
     observer: Any = field(default=None, repr=False)
 
     @property
@@ -70,7 +71,7 @@ class QuantState:
     weight_bytes_before: int = 0
     weight_bytes_after: int | None = None
     folded: bool = False
-    reduce_range: bool = False   # linear/matmul weights use 7 bits (see u8s8_saturates)
+    reduce_range: bool = False   # some weights use 7 bits (see u8s8_saturates)
     batches: int = 0             # calibration batches seen by the last calibration
 
     def activations(self) -> list[QuantPoint]:
@@ -120,7 +121,8 @@ def u8s8_saturates() -> bool:
     """True on x86 CPUs without VNNI: onnxruntime's U8S8 MatMul/Gemm kernels there add pairs of
     uint8 x int8 products in int16 (vpmaddubsw) and saturate unless weights use 7 bits. Measured
     on this project's AVX2-only machines: 25-40% relative error on a MatMul with 8-bit weights,
-    exact agreement with the fake-quant graph with 7-bit ones. QLinearConv does not saturate."""
+    exact agreement with the fake-quant graph with 7-bit ones. QLinearConv saturates too, but
+    rarely (a conv on raw signed inputs)."""
     import platform
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
@@ -177,7 +179,8 @@ class QuantReport:
         self.weight_bytes_after = state.weight_bytes_after
         self.rows = [{"node": p.name, "kind": p.kind, "of": p.source, "module": p.module or "<root>",
                       "int range": f"[{p.quant_min}, {p.quant_max}]",
-                      "granularity": "per tensor" if p.axis is None else f"per channel (axis {p.axis})",
+                      "granularity": ("per tensor" if p.axis is None else f"per channel (axis {p.axis})")
+                      + (f", {p.bits}-bit" if p.bits != 8 else ""),
                       "method": p.method or "uncalibrated",
                       "scale": _scale_range(scales.get(p.name)), "range": _range(p)}
                      for p in state.points.values()]
@@ -186,7 +189,7 @@ class QuantReport:
         from .report import format_table
         head = (f"target {self.target}, {sum(r['kind'] == 'activation' for r in self.rows)} activation and "
                 f"{sum(r['kind'] == 'weight' for r in self.rows)} weight fake-quant points"
-                f"{' (7-bit linear/matmul weights)' if self.reduce_range else ''}"
+                f"{' (reduce_range: some 7-bit)' if self.reduce_range else ''}"
                 f"{', folded' if self.folded else ''}; weight bytes {_mb(self.weight_bytes_before)}"
                 + (f" -> {_mb(self.weight_bytes_after)} "
                    f"({self.weight_bytes_after / max(self.weight_bytes_before, 1):.2f}x)"

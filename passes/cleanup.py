@@ -189,7 +189,8 @@ def _cse_candidate(node: fx.Node) -> bool:
     return not _feeds_mutation(node) and not any(_feeds_mutation(i) for i in node.all_input_nodes)
 
 
-@register_pass("cse", after=("merge_parallel_linears",), before=("dead_code_elimination",), default=True)
+@register_pass("cse", after=("fuse_attention", "merge_parallel_linears"), before=("dead_code_elimination",),
+               default=True)
 def cse(gm: fx.GraphModule) -> int:
     """Merge identical pure computations (same op, same inputs) into one node."""
     canonical: dict[fx.Node, fx.Node] = {}

@@ -161,7 +161,8 @@ def test_calibrate_graph_module_with_flat_batches():
 
 def test_calibrating_an_onnx_compiled_module_relowers_it():
     model, x, data = mixed()
-    compiled = fxcompile.compile(model, (x,), passes=fxcompile.quantize_passes(fold=False), backend="onnx")
+    compiled = fxcompile.compile(model, (x,), passes=fxcompile.quantize_passes(fold=False, reduce_range=True),
+                                 backend="onnx")  # 7-bit weights: onnxruntime matches eager closely
     runner = compiled.runner
     fxcompile.calibrate(compiled, data, progress=False)
     assert compiled.runner is not runner

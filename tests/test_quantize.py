@@ -153,16 +153,17 @@ def test_onnx_qdq_placement_tensorrt(tmp_path):
 
 def test_onnxruntime_runs_every_quantized_op_as_int8(tmp_path):
     model, x, data = mixed()
-    fq = _fq(model, x, data)
+    fq = _fq(model, x, data, reduce_range=True)
     n_quantized = len(_quantized_ops(fq.graph_module))
     assert n_quantized == 5  # conv, fc, proj (3-D linear), matmul with a weight, bmm
     onx = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
     ops = optimized_ops(onx.save(str(tmp_path / "q.onnx"))[0], tmp_path)
     assert sum(ops[k] for k in INT8_KERNELS) == n_quantized, ops
     assert not FLOAT_KERNELS & set(ops), ops
-    # onnxruntime's int8 kernels compute what the eager fake-quant graph does (7-bit weights on
-    # CPUs without VNNI; a rounding step at most elsewhere)
-    assert max_error(fq(x), onx(x)) <= 0.02
+    # onnxruntime's int8 kernels compute what the eager fake-quant graph does: exactly here with
+    # 7-bit weights (no int16 saturation on CPUs without VNNI), up to rounding steps elsewhere
+    assert max_error(fq(x), onx(x)) <= (1e-6 if fxcompile.quant_state.u8s8_saturates() else 0.02)
+    assert cosine_ok(model(x), onx(x), 0.998)
 
 
 def test_int8_onnx_file_is_a_quarter_of_fp32(tmp_path):
