@@ -21,10 +21,7 @@ machine: compare the ratios of one run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import os
-import platform
 import random
 import shlex
 import statistics
@@ -33,6 +30,8 @@ import time
 import warnings
 
 import torch
+
+from fxcompile.report import load_average, machine_line
 import torch.utils._pytree as pytree
 
 import fxcompile
@@ -161,26 +160,6 @@ def bench_model(name: str, args, log) -> list[tuple]:
     return rows, attention
 
 
-def machine_line(threads: int) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import onnxruntime
-    import transformers
-    return (f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, onnxruntime "
-            f"{onnxruntime.__version__}, transformers {transformers.__version__}; threads {threads}; "
-            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")
-
-
-def _load() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "?"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -199,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = shlex.join(["python", "benchmarks/bench_fusion.py", *argv])
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    load_start = _load()
+    load_start = load_average()
     rows, attention = [], []
     with torch.no_grad():
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -216,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch.onnx = torch.onnx.export+onnxruntime ms / fused onnx ms. max err: relative to "
         "output scale, against eager PyTorch.",
         f"1-minute load average (other processes share this machine): {load_start} at start, "
-        f"{_load()} at the end.", "",
+        f"{load_average()} at the end.", "",
         format_table([HEADER] + rows, markdown=True), "",
         "Attention fusion alone (eager backend): the default pipeline without fuse_attention vs "
         "the default pipeline; ratio > 1: fuse_attention made it faster.", "",

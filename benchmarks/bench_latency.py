@@ -20,7 +20,6 @@ import argparse
 import datetime
 import gc
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -30,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from fxcompile.report import load_average, machine_line
 import torch.utils._pytree as pytree
 
 import fxcompile
@@ -229,26 +230,6 @@ def bench_one(name: str, batch: int, args, keys: list[str], log) -> tuple[list[t
 
 
 # -- the report ----------------------------------------------------------------------------
-def machine_line(threads: int, when: datetime.datetime | None = None) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import onnxruntime
-    import transformers
-    return (f"machine: {cpu}, {torch.multiprocessing.cpu_count()} cores; torch {torch.__version__}, "
-            f"onnxruntime {onnxruntime.__version__}, transformers {transformers.__version__}; "
-            f"threads {threads}; {(when or datetime.datetime.now()).strftime('%Y-%m-%d %H:%M')}")
-
-
-def load_average() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "?"
 
 
 def render(rows: list[tuple], loads: list[str], args, command: str, done: bool = True) -> str:

@@ -22,10 +22,8 @@ interleaved rounds; size = the .onnx file (plus external data).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -37,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from fxcompile.report import load_average, machine_line
 import torch.nn as nn
 
 import fxcompile
@@ -289,29 +289,6 @@ def bench_digits(args, tmp: str, log) -> list[tuple]:
 
 
 # -- the report --------------------------------------------------------------------------------
-def machine_line(threads: int) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read(1 << 16)
-        cpu = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
-        have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in text]
-        flags = f" ({', '.join(have)})" if have else ""
-    except (OSError, StopIteration):
-        pass
-    import onnxruntime
-    return (f"machine: {cpu}{flags}, {os.cpu_count()} cores; torch {torch.__version__}, "
-            f"onnxruntime {onnxruntime.__version__}; threads {threads}; "
-            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")
-
-
-def load_average() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "?"
 
 
 def render(rows, digits, args, command, done=True) -> str:

@@ -69,3 +69,39 @@ def format_table(rows: list[tuple], markdown: bool = False) -> str:
         return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]])
+
+
+def machine_line(threads: int, when=None) -> str:
+    """One line naming the machine and versions, for the head of every measured table."""
+    import datetime
+    import os
+    import platform
+
+    import torch
+    cpu, flags = platform.processor() or "unknown CPU", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read(1 << 16)
+        cpu = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
+        have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in text]
+        flags = f" ({', '.join(have)})" if have else ""
+    except (OSError, StopIteration):
+        pass
+    versions = [f"torch {torch.__version__}"]
+    for name in ("onnxruntime", "transformers"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    when = when or datetime.datetime.now()
+    return (f"machine: {cpu}{flags}, {os.cpu_count()} cores; {', '.join(versions)}; threads {threads}; "
+            f"{when.strftime('%Y-%m-%d %H:%M')}")
+
+
+def load_average() -> str:
+    """The 1-minute load average ('?' where /proc/loadavg is missing)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
