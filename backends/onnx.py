@@ -44,6 +44,7 @@ class OnnxRunner(Lowered):
         import onnxruntime as ort
         self.model_proto = model_proto
         self.options = options
+        self._input_names = list(input_names)
         self._tmp = None
         so = ort.SessionOptions()
         so.intra_op_num_threads = options["threads"] or torch.get_num_threads()
@@ -80,6 +81,11 @@ class OnnxRunner(Lowered):
         external = self.model_proto.ByteSize() >= self.options["external_data_threshold"]
         _save_proto(self.model_proto, path, external)
         return [path, path + ".data"] if external else [path]
+
+    def manifest(self) -> dict[str, Any]:
+        return {"input_names": self._input_names, "n_outputs": self._n_outputs,
+                "constant_outputs": self._constant_outputs,
+                "options": {k: v for k, v in self.options.items() if k != "dynamic_shapes"}}
 
     def describe(self) -> dict[str, Any]:
         return {"onnx nodes": len(self.model_proto.graph.node),
@@ -242,3 +248,14 @@ def lower(gm: fx.GraphModule, example_inputs, options: dict) -> OnnxRunner:
     outputs = gm.graph.output_node().args[0]
     constants = {i: v for i, v in enumerate(outputs) if not isinstance(v, fx.Node)}
     return OnnxRunner(proto, names, len(outputs), options, constants)
+
+
+def load(path: str, manifest: dict, options: dict) -> OnnxRunner:
+    """The .onnx file written by ``OnnxRunner.save`` in a new onnxruntime session; ``options``
+    (threads, providers, graph_optimization_level) override those it was compiled with."""
+    import onnx
+    saved = {**DEFAULTS, **manifest["options"]}
+    options = check_options("onnx", options, saved)
+    proto = onnx.load(path, load_external_data=True)
+    return OnnxRunner(proto, manifest["input_names"], manifest["n_outputs"], options,
+                      manifest["constant_outputs"])

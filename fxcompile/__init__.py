@@ -10,12 +10,13 @@ from .capture import Captured, capture
 from .errors import (BackendError, CalibrationError, CaptureError, FxCompileError, InputError, PassError,
                      PruneError, QuantizationError)
 from .pass_manager import PassContext, run_pipeline
+from .saving import load
 from .qat import TrainableModule, recompile, trainable
 from .registry import (backend_names, default_pipeline, get_pass, list_passes, register_backend,
                        register_pass)
 
 __version__ = "0.1.0"
-__all__ = ["compile", "capture", "CompiledModule", "Captured", "register_pass", "register_backend",
+__all__ = ["compile", "load", "capture", "CompiledModule", "Captured", "register_pass", "register_backend",
            "list_passes", "get_pass", "default_pipeline", "backend_names", "run_pipeline",
            "PassContext", "FxCompileError", "CaptureError", "InputError", "PassError", "BackendError",
            "calibrate", "trainable", "recompile", "TrainableModule", "quantize_passes",

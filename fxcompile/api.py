@@ -5,6 +5,7 @@ import time
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 
 from .backend_api import Lowered
@@ -30,7 +31,8 @@ class CompiledModule(torch.nn.Module):
         self._static_shapes = static_shapes
 
     @property
-    def graph_module(self) -> fx.GraphModule:
+    def graph_module(self) -> fx.GraphModule | None:
+        """The transformed IR (None for a module loaded from a non-eager artifact)."""
         return self._captured.gm
 
     @property
@@ -54,8 +56,10 @@ class CompiledModule(torch.nn.Module):
                                  "pass dynamic_shapes=... to compile.")
 
     def save(self, path: str) -> list[str]:
-        """Write the backend's artifact to ``path`` and return the files written."""
-        return self.runner.save(str(path))
+        """Write the backend's artifact to ``path`` plus ``path + ".fxcompile"`` (the input and
+        output structure); return the files written. ``fxcompile.load(path)`` brings it back."""
+        from .saving import save
+        return save(self, path)
 
     def extra_repr(self) -> str:
         return f"model={self._captured.model_name}, backend={self.backend}"
@@ -89,7 +93,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backe
     captured.gm = gm
     from .quant_state import report_section
     report.extra.update(report_section(gm))
-    if dynamic_shapes is not None and backend == "onnx":
+    if dynamic_shapes is not None and backend in ("onnx", "tensorrt"):
         options.setdefault("dynamic_shapes", _flat_dynamic_shapes(dynamic_shapes, captured))
     start = time.perf_counter()
     runner = lower(gm, captured.example_inputs, options)
@@ -105,7 +109,25 @@ def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backe
     return compiled
 
 
-def _flat_dynamic_shapes(dynamic_shapes, captured: Captured):
-    if isinstance(dynamic_shapes, dict):
-        return [dynamic_shapes.get(name) for name in captured.inputs.names]
-    return dynamic_shapes
+def _flat_dynamic_shapes(dynamic_shapes, captured: Captured) -> list:
+    """``{input name: {dim: Dim}}`` (as given to compile) -> one entry per graph placeholder.
+
+    Placeholder names may differ from input names (``input`` becomes ``input_1``), so inputs are
+    matched through the captured input structure: positional inputs first, then each keyword
+    input's leaves (a nested spec mirrors the input's own nesting).
+    """
+    spec = captured.inputs.in_spec
+    args_spec, kwargs_spec = spec.children()
+    flat: list = [None] * args_spec.num_leaves
+    for name, child in zip(kwargs_spec.context, kwargs_spec.children()):
+        given = dynamic_shapes.get(name) if isinstance(dynamic_shapes, dict) else None
+        if child.num_leaves == 1:
+            flat.append(given)
+            continue
+        leaves = pytree.tree_leaves(given, is_leaf=_is_dim_spec) if given is not None else []
+        flat.extend(leaves if len(leaves) == child.num_leaves else [None] * child.num_leaves)
+    return flat
+
+
+def _is_dim_spec(value) -> bool:
+    return value is None or (isinstance(value, dict) and all(isinstance(k, int) for k in value))

@@ -1,4 +1,8 @@
-"""What a backend returns: a runner over the IR's flat inputs that can save itself."""
+"""What a backend returns: a runner over the IR's flat inputs that can save itself.
+
+A backend module has ``lower(gm, example_inputs, options) -> Lowered`` and, to be loadable with
+``fxcompile.load``, ``load(path, manifest, options) -> Lowered`` reading what ``save`` wrote.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -17,6 +21,11 @@ class Lowered(torch.nn.Module):
     def save(self, path: str) -> list[str]:
         """Write the artifact to ``path``; return the files written."""
         raise NotImplementedError(f"the {self.backend} backend cannot save")
+
+    def manifest(self) -> dict[str, Any]:
+        """What the backend's ``load(path, manifest, options)`` needs besides the saved files
+        (picklable); ``CompiledModule.save`` stores it in the sidecar for ``fxcompile.load``."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         return {}

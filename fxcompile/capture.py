@@ -150,7 +150,26 @@ class InputSignature:
         return _split_bound(bound)
 
     def flatten(self, args: tuple, kwargs: dict) -> list[Any]:
-        """Flat leaves in placeholder order; InputError names the input that does not match."""
+        """Flat leaves in placeholder order; InputError names the input that does not match.
+
+        A call shaped like one seen before (same number of positional inputs, same keyword names,
+        every value a tensor of the compiled dtype) takes a cached plan instead of binding the
+        signature and flattening again: tens of microseconds per call on small models.
+        """
+        plans = self.__dict__.setdefault("_plans", {})
+        key = (len(args), tuple(kwargs))
+        plan = plans.get(key)
+        if plan:
+            order, dtypes = plan
+            flat = [args[i] if isinstance(i, int) else kwargs[i] for i in order]
+            if all(type(v) is torch.Tensor and v.dtype == d for v, d in zip(flat, dtypes)):
+                return flat
+        flat = self._flatten_checked(args, kwargs)
+        if key not in plans:
+            plans[key] = _call_plan(args, kwargs, flat)
+        return flat
+
+    def _flatten_checked(self, args: tuple, kwargs: dict) -> list[Any]:
         args, kwargs = self.bind(args, kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.in_spec:
@@ -166,6 +185,18 @@ class InputSignature:
                     raise InputError(f"input '{name}' has dtype {got.dtype}; it was compiled for "
                                      f"{want.dtype}. Cast it, or compile with such an example.")
         return flat
+
+
+def _call_plan(args: tuple, kwargs: dict, flat: list):
+    """(for each flat input its source in the call: an index or a keyword, their dtypes), or
+    False when an input is not a tensor or sits inside a container (then every call is checked)."""
+    where = {id(v): i for i, v in enumerate(args)}
+    where.update({id(v): k for k, v in kwargs.items()})
+    order = [where.get(id(v)) for v in flat]
+    if (any(o is None for o in order) or len(set(map(id, flat))) != len(flat)
+            or not all(type(v) is torch.Tensor for v in flat)):
+        return False
+    return order, [v.dtype for v in flat]
 
 
 def _split_bound(bound: inspect.BoundArguments) -> tuple[tuple, dict]:
@@ -206,7 +237,16 @@ class Captured:
     model_name: str = ""
 
     def unflatten_outputs(self, flat) -> Any:
-        return decode_outputs(pytree.tree_unflatten(list(flat), self.out_spec))
+        out = pytree.tree_unflatten(list(flat), self.out_spec)
+        holds = self.__dict__.get("_holds_cache")
+        if holds is None:
+            holds = self.__dict__["_holds_cache"] = _holds_cache(self.out_spec)
+        return decode_outputs(out) if holds else out
+
+
+def _holds_cache(spec: pytree.TreeSpec) -> bool:
+    """Whether an output spec holds an EncodedCache (only then must outputs be decoded)."""
+    return spec.type is EncodedCache or any(_holds_cache(c) for c in spec.children())
 
 
 def normalize_example_inputs(example_inputs) -> tuple:

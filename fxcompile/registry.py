@@ -63,6 +63,7 @@ _BACKENDS: dict[str, Callable | str] = {
     "onnx": "fxcompile.backends.onnx:lower",
     "tensorrt": "fxcompile.backends.tensorrt:lower",
 }
+_LOADERS: dict[str, Callable | str] = {}
 _loaded = False
 
 
@@ -141,9 +142,36 @@ def default_pipeline() -> list[str]:
                         f"{nx.find_cycle(g)}") from None
 
 
-def register_backend(name: str, lower: Callable | str) -> None:
-    """Add a backend: ``lower(gm, example_inputs, options) -> callable over flat inputs``."""
+def register_backend(name: str, lower: Callable | str, load: Callable | str | None = None) -> None:
+    """Add a backend: ``lower(gm, example_inputs, options) -> Lowered`` (a runner over flat inputs,
+    fxcompile.backend_api); ``load(path, manifest, options) -> Lowered`` brings a saved one back
+    for ``fxcompile.load``. Given as "module:function" strings, both are imported when first used."""
     _BACKENDS[name] = lower
+    _LOADERS.pop(name, None)
+    if load is not None:
+        _LOADERS[name] = load
+
+
+def get_loader(name: str) -> Callable:
+    """The ``load(path, manifest, options)`` of backend ``name``: registered with it, or the
+    ``load`` function beside its ``lower`` in the same module."""
+    _load_builtin_and_plugins()
+    entry = _LOADERS.get(name)
+    if entry is None:
+        lower = _BACKENDS.get(name)
+        if lower is None:
+            raise BackendError(f"the artifact was saved by backend '{name}', which is not registered "
+                               f"here. Known backends: {', '.join(_BACKENDS)}.")
+        module = lower.partition(":")[0] if isinstance(lower, str) else getattr(lower, "__module__", "")
+        entry = f"{module}:load"
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr, None)
+        if entry is None:
+            raise BackendError(f"backend '{name}' cannot load saved artifacts (its module {module} "
+                               "has no load(path, manifest, options))")
+        _LOADERS[name] = entry
+    return entry
 
 
 def backend_names() -> list[str]:
