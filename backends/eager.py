@@ -1,24 +1,37 @@
 """The eager backend: the transformed GraphModule itself, run by PyTorch."""
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 from torch import fx
 
 from fxcompile.backend_api import Lowered, check_options
+from fxcompile.errors import BackendError
 
 
 class EagerRunner(Lowered):
     backend = "eager"
 
-    def __init__(self, gm: fx.GraphModule, example_inputs):
+    def __init__(self, gm: fx.GraphModule, example_inputs, channels_last_inputs=()):
         super().__init__()
         self.gm = gm
         self._example_inputs = list(example_inputs)
+        self._cl_inputs = frozenset(channels_last_inputs)
 
     def forward(self, *flat):
-        return self.gm(*flat)
+        if not self._cl_inputs:
+            return self.gm(*flat)
+        flat = [x.contiguous(memory_format=torch.channels_last) if i in self._cl_inputs else x
+                for i, x in enumerate(flat)]
+        return tuple(o.contiguous() if isinstance(o, torch.Tensor) else o for o in self.gm(*flat))
+
+    def describe(self) -> dict:
+        return {"memory format": "channels_last"} if self._cl_inputs else {}
+
+    def manifest(self) -> dict:
+        return {"channels_last_inputs": sorted(self._cl_inputs)}
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -34,10 +47,11 @@ class EagerRunner(Lowered):
 class LoadedEagerRunner(EagerRunner):
     """A saved .pt2 program brought back; it saves itself again as the same file."""
 
-    def __init__(self, gm, path: str):
+    def __init__(self, gm, path: str, channels_last_inputs=()):
         Lowered.__init__(self)
         self.gm = gm
         self._source = path
+        self._cl_inputs = frozenset(channels_last_inputs)
 
     def save(self, path: str) -> list[str]:
         import shutil
@@ -48,13 +62,60 @@ class LoadedEagerRunner(EagerRunner):
 
 def load(path: str, manifest: dict, options: dict) -> LoadedEagerRunner:
     """The .pt2 program written by ``EagerRunner.save``, as a module over the flat inputs."""
-    check_options("eager", options, {})
-    import fxcompile.quant_ops  # noqa: F401 - registers fxcompile's ops that saved graphs may use
-    return LoadedEagerRunner(torch.export.load(path).module(), path)
+    check_options("eager", options, DEFAULTS)
+    importlib.import_module("fxcompile.quant_ops")  # registers the ops that saved graphs may use
+    return LoadedEagerRunner(torch.export.load(path).module(), path, manifest.get("channels_last_inputs", ()))
+
+
+DEFAULTS = {
+    # "auto": feed 4-d inputs of graphs with 2-d convolutions in channels_last (NHWC), oneDNN's
+    # native layout on CPUs, when a trial run shows the graph takes it with the same outputs;
+    # True: the same, or BackendError; False: never. Weights and the graph are not changed.
+    "channels_last": "auto",
+}
+aten = torch.ops.aten
 
 
 def lower(gm: fx.GraphModule, example_inputs, options: dict) -> EagerRunner:
-    """Run the graph as it is, recompiled."""
-    check_options("eager", options, {})
+    """Run the graph as it is, recompiled; conv nets get channels_last inputs where that is safe."""
+    options = check_options("eager", options, DEFAULTS)
+    mode = options["channels_last"]
+    if mode not in ("auto", True, False):
+        raise BackendError(f"eager option channels_last must be 'auto', True or False, got {mode!r}")
     gm.recompile()
-    return EagerRunner(gm, example_inputs)
+    inputs: list[int] = []
+    if mode:
+        inputs, why_not = _channels_last_inputs(gm, list(example_inputs))
+        if why_not and mode is True:
+            raise BackendError(f"eager backend: channels_last is not possible here: {why_not}")
+    return EagerRunner(gm, example_inputs, inputs)
+
+
+def _channels_last_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple[list[int], str]:
+    """(indices of the 4-d float inputs to feed as channels_last, '') when the graph has 2-d
+    convolutions on the CPU and a trial run on the example inputs in channels_last gives the
+    outputs of the contiguous run; else ([], why not).
+
+    Convolution, pointwise ops and pooling keep the layout, so one conversion at the input makes
+    the whole conv stack run in it; a ``view`` that needs contiguous memory fails the trial.
+    """
+    from fxcompile.numerics import max_error
+    if not gm.graph.find_nodes(op="call_function", target=aten.conv2d.default):
+        return [], "the graph has no 2-d convolution"
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    inputs = [i for i, (node, x) in enumerate(zip(placeholders, example_inputs))
+              if isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point()
+              and x.device.type == "cpu" and node.users]
+    if not inputs:
+        return [], "no 4-d floating-point CPU input"
+    trial = [x.contiguous(memory_format=torch.channels_last) if i in inputs else x
+             for i, x in enumerate(example_inputs)]
+    try:
+        with torch.no_grad():
+            ref, got = gm(*example_inputs), gm(*trial)
+    except Exception as e:  # e.g. a view that needs contiguous memory
+        return [], f"the graph fails on channels_last inputs ({type(e).__name__}: {str(e)[:200]})"
+    err = max_error(ref, got)
+    if not err <= 1e-4:
+        return [], f"outputs differ on channels_last inputs (max error {err:.1e})"
+    return inputs, ""

@@ -1,28 +1,842 @@
-"""The tensorrt backend: the pipeline's ONNX model built into a TensorRT engine.
+"""The tensorrt backend: the pipeline's ONNX model built into a TensorRT engine, run on CUDA tensors.
 
-The engine builder lands with the TensorRT issue; until then this module only checks what is
-installed and says what is missing, so ``backend="tensorrt"`` fails with a clear message.
+``lower`` exports the graph with the onnx backend's ``export_onnx`` (dynamic dims included),
+rewrites the ONNX model for the requested precision, parses it with TensorRT's ``OnnxParser``
+into a strongly typed network, builds a serialized engine (one optimization profile for the
+dynamic dims, workspace limit, optimization level, timing cache) and runs it with
+``execute_async_v3`` on torch's current CUDA stream. Precision lives in the model itself, never
+in builder flags (TensorRT 11 removed them; strong typing works the same on 10.x): fp16/bf16
+cast every float tensor of the ONNX model to that type (inputs and outputs stay float32, with a
+Cast at each end: what ``model.half()`` computes, all float math in half); int8 keeps the graph's
+Q/DQ pairs (``fxcompile.quantize_passes(target="tensorrt")``), the rest in ``float_precision``;
+fp8 (compute capability >= 8.9) re-targets those int8 Q/DQ pairs to FP8 E4M3 with the same
+ranges (scale x 127/448). Engines are cached on disk (``engine_cache``) under a key over the
+ONNX model, input specs, settings and versions, so compiling the same model again loads the
+engine instead of building it. Without the tensorrt package or a CUDA GPU, ``lower`` raises a
+BackendError that says what is missing and how to get it; options and the graph are checked
+before that, so mistakes show on any machine.
 """
 from __future__ import annotations
 
-from fxcompile.errors import BackendError
+import hashlib
+import importlib
+import logging
+import os
+import re
+import tempfile
+import time
+import types
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxcompile.backend_api import Lowered, check_options
+from fxcompile.errors import BackendError, InputError, describe_node, suggest, user_frame
+
+from . import engine_cache
+
+_log = logging.getLogger("fxcompile.tensorrt")
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
+DEFAULTS = {
+    "precision": None,          # fp32 | fp16 | bf16 | int8 | fp8; None: int8 for a graph with Q/DQ pairs, else fp32
+    "float_precision": None,    # int8/fp8: the type of layers outside Q/DQ pairs (fp32 | fp16 | bf16); None: fp32
+    "dynamic_shapes": None,     # one entry per placeholder: None or {dim: torch.export.Dim} (compile passes it)
+    "profile": None,            # {input name: (min_shape, opt_shape, max_shape)}: overrides the derived profile
+    "workspace": None,          # bytes: MemoryPoolType.WORKSPACE limit; None: TensorRT's default (the GPU's memory)
+    "optimization_level": None,  # builder_optimization_level 0-5; None: TensorRT's default (3)
+    "tf32": False,              # let fp32 layers use TF32 tensor cores (TensorRT's default is on; off keeps fp32 exact)
+    "timing_cache": None,       # path of a timing cache file: loaded when present, saved after each build
+    "cache_dir": "default",     # engine cache directory; "default": engine_cache.default_dir(); None: no cache
+    "device": None,             # CUDA device index; None: torch.cuda.current_device()
+    "opset": None,              # ONNX opset of the export; None: the exporter's default
+}
+# ONNX inputs typed tensor(float) whatever the data's type: they stay float32 under fp16/bf16.
+_FLOAT32_SLOTS = {("Resize", 2), ("Upsample", 1)}
+_MAX_PROTO = 1_800_000_000  # a larger ModelProto cannot be serialized to bytes: parse from a file
+FORMAT = 1
 
 
 def available() -> tuple[bool, str]:
     """(True, '') when tensorrt imports and a CUDA GPU is visible, else (False, the reason)."""
-    import torch
     try:
-        import tensorrt  # noqa: F401
+        importlib.import_module("tensorrt")
     except ImportError:
         return False, 'the tensorrt package is not installed: pip install "fxcompile[tensorrt]"'
+    except Exception as e:  # installed but broken, e.g. libnvinfer missing
+        return False, (f"the tensorrt package is installed but does not load ({type(e).__name__}: {e}); "
+                       'reinstall it: pip install --force-reinstall "fxcompile[tensorrt]"')
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible to torch (TensorRT engines run only on NVIDIA GPUs)"
-    return False, "the TensorRT engine builder is not implemented in this version of fxcompile yet"
+    return True, ""
 
 
-def lower(gm, example_inputs, options):
+# -- checks that need no GPU ----------------------------------------------------------------------
+def validate_options(options: dict) -> dict:
+    """Merge ``options`` into DEFAULTS and check their values; raise BackendError on a bad one."""
+    options = check_options("tensorrt", options, DEFAULTS)
+    p, fp = options["precision"], options["float_precision"]
+    if p is not None and p not in PRECISIONS:
+        raise BackendError(f"tensorrt: precision must be one of {', '.join(PRECISIONS)} (or None), got {p!r}."
+                           f"{suggest(str(p), PRECISIONS)}")
+    if fp is not None and fp not in FLOAT_PRECISIONS:
+        raise BackendError(f"tensorrt: float_precision must be one of {', '.join(FLOAT_PRECISIONS)}, got {fp!r}")
+    for name in ("workspace", "opset"):
+        v = options[name]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise BackendError(f"tensorrt: {name} must be a positive int, got {v!r}")
+    level = options["optimization_level"]
+    if level is not None and (not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 5):
+        raise BackendError(f"tensorrt: optimization_level must be an int from 0 to 5, got {level!r}")
+    if not isinstance(options["tf32"], bool):
+        raise BackendError(f"tensorrt: tf32 must be True or False, got {options['tf32']!r}")
+    for name in ("timing_cache", "cache_dir"):
+        v = options[name]
+        if v is not None and not isinstance(v, (str, os.PathLike)):
+            raise BackendError(f"tensorrt: {name} must be a path or None, got {v!r}")
+    options["device"] = _device_index(options["device"])
+    if options["profile"] is not None and not isinstance(options["profile"], dict):
+        raise BackendError("tensorrt: profile must be a dict {input name: (min_shape, opt_shape, max_shape)}")
+    return options
+
+
+def _device_index(device) -> int | None:
+    if device is None:
+        return None
+    if isinstance(device, (str, torch.device)):
+        d = torch.device(device)
+        if d.type != "cuda":
+            raise BackendError(f"tensorrt: device must be a CUDA device, got {device!r}")
+        return d.index or 0
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return device
+    raise BackendError(f"tensorrt: device must be a CUDA device index (0, 1, ...), got {device!r}")
+
+
+def quantized_kind(gm: fx.GraphModule) -> str | None:
+    """'int8' when the graph holds signed Q/DQ pairs (or fake-quant nodes), 'uint8' when any
+    quantizes to unsigned integers (onnxruntime's activations), None without quantization."""
+    from fxcompile.quant_ops import DEQUANTIZE, QUANTIZE
+    from fxcompile.quant_state import FAKE_QUANT_OPS, FQ_LEARNABLE_PER_CHANNEL, FQ_PER_CHANNEL
+    kinds = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is QUANTIZE:
+            kinds.add("uint8" if n.args[3] >= 0 else "int8")
+        elif n.target in FAKE_QUANT_OPS:
+            qmin = n.args[4] if n.target in (FQ_PER_CHANNEL, FQ_LEARNABLE_PER_CHANNEL) else n.args[3]
+            kinds.add("uint8" if isinstance(qmin, int) and qmin >= 0 else "int8")
+        elif n.target is DEQUANTIZE:
+            kinds.add("int8")
+    return "uint8" if "uint8" in kinds else ("int8" if kinds else None)
+
+
+def plan_precision(gm: fx.GraphModule, precision: str | None, float_precision: str | None) -> tuple[str, str]:
+    """(precision, float type of the layers outside Q/DQ pairs) for this graph, or BackendError."""
+    kind = quantized_kind(gm)
+    if precision is None:
+        precision = "int8" if kind else "fp32"
+    if precision in ("int8", "fp8"):
+        if kind is None:
+            raise BackendError(
+                f"tensorrt: precision={precision!r} takes its scales from the graph's quantize/dequantize "
+                "(Q/DQ) pairs, and this graph has none. Quantize it first: fxcompile.compile(model, x, "
+                "passes=fxcompile.quantize_passes(target='tensorrt'), calibration_data=[...], "
+                f"backend='tensorrt', precision={precision!r}); or use precision='fp16'/'bf16' for a float engine.")
+        if kind == "uint8":
+            raise BackendError(
+                "tensorrt: the graph was quantized with unsigned (uint8, zero-point) activations, which is "
+                "onnxruntime's scheme; TensorRT takes symmetric int8 only. Quantize with "
+                "fxcompile.quantize_passes(target='tensorrt').")
+        return precision, float_precision or "fp32"
+    if kind is not None:
+        raise BackendError(
+            f"tensorrt: precision={precision!r}, but the graph holds quantize/dequantize pairs from "
+            f"quantization. Use precision='int8' (or 'fp8'), with float_precision={precision!r} for the "
+            "layers left in float; or compile without the quantization passes.")
+    if float_precision not in (None, precision):
+        raise BackendError(f"tensorrt: float_precision={float_precision!r} applies to int8/fp8 engines; "
+                           f"with precision={precision!r} leave it unset.")
+    return precision, precision
+
+
+def derive_profile(names: list[str], example_inputs, dynamic_shapes=None, profile=None) -> dict[str, tuple]:
+    """One optimization profile: {input name: (min_shape, opt_shape, max_shape)} for the inputs
+    with dynamic dims. ``dynamic_shapes`` has one entry per placeholder (or a dict by name): None
+    or {dim: torch.export.Dim}; a dim ranges over [max(Dim.min, 1), Dim.max] and is optimized for
+    the example's size. ``profile`` entries override (and must agree with the dynamic dims)."""
+    examples = dict(zip(names, example_inputs))
+    if dynamic_shapes is None:
+        specs = [None] * len(names)
+    elif isinstance(dynamic_shapes, dict):
+        unknown = set(dynamic_shapes) - set(names)
+        if unknown:
+            name = sorted(unknown)[0]
+            raise BackendError(f"tensorrt: dynamic_shapes names '{name}', which is not an input of the graph."
+                               f"{suggest(name, names)} Inputs: {', '.join(names)}.")
+        specs = [dynamic_shapes.get(n) for n in names]
+    else:
+        specs = list(dynamic_shapes)
+        if len(specs) != len(names):
+            raise BackendError(f"tensorrt: dynamic_shapes has {len(specs)} entries; the graph has "
+                               f"{len(names)} inputs ({', '.join(names)})")
+    derived: dict[str, tuple] = {}
+    dynamic_dims: dict[str, set[int]] = {}
+    for name, spec in zip(names, specs):
+        x = examples[name]
+        if spec is None or not isinstance(x, torch.Tensor):
+            continue
+        items = spec.items() if isinstance(spec, dict) else enumerate(spec)
+        lo, hi, opt = list(x.shape), list(x.shape), list(x.shape)
+        for dim, d in items:
+            if d is None or isinstance(d, int):
+                continue
+            dim = dim % max(x.dim(), 1)
+            dmin, dmax = getattr(d, "min", None), getattr(d, "max", None)
+            if getattr(getattr(d, "type", None), "name", "") == "STATIC":
+                continue
+            label = getattr(d, "__name__", None) or str(d)
+            if not isinstance(dmax, int) or isinstance(dmax, bool):
+                raise BackendError(
+                    f"tensorrt: dim {dim} of input '{name}' ({label}) has no upper bound; a TensorRT "
+                    f"engine is built for a range of sizes. Give it one: torch.export.Dim('{label}', "
+                    f"min=1, max=...), or pass profile={{'{name}': (min_shape, opt_shape, max_shape)}}.")
+            dmin = max(int(dmin) if isinstance(dmin, int) else 1, 1)
+            if not dmin <= x.shape[dim] <= dmax:
+                raise BackendError(f"tensorrt: the example input '{name}' has size {x.shape[dim]} in dim "
+                                   f"{dim}, outside its range [{dmin}, {dmax}]")
+            lo[dim], hi[dim] = dmin, int(dmax)
+            dynamic_dims.setdefault(name, set()).add(dim)
+        if name in dynamic_dims:
+            derived[name] = (tuple(lo), tuple(opt), tuple(hi))
+    for name, triple in (profile or {}).items():
+        if name not in examples or not isinstance(examples[name], torch.Tensor):
+            raise BackendError(f"tensorrt: profile names '{name}', which is not a tensor input of the graph."
+                               f"{suggest(name, names)} Inputs: {', '.join(names)}.")
+        x = examples[name]
+        try:
+            lo, opt, hi = (tuple(int(v) for v in s) for s in triple)
+        except (TypeError, ValueError):
+            raise BackendError(f"tensorrt: profile['{name}'] must be (min_shape, opt_shape, max_shape), "
+                               f"got {triple!r}") from None
+        if not len(lo) == len(opt) == len(hi) == x.dim():
+            raise BackendError(f"tensorrt: profile['{name}'] shapes must have {x.dim()} dims like the input")
+        for dim in range(x.dim()):
+            if not 1 <= lo[dim] <= opt[dim] <= hi[dim]:
+                raise BackendError(f"tensorrt: profile['{name}'] needs 1 <= min <= opt <= max in every dim; "
+                                   f"dim {dim} has {lo[dim]}, {opt[dim]}, {hi[dim]}")
+            if dim not in dynamic_dims.get(name, ()) and not lo[dim] == opt[dim] == hi[dim] == x.shape[dim]:
+                raise BackendError(
+                    f"tensorrt: profile['{name}'] gives dim {dim} the range [{lo[dim]}, {hi[dim]}], but the "
+                    f"graph has it fixed at {x.shape[dim]}. Compile with dynamic_shapes={{'{name}': "
+                    f"{{{dim}: torch.export.Dim(...)}}}} so the dim is dynamic in the exported model.")
+        derived[name] = (lo, opt, hi)
+    return derived
+
+
+def explain_parser_error(onnx_model, node_index_or_name, op: str, desc: str, gm: fx.GraphModule | None) -> str:
+    """A parser error as a message naming the ONNX node, the FX node it came from (torch.onnx
+    records it in the node's ``metadata_props``) and the user's source line."""
+    nodes = list(onnx_model.graph.node)
+    index, node = -1, None
+    if isinstance(node_index_or_name, str) and node_index_or_name:
+        index, node = next(((i, n) for i, n in enumerate(nodes) if n.name == node_index_or_name), (-1, None))
+    elif isinstance(node_index_or_name, int) and 0 <= node_index_or_name < len(nodes):
+        index, node = node_index_or_name, nodes[node_index_or_name]
+    desc = (desc or "").strip()
+    if node is None:
+        where = f" at node {node_index_or_name!r}" if node_index_or_name not in (None, "", -1) else ""
+        return (f"TensorRT's ONNX parser failed{where}" + (f" ({op})" if op else "") + f": {desc}\n"
+                + _WHAT_TO_DO)
+    meta = {p.key: p.value for p in getattr(node, "metadata_props", ())}
+    fx_name = None
+    m = re.match(r"\s*%([\w.]+)\s*:", meta.get("pkg.torch.onnx.fx_node", ""))
+    if m:
+        fx_name = m.group(1)
+    fx_node = None
+    if gm is not None and fx_name:
+        fx_node = next((n for n in gm.graph.nodes if n.name == fx_name), None)
+    if fx_node is not None:
+        origin = describe_node(fx_node)
+    else:
+        frame = user_frame(types.SimpleNamespace(meta={"stack_trace": meta.get("pkg.torch.onnx.stack_trace")}))
+        origin = (f"node %{fx_name}" if fx_name else "no FX node (added during export)") + (
+            f", from {frame}" if frame else "")
+    return (f"TensorRT's ONNX parser rejected ONNX node '{node.name}' ({op or node.op_type}, node #{index} "
+            f"of the graph): {desc}\n  from {origin}\n" + _WHAT_TO_DO)
+
+
+_WHAT_TO_DO = ("  what to do: check the op against TensorRT's ONNX operator support "
+               "(onnx-tensorrt docs/operators.md); use backend='onnx' for this model, or register a pass "
+               "that rewrites the op into ones TensorRT supports (see `fxcompile passes`).")
+
+
+# -- precision, as a rewrite of the ONNX model (no tensorrt needed) ------------------------------
+def cast_float_model(model, precision: str):
+    """A copy of ``model`` with every float32 tensor as fp16 or bf16: initializers and constants
+    converted (fp16 clamped to +-65504, so a -3.4e38 mask stays finite), Casts to float32 retargeted,
+    float32 inputs and outputs kept with a Cast after each input and before each output. Q/DQ
+    scales follow (so int8 layers dequantize to the new type; opset >= 19 allows it).
+
+    All float math runs in the new type, including what the model computes in float32 on
+    purpose (T5's RMSNorm variance, for one): fp16 may overflow there where bf16 does not.
+    bf16 Conv/Gemm are outside onnx's own type rules before opset 22; TensorRT takes them."""
+    import onnx
+    from onnx import TensorProto, helper
+    if precision == "fp32":
+        return model
+    to = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[precision]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node) and _opset(out) < 19:
+        raise BackendError(f"tensorrt: float_precision={precision!r} with Q/DQ pairs needs ONNX opset >= 19 "
+                           f"(fp16/bf16 scales); the model has opset {_opset(out)}. Leave opset unset.")
+    keep = {n.input[i] for n in _all_nodes(g) for (op, i) in _FLOAT32_SLOTS
+            if n.op_type == op and len(n.input) > i}
+    scales = {n.input[1] for n in _all_nodes(g) if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    _cast_nodes(g, to, keep, scales)
+    for fn in out.functions:
+        _cast_nodes(fn, to, keep, scales)
+    front, back = [], []
+    inputs = {i.name for i in g.input}
+    taken = ({name for n in _all_nodes(g) for name in list(n.input) + list(n.output)} | inputs
+             | {t.name for t in g.initializer})
+    for i in g.input:
+        if i.type.tensor_type.elem_type == TensorProto.FLOAT:
+            low = _fresh(f"{i.name}_{precision}", taken)
+            _rename_uses(g, i.name, low)
+            front.append(helper.make_node("Cast", [i.name], [low], to=to, name=f"fxcompile_cast_{i.name}"))
+    done = set()
+    for o in g.output:
+        if o.type.tensor_type.elem_type != TensorProto.FLOAT or o.name in inputs or o.name in done:
+            continue
+        done.add(o.name)
+        low = _fresh(f"{o.name}_{precision}", taken)
+        _rename_uses(g, o.name, low)
+        for n in g.node:
+            n.output[:] = [low if v == o.name else v for v in n.output]
+        for t in g.initializer:
+            if t.name == o.name:
+                t.name = low
+        back.append(helper.make_node("Cast", [low], [o.name], to=TensorProto.FLOAT,
+                                     name=f"fxcompile_cast_{o.name}"))
+    nodes = front + list(g.node) + back
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
+def _cast_nodes(g, to: int, keep: set[str], scales: set[str]) -> None:
+    import numpy as np
+    from onnx import AttributeProto, TensorProto, numpy_helper
+    for t in getattr(g, "initializer", ()):
+        if t.data_type == TensorProto.FLOAT and t.name not in keep:
+            # a scale that rounds to 0 in fp16 would turn Q into x/0: keep it at fp16's smallest
+            _convert_tensor(t, to, min_value=2.0 ** -24 if t.name in scales else None)
+    for node in g.node:
+        kept = bool(set(node.output) & keep)
+        for a in list(node.attribute):
+            if a.type == AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT and not kept:
+                _convert_tensor(a.t, to)
+            elif a.type == AttributeProto.INT and a.i == TensorProto.FLOAT and not kept and (
+                    (node.op_type == "Cast" and a.name == "to") or a.name == "dtype"):
+                a.i = to
+            elif a.type in (AttributeProto.FLOAT, AttributeProto.FLOATS) and node.op_type == "Constant" \
+                    and a.name in ("value_float", "value_floats") and not kept:
+                value = np.array(a.f if a.name == "value_float" else list(a.floats), dtype=np.float32)
+                tensor = numpy_helper.from_array(value, "value")
+                _convert_tensor(tensor, to)
+                node.attribute.remove(a)
+                node.attribute.add(name="value", type=AttributeProto.TENSOR, t=tensor)
+            elif a.type == AttributeProto.GRAPH:
+                _cast_subgraph(a.g, to, keep, scales)
+            elif a.type == AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    _cast_subgraph(sub, to, keep, scales)
+    if hasattr(g, "value_info"):
+        del g.value_info[:]  # stale float32 types; TensorRT infers types itself
+
+
+def _cast_subgraph(g, to: int, keep: set[str], scales: set[str]) -> None:
+    from onnx import TensorProto
+    _cast_nodes(g, to, keep, scales)
+    for v in list(g.input) + list(g.output):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = to
+
+
+def _convert_tensor(t, to: int, min_value: float | None = None) -> None:
+    """Rewrite a float32 TensorProto in place as fp16 (clamped to its finite range) or bf16."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+    x = torch.from_numpy(np.array(numpy_helper.to_array(t), dtype=np.float32))  # a writable copy
+    if min_value is not None:
+        x = x.clamp(min=min_value)
+    if to == TensorProto.FLOAT16:
+        x = torch.where(torch.isfinite(x), x.clamp(-65504.0, 65504.0), x).to(torch.float16)
+        raw = x.numpy().tobytes()
+    else:
+        raw = x.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    for f in ("float_data", "raw_data"):
+        t.ClearField(f)
+    t.data_type = to
+    t.raw_data = raw
+
+
+def int8_to_fp8(model):
+    """A copy of ``model`` whose int8 Q/DQ pairs quantize to FP8 E4M3 over the same ranges: each
+    scale (amax/127) becomes amax/448, zero points FP8 zeros, int8 weights re-encoded as FP8."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    if _opset(model) < 19:
+        raise BackendError(f"tensorrt: fp8 needs ONNX opset >= 19 (FP8 Q/DQ); the model has opset "
+                           f"{_opset(model)}. Leave opset unset.")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    made: dict[tuple[str, str], str] = {}
+    taken = set(inits) | {v for n in g.node for v in list(n.input) + list(n.output)}
+
+    def new_init(kind: str, name: str, make) -> str:
+        if (kind, name) not in made:
+            fresh = _fresh(f"{name}_fp8", taken)
+            t = make(name)
+            t.name = fresh
+            g.initializer.append(t)
+            made[kind, name] = fresh
+        return made[kind, name]
+
+    def scale(name):
+        s = numpy_helper.to_array(inits[name]).astype(np.float32) * np.float32(127.0 / 448.0)
+        return numpy_helper.from_array(s.astype(np.float32))
+
+    def zeros(name):
+        shape = list(inits[name].dims) if name in inits else []
+        return onnx.TensorProto(dims=shape, data_type=TensorProto.FLOAT8E4M3FN,
+                                raw_data=bytes(int(np.prod(shape, dtype=np.int64))))
+
+    def weight(name):
+        q = torch.from_numpy(numpy_helper.to_array(inits[name]).astype(np.float32))
+        f8 = (q * (448.0 / 127.0)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return onnx.TensorProto(dims=list(inits[name].dims), data_type=TensorProto.FLOAT8E4M3FN,
+                                raw_data=f8.tobytes())
+
+    for node in g.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        s = node.input[1]
+        zp = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        if s not in inits or (zp and zp not in inits):
+            raise BackendError(f"tensorrt: fp8 needs constant Q/DQ scales and zero points; node "
+                               f"'{node.name}' ({node.op_type}) computes them")
+        if zp and inits[zp].data_type != TensorProto.INT8:
+            raise BackendError(f"tensorrt: fp8 re-targets int8 Q/DQ pairs; node '{node.name}' quantizes to "
+                               f"{TensorProto.DataType.Name(inits[zp].data_type)}")
+        node.input[1] = new_init("scale", s, scale)
+        zp_fp8 = new_init("zero", zp or s, zeros)
+        if len(node.input) > 2:
+            node.input[2] = zp_fp8
+        else:
+            node.input.append(zp_fp8)
+        x = node.input[0]
+        if node.op_type == "DequantizeLinear" and x in inits and inits[x].data_type == TensorProto.INT8:
+            node.input[0] = new_init("weight", x, weight)
+    used = {v for n in _all_nodes(g) for v in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    del g.value_info[:]
+    return out
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _all_nodes(g):
+    from onnx import AttributeProto
+    for n in g.node:
+        yield n
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _all_nodes(sub)
+
+
+def _rename_uses(g, old: str, new: str) -> None:
+    for n in _all_nodes(g):
+        n.input[:] = [new if v == old else v for v in n.input]
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    taken.add(candidate)
+    return candidate
+
+
+def prepare_model(model, precision: str, float_precision: str):
+    """The ONNX model TensorRT parses for ``precision`` (see the module docstring)."""
+    if precision == "fp8":
+        model = int8_to_fp8(model)
+    return cast_float_model(model, float_precision)
+
+
+# -- building (tensorrt from here on) ------------------------------------------------------------
+def _make_logger():
+    """A trt.ILogger that keeps errors (for the BackendError) and forwards the rest to logging."""
+    import tensorrt as trt
+    severity = trt.ILogger.Severity
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, level, msg):
+            if level in (severity.INTERNAL_ERROR, severity.ERROR):
+                self.errors.append(str(msg))
+                _log.debug("TensorRT error: %s", msg)
+            elif level == severity.WARNING:
+                _log.info("TensorRT: %s", msg)
+            else:
+                _log.debug("TensorRT: %s", msg)
+
+    return Logger()
+
+
+def _versions(device: int) -> dict[str, str]:
+    import onnx
+    import tensorrt as trt
+
+    from fxcompile import __version__
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"tensorrt": trt.__version__, "fxcompile": __version__, "torch": torch.__version__,
+            "onnx": onnx.__version__, "gpu": torch.cuda.get_device_name(device),
+            "capability": f"{major}.{minor}"}
+
+
+def build_engine(model, profile: dict[str, tuple], settings: dict, timing_cache: str | None,
+                 gm: fx.GraphModule | None, device: int) -> bytes:
+    """Parse ``model`` into a strongly typed network and build the serialized engine."""
+    import tensorrt as trt
+    logger = _make_logger()
+    with torch.cuda.device(device):
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        if not _parse(parser, model):
+            errors = [parser.get_error(i) for i in range(parser.num_errors)]
+            explained = [explain_parser_error(model, e.node_name() or e.node(), e.node_operator(), e.desc(), gm)
+                         for e in errors[:3]]
+            raise BackendError("\n".join(explained) or
+                               "TensorRT's ONNX parser failed: " + "; ".join(logger.errors[-3:]))
+        config = builder.create_builder_config()
+        if settings["workspace"] is not None:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings["workspace"])
+        if settings["optimization_level"] is not None:
+            config.builder_optimization_level = settings["optimization_level"]
+        if not settings["tf32"]:
+            config.clear_flag(trt.BuilderFlag.TF32)
+        inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+        if any(name in inputs for name in profile):
+            p = builder.create_optimization_profile()
+            for name, (lo, opt, hi) in profile.items():
+                if name in inputs:
+                    try:
+                        p.set_shape(name, lo, opt, hi)
+                    except ValueError as e:
+                        raise BackendError(f"tensorrt: the profile {lo}..{hi} (opt {opt}) does not fit input "
+                                           f"'{name}' of the network: {e}") from None
+            config.add_optimization_profile(p)
+        if timing_cache:
+            _use_timing_cache(config, timing_cache)
+        engine = builder.build_serialized_network(network, config)
+        if engine is None:
+            detail = "\n  ".join(logger.errors[-5:]) or "no error was logged"
+            raise BackendError(f"TensorRT could not build the engine:\n  {detail}\n  what to do: if it ran "
+                               "out of memory, raise workspace= or lower the profile's max shapes; "
+                               "otherwise try precision='fp32' or backend='onnx'.")
+        if timing_cache:
+            _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+        return bytes(engine)
+
+
+def _parse(parser, model) -> bool:
+    if model.ByteSize() < _MAX_PROTO:
+        return parser.parse(model.SerializeToString())
+    from .onnx import _save_proto
+    with tempfile.TemporaryDirectory(prefix="fxcompile-trt-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        _save_proto(model, path, external=True)
+        return parser.parse_from_file(path)
+
+
+def _use_timing_cache(config, path: str) -> None:
+    data = b""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            data = f.read()
+    try:
+        cache = config.create_timing_cache(data) if data else None
+    except Exception:  # a corrupt file: TensorRT refuses it
+        cache = None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        if data:
+            _log.warning("fxcompile: the timing cache %s is unusable (another GPU or TensorRT version, or "
+                        "corrupt); starting a new one", path)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    path = os.path.expanduser(os.fspath(path))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# -- the runner ---------------------------------------------------------------------------------
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "int8": torch.int8, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
+                 "uint8": torch.uint8, "fp8": torch.float8_e4m3fn}
+
+
+def _dtype_name(trt_dtype) -> str:
+    """TensorRT DataType -> a key of _TORCH_DTYPES (the module-level aliases trt.float32, ...)."""
+    import tensorrt as trt
+    for name in _TORCH_DTYPES:
+        if getattr(trt, name, None) == trt_dtype:
+            return name
+    raise BackendError(f"tensorrt: engine tensors of type {trt_dtype} have no torch equivalent")
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "bool" if dtype == torch.bool else ("float" if dtype.is_floating_point else "int")
+
+
+class TensorRTRunner(Lowered):
+    """Runs a serialized TensorRT engine on torch CUDA tensors.
+
+    Inputs on the CPU are copied to the engine's GPU (and the outputs copied back: the runner
+    returns outputs where the inputs live); non-contiguous inputs are made contiguous, and inputs
+    cast to the engine's type of the same kind (float/int/bool). Outputs come back in the graph's
+    order, with the graph's Python-constant outputs re-inserted.
+    """
+
+    backend = "tensorrt"
+
+    def __init__(self, engine: bytes, spec: dict[str, Any]):
+        super().__init__()
+        import tensorrt as trt
+        self._engine_bytes = engine
+        self.spec = spec
+        self.device = spec["device"]
+        self._side_stream = None
+        with torch.cuda.device(self.device):
+            self._logger = _make_logger()
+            self._runtime = trt.Runtime(self._logger)
+            self._engine = self._runtime.deserialize_cuda_engine(engine)
+            if self._engine is None:
+                raise BackendError("TensorRT could not deserialize the engine: "
+                                   + ("; ".join(self._logger.errors[-3:]) or "no error was logged")
+                                   + ". Rebuild it (compile again).")
+            self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise BackendError("TensorRT could not create an execution context (out of GPU memory?)")
+        e = self._engine
+        io = [e.get_tensor_name(i) for i in range(e.num_io_tensors)]
+        engine_inputs = {n for n in io if e.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+        index = {name: i for i, name in enumerate(spec["input_names"])}
+        # (flat index, name, dtype, engine shape with -1 for dynamic dims)
+        self._inputs = [(index[n], n, _TORCH_DTYPES[_dtype_name(e.get_tensor_dtype(n))],
+                         tuple(e.get_tensor_shape(n))) for n in spec["input_names"] if n in engine_inputs]
+        missing = engine_inputs - set(index)
+        if missing:
+            raise BackendError(f"tensorrt: the engine has inputs {sorted(missing)} the graph does not")
+        self._outputs = [(n, _TORCH_DTYPES[_dtype_name(e.get_tensor_dtype(n))]) for n in spec["output_names"]]
+        self._constant_outputs = dict(spec["constant_outputs"])
+        self._n_outputs = spec["n_outputs"]
+        if len(self._outputs) + len(self._constant_outputs) != self._n_outputs:
+            raise BackendError(f"the engine has {len(self._outputs)} outputs and {len(self._constant_outputs)} "
+                               f"constant ones where the graph has {self._n_outputs}")
+
+    def forward(self, *flat):
+        device = torch.device("cuda", self.device)
+        back_to = next((t.device for t in flat if isinstance(t, torch.Tensor)), device)
+        ctx = self._context
+        keep = []
+        with torch.cuda.device(self.device):
+            for i, name, dtype, shape in self._inputs:
+                t = flat[i] if isinstance(flat[i], torch.Tensor) else torch.as_tensor(flat[i])
+                if t.dtype != dtype:
+                    if _kind(t.dtype) != _kind(dtype):
+                        raise InputError(f"input '{name}' is {t.dtype}; the engine takes {dtype}")
+                    t = t.to(dtype)
+                t = t.to(device).contiguous()
+                if t.data_ptr() % 256:  # a view into a larger tensor: TensorRT wants aligned I/O
+                    t = t.clone()
+                if len(shape) != t.dim() or any(s >= 0 and s != g for s, g in zip(shape, t.shape)):
+                    raise InputError(f"input '{name}' has shape {tuple(t.shape)}; the engine takes {shape} "
+                                     "(-1: dynamic). Compile with dynamic_shapes=... for other sizes.")
+                if any(s < 0 for s in shape) and not ctx.set_input_shape(name, tuple(t.shape)):
+                    lo, _, hi = self.spec["profile"].get(name, ((), (), ()))
+                    raise InputError(f"input '{name}' has shape {tuple(t.shape)}, outside the engine's "
+                                     f"profile {lo}..{hi}. Compile with a wider torch.export.Dim range.")
+                if not ctx.set_tensor_address(name, t.data_ptr()):
+                    raise BackendError(f"TensorRT refused the address of input '{name}'")
+                keep.append(t)
+            outs = []
+            for name, dtype in self._outputs:
+                shape = tuple(ctx.get_tensor_shape(name))
+                if any(s < 0 for s in shape):
+                    raise BackendError(f"tensorrt: output '{name}' has a data-dependent shape {shape}, "
+                                       "which this backend does not support; use backend='onnx'")
+                out = torch.empty(shape, dtype=dtype, device=device)
+                if not ctx.set_tensor_address(name, out.data_ptr()):
+                    raise BackendError(f"TensorRT refused the address of output '{name}'")
+                outs.append(out)
+            if not self._enqueue(torch.cuda.current_stream(device)):
+                raise BackendError("TensorRT failed to run the engine: "
+                                   + ("; ".join(self._logger.errors[-3:]) or "no error was logged"))
+        if back_to.type != "cuda":
+            outs = [o.to(back_to) for o in outs]
+        tensors = iter(outs)
+        return tuple(self._constant_outputs[i] if i in self._constant_outputs else next(tensors)
+                     for i in range(self._n_outputs))
+
+    def _enqueue(self, stream: torch.cuda.Stream) -> bool:
+        """execute_async_v3 on torch's current stream. On the legacy default stream (handle 0)
+        TensorRT would synchronize the device around every call, so the engine runs on a side
+        stream ordered after and before the current one; the tensors stay owned by the current
+        stream, which waits for the side stream before anything can reuse their memory."""
+        if stream.cuda_stream != 0:
+            return self._context.execute_async_v3(stream.cuda_stream)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(stream.device)
+        side = self._side_stream
+        side.wait_stream(stream)
+        ok = self._context.execute_async_v3(side.cuda_stream)
+        stream.wait_stream(side)
+        return ok
+
+    def save(self, path: str) -> list[str]:
+        """Write the serialized engine (TensorRT plan) to ``path``."""
+        with open(path, "wb") as f:
+            f.write(self._engine_bytes)
+        return [path]
+
+    def manifest(self) -> dict[str, Any]:
+        return {k: v for k, v in self.spec.items() if k != "build"}
+
+    def describe(self) -> dict[str, Any]:
+        p, fp = self.spec["precision"], self.spec["float_precision"]
+        build = self.spec.get("build", "loaded")
+        return {"tensorrt precision": p if fp == p or p not in ("int8", "fp8") else f"{p} + {fp}",
+                "tensorrt engine": f"{len(self._engine_bytes) / 1e6:.1f} MB, {build}",
+                "tensorrt gpu": self.spec["versions"]["gpu"]}
+
+
+# -- entries -------------------------------------------------------------------------------------
+def _unavailable(why: str) -> BackendError:
+    return BackendError(f"backend 'tensorrt' is unavailable: {why}. Use backend='onnx' (onnxruntime) on "
+                        "this machine.")
+
+
+def lower(gm: fx.GraphModule, example_inputs, options: dict) -> TensorRTRunner:
+    """Export to ONNX, build (or load from the cache) a TensorRT engine, wrap it as a runner."""
+    options = validate_options(options)
+    precision, float_precision = plan_precision(gm, options["precision"], options["float_precision"])
+    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    example_inputs = list(example_inputs)
+    profile = derive_profile(names, example_inputs, options["dynamic_shapes"], options["profile"])
     ok, why = available()
     if not ok:
-        raise BackendError(f"backend 'tensorrt' is unavailable: {why}. "
-                           "Use backend='onnx' (onnxruntime) on this machine.")
-    raise AssertionError("unreachable: available() is False until the engine builder lands")
+        raise _unavailable(why)
+    device = torch.cuda.current_device() if options["device"] is None else options["device"]
+    if device >= torch.cuda.device_count():
+        raise BackendError(f"tensorrt: device={device}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if precision == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise BackendError(f"tensorrt: precision='fp8' needs a GPU of compute capability 8.9 or newer (Ada, "
+                           f"Hopper, Blackwell); {torch.cuda.get_device_name(device)} has {cap}. Use "
+                           "precision='int8'.")
+
+    from .onnx import export_onnx
+    proto, names = export_onnx(gm, example_inputs, {"opset": options["opset"], "optimize": True,
+                                                    "dynamic_shapes": options["dynamic_shapes"]})
+    outputs = gm.graph.output_node().args[0]
+    constants = {i: v for i, v in enumerate(outputs) if not isinstance(v, fx.Node)}
+    settings = {"precision": precision, "float_precision": float_precision, "tf32": options["tf32"],
+                "workspace": options["workspace"], "optimization_level": options["optimization_level"]}
+    versions = _versions(device)
+    spec = {
+        "format": FORMAT, "input_names": names, "output_names": [o.name for o in proto.graph.output],
+        "n_outputs": len(outputs), "constant_outputs": constants, "device": device,
+        "precision": precision, "float_precision": float_precision, "profile": profile,
+        "settings": settings, "versions": versions,
+    }
+    inputs = [{"name": n, "shape": list(x.shape), "dtype": str(x.dtype)}
+              for n, x in zip(names, example_inputs) if isinstance(x, torch.Tensor)]
+    key = {"format": FORMAT, "onnx": engine_cache.onnx_digest(proto), "inputs": inputs,
+           "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+           "settings": settings, "versions": versions}
+
+    def build() -> bytes:
+        model = prepare_model(proto, precision, float_precision)
+        return build_engine(model, profile, settings, options["timing_cache"], gm, device)
+
+    start = time.perf_counter()
+    cache_dir = options["cache_dir"]
+    if cache_dir is None:
+        engine, hit = build(), False
+    else:
+        cache = engine_cache.EngineCache(engine_cache.default_dir() if cache_dir == "default" else cache_dir)
+        engine, hit = cache.get_or_build(key, build)
+    seconds = time.perf_counter() - start
+    spec["engine_sha256"] = hashlib.sha256(engine).hexdigest()
+    spec["build"] = "from the engine cache" if hit else f"built in {seconds:.1f} s"
+    return TensorRTRunner(engine, spec)
+
+
+def load(path: str, manifest: dict, options: dict) -> TensorRTRunner:
+    """The engine written by ``TensorRTRunner.save``; ``options`` may move it to another ``device``.
+    An engine runs only with the TensorRT version and GPU architecture it was built for: another
+    one raises BackendError asking to rebuild."""
+    if manifest.get("format") != FORMAT:
+        raise BackendError(f"{path}: its manifest has format {manifest.get('format')}; this fxcompile reads "
+                           f"format {FORMAT}. Compile the model again and save it.")
+    options = check_options("tensorrt", options, {"device": manifest["device"]})
+    device = _device_index(options["device"])
+    ok, why = available()
+    if not ok:
+        raise BackendError(f"cannot load the TensorRT engine {path}: {why}")
+    import tensorrt as trt
+    built = manifest["versions"]
+    if built["tensorrt"] != trt.__version__:
+        raise BackendError(f"{path} is an engine of TensorRT {built['tensorrt']}; this is TensorRT "
+                           f"{trt.__version__}, which cannot run it. Rebuild it: compile the model again "
+                           "and save it.")
+    if device >= torch.cuda.device_count():
+        raise BackendError(f"tensorrt: device={device}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    cap = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    if cap != built["capability"]:
+        raise BackendError(f"{path} was built for {built['gpu']} (compute capability {built['capability']}); "
+                           f"{torch.cuda.get_device_name(device)} has {cap}. Rebuild it on this GPU: compile "
+                           "the model again and save it.")
+    with open(path, "rb") as f:
+        engine = f.read()
+    if hashlib.sha256(engine).hexdigest() != manifest["engine_sha256"]:
+        raise BackendError(f"{path} is not the engine that was saved (checksum mismatch): the file is "
+                           "corrupt or was replaced. Save the compiled model again.")
+    return TensorRTRunner(engine, {**manifest, "device": device, "build": f"loaded from {path}"})

@@ -87,4 +87,31 @@ def build(name: str, batch: int = 1, size: str = "small", seq: int = 16,
         model, inputs = make(tf.EfficientNetModel, cfg), _image(batch, 32)
     else:
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+    if name in CNNS:
+        _trained_like(model)
     return model.eval(), inputs
+
+
+CNNS = ("resnet", "mobilenet_v2", "convnext", "efficientnet")
+
+
+@torch.no_grad()
+def _trained_like(model: torch.nn.Module) -> None:
+    """Give a CNN initialised from a config weights and statistics like a trained one's.
+
+    transformers initialises convs with std 0.02 and BatchNorm as identity: through MobileNetV2's
+    or EfficientNet's depth the activations vanish (outputs ~1e-21), so a wrong rewrite would go
+    unnoticed. He-initialised convs and non-trivial BatchNorm statistics keep outputs O(1).
+    """
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            fan_in = m.weight[0].numel()
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            if m.affine:
+                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)

@@ -61,3 +61,42 @@ def test_eager_dynamic_batch(convbn):
         assert_close(model(x), compiled(x))
     with pytest.raises(fxcompile.InputError, match="not inputs of the model"):
         fxcompile.compile(model, inputs, dynamic_shapes={"y": {0: batch}})
+
+
+class _ViewAfterConv(torch.nn.Module):
+    """A view that needs contiguous memory: it fails on channels_last activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.view(y.shape[0], -1)[:, :16]
+
+
+def test_channels_last_inputs_for_conv_nets(convbn):
+    model, inputs = convbn
+    compiled = fxcompile.compile(model, inputs)
+    assert compiled.report.extra["memory format"] == "channels_last"
+    assert compiled.runner.manifest() == {"channels_last_inputs": [0]}
+    out = compiled(*inputs)
+    assert out.is_contiguous()
+    assert_close(model(*inputs), out)
+    off = fxcompile.compile(model, inputs, channels_last=False)
+    assert "memory format" not in off.report.extra
+    with pytest.raises(BackendError, match="channels_last must be"):
+        fxcompile.compile(model, inputs, channels_last="yes")
+
+
+def test_channels_last_falls_back_when_the_graph_cannot_take_it():
+    torch.manual_seed(0)
+    model, x = _ViewAfterConv().eval(), torch.randn(2, 3, 8, 8)
+    compiled = fxcompile.compile(model, (x,))
+    assert "memory format" not in compiled.report.extra and compiled.runner.manifest() == {"channels_last_inputs": []}
+    assert_close(model(x), compiled(x))
+    with pytest.raises(BackendError, match="channels_last is not possible here: the graph fails"):
+        fxcompile.compile(model, (x,), channels_last=True)
+    linear = torch.nn.Linear(4, 4).eval()
+    with pytest.raises(BackendError, match="no 2-d convolution"):
+        fxcompile.compile(linear, (torch.randn(2, 4),), channels_last=True)
