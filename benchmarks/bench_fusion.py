@@ -11,7 +11,8 @@ fuse_attention rewrites); batch 1. Every contender is checked against eager PyTo
 then timed in interleaved rounds (one call of each per round, in a random order), so drift and
 other processes hit all alike; medians are reported, and ratios of each contender's fastest run
 beside them (other processes only ever add time). ratio = unfused ms / fused ms (> 1: fusion
-made it faster); vs torch.onnx = torch.onnx+ORT ms / fxcompile onnx fused ms. ONNX node counts:
+made it faster); vs PyTorch = the original model's eager ms / fused ms (what a user gains);
+vs torch.onnx = torch.onnx+ORT ms / fxcompile onnx fused ms. ONNX node counts:
 our exported graph without and with fusion ("same graph" when they compute alike: then the onnx
 ratio measures only the timing noise), and torch.onnx.export(model, dynamo=True,
 optimize=True)'s. For bert and vit the eager backend also runs the default pipeline without
@@ -43,7 +44,8 @@ UNFUSED = ["remove_noops", "fold_constants"]
 HAS_BASE = {"resnet", "mobilenet_v2", "bert", "vit"}  # zoo models with a size="base" config
 EAGER_ATTENTION = {"bert", "vit", "gpt2", "llama"}
 WARMUP = 2
-HEADER = ("model", "input", "backend", "unfused ms", "fused ms", "ratio", "ratio of mins", "max err",
+HEADER = ("model", "input", "backend", "PyTorch ms", "unfused ms", "fused ms", "vs PyTorch", "ratio",
+          "ratio of mins", "max err",
           "ONNX nodes unfused / fused / torch.onnx", "torch.onnx+ORT ms", "vs torch.onnx",
           "vs torch.onnx, mins")
 ATTENTION_HEADER = ("model", "input", "eager ms without fuse_attention", "eager ms default pipeline",
@@ -82,6 +84,11 @@ def _graph_signature(proto) -> tuple:
     return ops, tuple(sorted(numpy_helper.to_array(t).shape for t in proto.graph.initializer))
 
 
+def _no_grad(model, kwargs):
+    with torch.no_grad():
+        return model(**kwargs)
+
+
 def _error(reference, out) -> float:
     if isinstance(out, tuple) and not isinstance(reference, tuple):  # onnxruntime: flat outputs
         from fxcompile.capture import encode_outputs
@@ -112,6 +119,8 @@ def bench_model(name: str, args, log) -> list[tuple]:
             nodes[backend, label] = compiled.report.extra.get("onnx nodes")
             if backend == "onnx":
                 graphs[label] = _graph_signature(compiled.runner.model_proto)
+    calls["pytorch"] = lambda m=model: _no_grad(m, kwargs)  # the original model, uncompiled
+    errors["pytorch"] = 0.0
     log(f"  {name}: torch.onnx.export + onnxruntime")
     calls["ort"], nodes["ort"] = _ort_session(model, kwargs, args.threads)
     errors["ort"] = _error(reference, calls["ort"]())
@@ -146,8 +155,8 @@ def bench_model(name: str, args, log) -> list[tuple]:
                    f"{best['ort'] / best['onnx', 'fused']:.2f}x")
         else:
             count, ort = "-", ("-", "-", "-")
-        rows.append((f"{name} ({size})", shape, backend, f"{unfused:.2f}", f"{fused:.2f}",
-                     f"{unfused / fused:.2f}x", f"{best[backend, 'unfused'] / best[backend, 'fused']:.2f}x",
+        rows.append((f"{name} ({size})", shape, backend, f"{ms['pytorch']:.2f}", f"{unfused:.2f}",
+                     f"{fused:.2f}", f"{ms['pytorch'] / fused:.2f}x", f"{unfused / fused:.2f}x", f"{best[backend, 'unfused'] / best[backend, 'fused']:.2f}x",
                      f"{err:.1e}", count) + ort)
     attention = None
     if ("eager", "no_attention") in ms:
@@ -191,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
         "fp32, batch 1, torch.no_grad(); medians over interleaved rounds. unfused = passes "
         f"{UNFUSED}; fused = the default pipeline ({', '.join(fxcompile.default_pipeline())}). "
         "ratio = unfused ms / fused ms (> 1: fusion is faster), from the medians; ratio of mins: "
-        "the same from each contender's fastest run (less sensitive to other processes). vs "
+        "the same from each contender's fastest run (less sensitive to other processes). vs PyTorch "
+        "= the original model in eager PyTorch ms / fused ms (the eager backend also feeds conv "
+        "nets channels_last, which the unfused compile gets too). vs "
         "torch.onnx = torch.onnx.export+onnxruntime ms / fused onnx ms. max err: relative to "
         "output scale, against eager PyTorch.",
         f"1-minute load average (other processes share this machine): {load_start} at start, "
