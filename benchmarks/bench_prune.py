@@ -1,19 +1,22 @@
 """Structured pruning, measured: latency vs FLOPs on ResNet-50 / BERT-base sized models, and
 accuracy after pruning 50% of the FLOPs of a small digits CNN (plus a short fine-tune).
 
-    python benchmarks/bench_prune.py                 # both parts, markdown tables on stdout
+    python benchmarks/bench_prune.py --out benchmarks/results/prune.md   # both parts
     python benchmarks/bench_prune.py --part latency --rounds 5
     python benchmarks/bench_prune.py --part accuracy
 
 Latency: one process, torch and onnxruntime on 2 threads, the unpruned and pruned variants of a
-model timed in interleaved rounds, medians. speed-up = t(unpruned) / t(pruned) on the same
+model timed in interleaved rounds (a random order each round), medians. speed-up = t(unpruned) / t(pruned) on the same
 backend; FLOPs cut = FLOPs(unpruned) / FLOPs(pruned); efficiency = speed-up / FLOPs cut (1.0:
 latency falls as fast as FLOPs do).
 """
 from __future__ import annotations
 
 import argparse
+import random
+import shlex
 import statistics
+import sys
 import time
 
 import torch
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 
 import fxcompile
 from fxcompile import zoo
-from fxcompile.report import format_table
+from fxcompile.report import format_table, load_average, machine_line
 
 THREADS = 2
 FOLD = ["fold_batch_norm"] if any(p.name == "fold_batch_norm" for p in fxcompile.list_passes()) else []
@@ -58,8 +61,9 @@ def latency(models: list[str], ratios: list[float], backends: list[str], rounds:
                     c(**inputs)
             reps = max(1, int(0.3 / max(_time(lambda: variants[0][2](**inputs), 1), 1e-3)))
             times = {id(c): [] for _, _, c, _ in variants}
+            order = random.Random(0)
             for _ in range(rounds):
-                for _, _, c, _ in variants:
+                for _, _, c, _ in order.sample(variants, len(variants)):
                     times[id(c)].append(_time(lambda: c(**inputs), reps))
         for backend in backends:
             base = [v for v in variants if v[0] == backend and v[1] == 0.0][0]
@@ -163,6 +167,7 @@ def accuracy(epochs: int = 10, finetune: int = 5, criterion: str = "l1") -> str:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["latency", "accuracy", "all"], default="all")
     ap.add_argument("--models", default="resnet,bert")
@@ -170,16 +175,28 @@ def main(argv=None) -> None:
     ap.add_argument("--backends", default="eager,onnx")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seq", type=int, default=128, help="BERT sequence length")
+    ap.add_argument("--out", default=None, help="also write the markdown to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)
-    print(f"# fxcompile structured pruning (torch {torch.__version__}, {THREADS} threads)\n")
+    parts = [f"# fxcompile structured pruning\n\n{machine_line(THREADS)}\n\n"
+             f"command: `{shlex.join(['python', 'benchmarks/bench_prune.py', *argv])}`\n\n"
+             f"1-minute load average at start: {load_average()}\n"]
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        parts.append(text)
     if args.part in ("accuracy", "all"):
-        print("## accuracy: digits, 50% of FLOPs removed\n")
-        print(accuracy(), "\n", flush=True)
+        emit("## accuracy: digits, 50% of FLOPs removed\n")
+        emit(accuracy() + "\n")
     if args.part in ("latency", "all"):
-        print("## latency vs unpruned (median of interleaved rounds)\n", flush=True)
-        print(latency(args.models.split(","), [float(r) for r in args.ratios.split(",")],
-                      args.backends.split(","), args.rounds, args.seq))
+        emit("## latency vs unpruned (median of interleaved rounds)\n")
+        emit(latency(args.models.split(","), [float(r) for r in args.ratios.split(",")],
+                     args.backends.split(","), args.rounds, args.seq) + "\n")
+    emit(f"1-minute load average at the end: {load_average()}\n")
+    if args.out:
+        from pathlib import Path
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(parts))
 
 
 if __name__ == "__main__":
