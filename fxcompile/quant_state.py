@@ -57,6 +57,7 @@ class QuantPoint:
     hi: float | None = None
     follows: str | None = None   # shares the scale of this (weight) point: not calibrated itself
     bits: int = 8                # 7 for reduce_range weights (values in [-63, 63])
+    pair_limited: bool = False   # weights scaled so neighbours along K can't saturate int16 pair sums
     observer: Any = field(default=None, repr=False)
 
     @property
@@ -71,7 +72,8 @@ class QuantState:
     weight_bytes_before: int = 0
     weight_bytes_after: int | None = None
     folded: bool = False
-    reduce_range: bool = False   # some weights use 7 bits (see u8s8_saturates)
+    reduce_range: bool = False   # some weights are limited against int16 saturation (7-bit or
+                                 # pair-limited, see u8s8_saturates)
     batches: int = 0             # calibration batches seen by the last calibration
 
     def activations(self) -> list[QuantPoint]:
@@ -105,23 +107,43 @@ def qparams(lo: float, hi: float, quant_min: int, quant_max: int, symmetric: boo
     return scale, zero_point
 
 
-def weight_qparams(w: torch.Tensor, axis: int | None, reduce_range: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_qparams(w: torch.Tensor, axis: int | None, reduce_range: bool = False,
+                   pair_axis: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 scales (amax / 127, or amax / 63 with ``reduce_range``: 7-bit values) per
-    channel along ``axis`` (or one for the tensor)."""
+    channel along ``axis`` (or one for the tensor).
+
+    ``pair_axis`` (the op's reduction axis K) limits pairs instead: the scale is the smallest at
+    which no two neighbours w[2i], w[2i+1] along K of the same sign add up to more than 127 in
+    int8 units, so a uint8 x int8 pair product sum stays within int16 for any activations (see
+    u8s8_saturates). Between amax / 127 (8 bits, where no large neighbours meet) and amax / 63.5
+    (7 bits, where the largest weight has an equal neighbour)."""
     w = w.detach().float()
-    if axis is None:
-        amax = w.abs().amax().reshape(1)
+    if pair_axis is not None:
+        k = pair_axis % w.dim()
+        wk = w.movedim(k, -1)
+        if wk.shape[-1] % 2:
+            wk = torch.nn.functional.pad(wk, (0, 1))
+        pairs = wk.reshape(*wk.shape[:-1], -1, 2)
+        same_sign = pairs[..., 0] * pairs[..., 1] > 0
+        # |a0 w0 + a1 w1| <= 255 * this for uint8 a0, a1
+        bound = torch.where(same_sign, pairs.abs().sum(-1), pairs.abs().amax(-1)).movedim(-1, k)
     else:
-        amax = w.abs().movedim(axis, 0).reshape(w.shape[axis], -1).amax(1)
+        bound = w.abs()
+    if axis is None:
+        amax = bound.amax().reshape(1)
+    else:
+        amax = bound.movedim(axis, 0).reshape(w.shape[axis], -1).amax(1)
     scale = (amax / (63.0 if reduce_range else 127.0)).clamp_min(EPS)
     return scale, torch.zeros_like(scale, dtype=torch.int32)
 
 
 def u8s8_saturates() -> bool:
     """True on x86 CPUs without VNNI: onnxruntime's U8S8 MatMul/Gemm kernels there add pairs of
-    uint8 x int8 products in int16 (vpmaddubsw) and saturate unless weights use 7 bits. Measured
-    on this project's AVX2-only machines: 25-40% relative error on a MatMul with 8-bit weights,
-    exact agreement with the fake-quant graph with 7-bit ones. QLinearConv saturates too, but
+    uint8 x int8 products in int16 (vpmaddubsw; the pairs are neighbours w[2i], w[2i+1] along K)
+    and saturate unless no same-sign pair of weights exceeds 128 in int8 units: 7-bit weights, or
+    pair-limited scales (weight_qparams). Measured on this project's AVX2-only machines: 8-40%
+    relative error on a MatMul with 8-bit weights, agreement with the fake-quant graph up to
+    requantization rounding with 7-bit or pair-limited ones. QLinearConv saturates too, but
     rarely (a conv on raw signed inputs)."""
     import platform
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
@@ -175,12 +197,14 @@ class QuantReport:
         self.target = state.target
         self.folded = state.folded
         self.reduce_range = state.reduce_range
+        self.limits = sorted({"7-bit" if p.bits == 7 else "pair-limited" for p in state.points.values()
+                              if p.bits == 7 or getattr(p, "pair_limited", False)})
         self.weight_bytes_before = state.weight_bytes_before
         self.weight_bytes_after = state.weight_bytes_after
         self.rows = [{"node": p.name, "kind": p.kind, "of": p.source, "module": p.module or "<root>",
                       "int range": f"[{p.quant_min}, {p.quant_max}]",
                       "granularity": ("per tensor" if p.axis is None else f"per channel (axis {p.axis})")
-                      + (f", {p.bits}-bit" if p.bits != 8 else ""),
+                      + (f", {p.bits}-bit" if p.bits != 8 else "") + (", pair-limited" if getattr(p, "pair_limited", False) else ""),
                       "method": p.method or "uncalibrated",
                       "scale": _scale_range(scales.get(p.name)), "range": _range(p)}
                      for p in state.points.values()]
@@ -189,7 +213,7 @@ class QuantReport:
         from .report import format_table
         head = (f"target {self.target}, {sum(r['kind'] == 'activation' for r in self.rows)} activation and "
                 f"{sum(r['kind'] == 'weight' for r in self.rows)} weight fake-quant points"
-                f"{' (reduce_range: some 7-bit)' if self.reduce_range else ''}"
+                f"{' (reduce_range: some ' + ' / '.join(self.limits) + ')' if self.limits else ''}"
                 f"{', folded' if self.folded else ''}; weight bytes {_mb(self.weight_bytes_before)}"
                 + (f" -> {_mb(self.weight_bytes_after)} "
                    f"({self.weight_bytes_after / max(self.weight_bytes_before, 1):.2f}x)"

@@ -6,7 +6,12 @@ The placement depends on the backend that will run the int8 graph (PEERS.md, mea
   QGemm / QLinearMatMul only when the op's output is quantized right after it. So every quantized
   op gets its inputs *and* its output quantized; a ReLU right after the op is taken into the unit
   (the output fake-quant goes after it, and with an asymmetric uint8 range starting at 0
-  onnxruntime drops the ReLU). A quantized output feeds all of the tensor's users.
+  onnxruntime drops the ReLU). A quantized output feeds all of the tensor's users. An add is
+  quantized only where both operands are quantized anyway, as the input or output of a
+  quantized conv, linear or matmul (residual adds of ResNets and post-norm transformers):
+  QLinearAdd then reads the uint8 tensors in place of two DequantizeLinear and a float Add
+  (which onnxruntime would fuse with a following LayerNorm into SkipLayerNormalization, ~3x
+  slower on CPU than QLinearAdd -> DequantizeLinear -> LayerNormalization, measured).
 - TensorRT wants symmetric Q/DQ on the inputs of conv/gemm only and picks its own output
   precision: only the quantized ops' inputs are quantized, and only for those ops.
 
@@ -38,7 +43,7 @@ FAMILIES: dict[str, set] = {
     "cat": {aten.cat.default},
     "embedding": {aten.embedding.default},
 }
-DEFAULT_OPS = {"onnxruntime": ("conv", "linear", "matmul", "embedding"),
+DEFAULT_OPS = {"onnxruntime": ("conv", "linear", "matmul", "embedding", "add"),
                "tensorrt": ("conv", "linear", "matmul")}
 WEIGHTED = ("conv", "linear", "matmul")       # families computing with a weight operand
 OUTPUT_QUANTIZED = ("conv", "linear", "matmul", "add")  # onnxruntime: quantized output units
@@ -182,17 +187,40 @@ def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=Fals
         dropped.add(weighted[0].node)
     if keep_last and weighted:
         dropped.add(weighted[-1].node)
-    result = Plan(sites=[s for s in sites if s.node not in dropped])
-    for site in result.sites:
-        for x in site.activations:
-            users = result.activations.setdefault(x, set())
-            if users is not None:
-                users.add(site.node)
-        if target == "onnxruntime" and site.family == "embedding" and is_float_tensor(site.node):
-            result.embeddings.append(site)
-        if target == "onnxruntime" and site.family in OUTPUT_QUANTIZED:
-            out, bns = output_of(site.node)
-            result.unfolded_batch_norm += bns
-            if is_float_tensor(out):
-                result.activations[out] = None
+    kept = [s for s in sites if s.node not in dropped]
+    result = Plan()
+    if target != "onnxruntime":
+        for site in kept:
+            _place(result, site, target)
+        result.sites = kept
+        return result
+    # onnxruntime: an add is quantized only where both operands are quantized anyway, as the
+    # input or output of a quantized conv, linear or matmul: QLinearAdd then replaces the
+    # DequantizeLinear of both operands and a float Add. An add of float tensors stays float, and
+    # so does a residual stream that only norms and adds read (pre-norm transformers: quantizing
+    # it per tensor would cost accuracy for no conversion saved).
+    for site in kept:
+        if site.family != "add":
+            _place(result, site, target)
+    anchored = set(result.activations)  # inputs and outputs of the quantized ops so far
+    for site in kept:
+        if site.family == "add" and all(x in anchored for x in site.activations):
+            _place(result, site, target)
+    placed = {s.node for s in result.sites}
+    result.sites = [s for s in kept if s.node in placed]
     return result
+
+
+def _place(result: Plan, site: Site, target: str) -> None:
+    result.sites.append(site)
+    for x in site.activations:
+        users = result.activations.setdefault(x, set())
+        if users is not None:
+            users.add(site.node)
+    if target == "onnxruntime" and site.family == "embedding" and is_float_tensor(site.node):
+        result.embeddings.append(site)
+    if target == "onnxruntime" and site.family in OUTPUT_QUANTIZED:
+        out, bns = output_of(site.node)
+        result.unfolded_batch_norm += bns
+        if is_float_tensor(out):
+            result.activations[out] = None

@@ -1,7 +1,8 @@
 """Quantization passes: insert_fake_quant and fold_fake_quant.
 
 insert_fake_quant puts ATen fake-quant nodes on the activations and weights of conv, linear and
-matmul (optionally add, pooling, concat), placed for the target backend (quant_placement.py).
+matmul (residual adds and embedding tables too for onnxruntime; optionally add, pooling, concat),
+placed for the target backend (quant_placement.py).
 Scales and zero points are get_attr buffers, so they live in the graph and save with it; weights
 are calibrated at once (symmetric int8 per output channel), activations by fxcompile.calibrate
 or, in compile(..., calibration_data=...), right here. The fake-quant graph runs and trains on
@@ -37,15 +38,23 @@ class InsertFakeQuantOptions:
     """target: 'onnxruntime' (uint8 asymmetric activations, quantized op outputs: U8S8) or
     'tensorrt' (symmetric int8 activations on conv/gemm inputs only).
     ops: op families to quantize, from conv, linear, matmul, add, pool, cat, embedding (8-bit
-    lookup tables); None: conv, linear, matmul, plus embedding for onnxruntime.
+    lookup tables); None: conv, linear, matmul, plus embedding and add for onnxruntime. For
+    onnxruntime an add is quantized only where both operands are quantized anyway, as the input
+    or output of a quantized conv, linear or matmul (residual adds of ResNets and post-norm
+    transformers: QLinearAdd instead of two DequantizeLinear and a float Add, which onnxruntime
+    would also fuse with a following LayerNorm into its slower SkipLayerNormalization); adds of
+    float tensors and pre-norm residual streams stay float.
     skip / only: module path patterns (fnmatch over the model's own module names, e.g.
     'classifier', '*.embeddings.*') to leave in float / to restrict quantization to.
     keep_first / keep_last: leave the first / last conv, linear or matmul in float.
     per_channel: per-output-channel weight scales (else one per weight).
-    reduce_range: 7-bit weights, which onnxruntime's U8S8 kernels on x86 CPUs without VNNI need
-    to never saturate (quant_state.u8s8_saturates). True: conv, linear and matmul; 'auto': linear
-    and matmul on such CPUs, where saturation costs 25-40% error, but not conv, where it is rare
-    and 8 bits are more accurate (ResNet-50 int8 cosine 0.9992 vs 0.9980, measured).
+    reduce_range: keep onnxruntime's U8S8 kernels on x86 CPUs without VNNI from saturating their
+    int16 pair sums (quant_state.u8s8_saturates; 8-40% error on a matmul where they do). True:
+    7-bit weights for conv, linear and matmul. 'auto': on such CPUs, linear and matmul weights
+    get pair-limited scales (quant_state.weight_qparams: 8 bits where no two large neighbours
+    along K share a sign, down to 7 where they do; BERT-base int8 cosine 0.9979 vs 0.9976 with
+    7-bit, measured), conv keeps 8 bits, where saturation is rare and 8 bits are more accurate
+    (ResNet-50 int8 cosine 0.9992 vs 0.9980, measured). False: 8 bits everywhere.
     method, percentile: the calibration run when compile is given calibration_data.
     progress: show a bar while calibrating."""
 
@@ -78,6 +87,11 @@ class InsertFakeQuantOptions:
             raise ValueError(f"reduce_range must be 'auto', True or False, got {self.reduce_range!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+
+def _reduction_axis(site: placement.Site, weight: torch.Tensor) -> int:
+    """The axis of a linear's or matmul's weight that the op sums over (K)."""
+    return 1 if site.family == "linear" else weight.dim() - 2
 
 
 def _check_not_quantized(gm: fx.GraphModule) -> None:
@@ -126,12 +140,11 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
     for bn in plan.unfolded_batch_norm[:1]:
         warnings.warn(f"insert_fake_quant: BatchNorm {describe_node(bn)} is not folded into its conv; "
                       "run 'fold_batch_norm' first so training and deployment agree and int8 kernels fuse")
-    # 7-bit weights for these families (see the options' doc)
-    if opts.reduce_range == "auto":
-        seven_bit_families = ("linear", "matmul") if opts.target == "onnxruntime" and u8s8_saturates() else ()
-    else:
-        seven_bit_families = placement.WEIGHTED if opts.reduce_range else ()
-    reduce_range = bool(seven_bit_families)
+    # weights limited against int16 saturation (see the options' doc): 7-bit, or pair-limited
+    seven_bit_families = placement.WEIGHTED if opts.reduce_range not in ("auto", False) else ()
+    pair_families = (("linear", "matmul") if opts.reduce_range == "auto" and opts.target == "onnxruntime"
+                     and u8s8_saturates() else ())
+    reduce_range = bool(seven_bit_families or pair_families)
     state = QuantState(opts.target, weight_bytes_before=tensor_bytes(gm), reduce_range=reduce_range)
     graph = gm.graph
     weights: dict[tuple[fx.Node, int | None], fx.Node] = {}
@@ -152,7 +165,8 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
                 sc, zp = qparams(value.min().item(), value.max().item(), 0, 255, False)
                 scale, zero_point = torch.tensor([sc]), torch.tensor([zp], dtype=torch.int32)
             else:
-                scale, zero_point = weight_qparams(value, axis, seven_bit)
+                pair_axis = _reduction_axis(site, value) if site.family in pair_families else None
+                scale, zero_point = weight_qparams(value, axis, seven_bit, pair_axis)
             s = _buffer(gm, f"{w.target}_scale", scale, site.node)
             z = _buffer(gm, f"{w.target}_zero_point", zero_point, site.node)
             with graph.inserting_before(site.node):
@@ -165,13 +179,14 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
             _copy_origin(fq, site.node)
             weights[(w, axis)] = fq
             if symmetric_w:
-                amax = scale * (63 if seven_bit else 127)
+                amax = weight_qparams(value, axis)[0] * 127
                 lo, hi = amax.min().item(), amax.max().item()
             else:
                 lo, hi = value.min().item(), value.max().item()
             state.points[fq.name] = QuantPoint(
                 fq.name, "weight", w.target, [], module_path(site.node), *qrange, symmetric_w, axis,
-                s.target, z.target, "minmax", lo, hi, bits=7 if seven_bit else 8)
+                s.target, z.target, "minmax", lo, hi, bits=7 if seven_bit else 8,
+                pair_limited=site.family in pair_families)
         site.node.update_arg(index, fq)
         state.points[fq.name].consumers.append(site.node.name)
     for site in plan.embeddings:

@@ -226,11 +226,13 @@ def test_optional_families_add_pool_cat():
 
     torch.manual_seed(0)
     model, x = Net().eval(), torch.randn(1, 3, 8, 8)
+    convs = count_ops(_fq(model, x, [x], ops=("conv",)).graph_module)[FQ_TENSOR]
     base = count_ops(_fq(model, x, [x]).graph_module)[FQ_TENSOR]
     more = count_ops(_fq(model, x, [x], ops=("conv", "add", "pool", "cat")).graph_module)[FQ_TENSOR]
-    # + the add's output (its unit), the two pools' input (the add's output, shared), the cat's
-    # inputs (the pools' outputs)
-    assert base == 4 and more == base + 3, (base, more)
+    # the convs' inputs and outputs; by default for onnxruntime + the add's output (both its
+    # operands are quantized conv outputs); + the cat's inputs (the pools' outputs; the pools'
+    # input is the add's output, already quantized)
+    assert convs == 4 and base == convs + 1 and more == base + 2, (convs, base, more)
 
 
 # -- bad inputs ------------------------------------------------------------------------------
@@ -384,3 +386,221 @@ def test_embedding_tables_become_uint8_rows_onnxruntime_gathers(tmp_path):
                             calibration_data=data)
     emb = next(n for n in trt.graph_module.graph.nodes if n.target is torch.ops.aten.embedding.default)
     assert emb.args[0].op == "get_attr"
+
+
+# -- the onnxruntime defaults against onnxruntime's own quantizer ------------------------------
+class TinyResNet(nn.Module):
+    """Stem, an identity block and a downsampling block (residual adds + ReLU), pooling, fc."""
+
+    def __init__(self):
+        super().__init__()
+
+        def cbn(cin, cout, k=3, stride=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+        self.stem = cbn(3, 16)
+        self.a1, self.a2 = cbn(16, 16), cbn(16, 16)
+        self.b1, self.b2, self.down = cbn(16, 32, stride=2), cbn(32, 32), cbn(16, 32, 1, 2)
+        self.fc = nn.Linear(32, 10)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.a2(torch.relu(self.a1(x))) + x)
+        x = torch.relu(self.b2(torch.relu(self.b1(x))) + self.down(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _ort_quantize_static(fp32, feeds: list[dict], tmp_path):
+    """onnxruntime.quantization.quantize_static as benchmarks/bench_quant.py runs it (QDQ, uint8
+    activations, int8 per-channel weights, MinMax) on fxcompile's fp32 ONNX model."""
+    import logging
+
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{k: v.numpy() for k, v in f.items()} for f in feeds])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    src, out = str(tmp_path / "fp32.onnx"), str(tmp_path / "ort_static.onnx")
+    fp32.save(src)
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        quantize_static(src, out, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        logging.getLogger().setLevel(level)
+    return out
+
+
+def _ort_outputs(path, feed: dict):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return tuple(torch.from_numpy(o) for o in sess.run(None, {k: v.numpy() for k, v in feed.items()}))
+
+
+QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def test_onnxruntime_default_residual_convnet_matches_quantize_static(tmp_path):
+    torch.manual_seed(0)
+    model, x = TinyResNet().eval(), torch.randn(2, 3, 16, 16)
+    data = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+    fq = _fq(model, x, data)
+    folded = fxcompile.recompile(fq, ["fold_fake_quant"], backend="eager")
+    assert max_error(fq(x), folded(x)) <= 1e-6  # folding is exact
+    int8 = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
+    (ours_dir := tmp_path / "ours").mkdir()
+    ours = optimized_ops(int8.save(str(ours_dir / "int8.onnx"))[0], ours_dir)
+    fp32 = fxcompile.compile(model, (x,), backend="onnx")
+    name = fp32.runner.session.get_inputs()[0].name
+    (ort_dir := tmp_path / "ort").mkdir()
+    static_path = _ort_quantize_static(fp32, [{name: d} for d in data], ort_dir)
+    theirs = optimized_ops(static_path, ort_dir)
+    # every conv and residual add (with its ReLU) runs as an int8 kernel, as in quantize_static's
+    # graph, and no more float <-> uint8 conversions are left than there
+    assert ours["QLinearConv"] == theirs["QLinearConv"] == 6, (ours, theirs)
+    assert ours["QLinearAdd"] == theirs["QLinearAdd"] == 2, (ours, theirs)
+    assert not {"Add", "Relu"} & set(ours) and not FLOAT_KERNELS & set(ours), ours
+    assert sum(ours[k] for k in QDQ) <= sum(theirs[k] for k in QDQ), (ours, theirs)
+    held_out = torch.randn(2, 3, 16, 16)
+    ref = model(held_out)
+    assert fxcompile.numerics.cosine(ref, int8(held_out)) >= \
+        fxcompile.numerics.cosine(ref, _ort_outputs(static_path, {name: held_out})) - 1e-4
+
+
+def test_onnxruntime_default_small_bert_int8_kernels(tmp_path):
+    import fxcompile.zoo as zoo
+    model, kwargs = zoo.build("bert", size="small", seq=16)
+    g = torch.Generator().manual_seed(1)
+
+    def batch():
+        return {**kwargs, "input_ids": torch.randint(0, 1000, kwargs["input_ids"].shape, generator=g)}
+
+    data = [batch() for _ in range(4)]
+    fq = fxcompile.compile(model, example_kwargs=kwargs, calibration_data=data,
+                           passes=fxcompile.quantize_passes("onnxruntime", fold=False))
+    held_out = batch()
+    folded = fxcompile.recompile(fq, ["fold_fake_quant"], backend="eager")
+    assert max_error(fq(**held_out), folded(**held_out)) <= 1e-6
+    int8 = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
+    (ours_dir := tmp_path / "ours").mkdir()
+    ours = optimized_ops(int8.save(str(ours_dir / "int8.onnx"))[0], ours_dir)
+    layers = model.config.num_hidden_layers
+    # all 6 linears of a layer and the pooler run as QGemm (bias fused); the residual adds as
+    # QLinearAdd, so no LayerNorm fuses with a float add of dequantized operands into
+    # onnxruntime's slower SkipLayerNormalization (the embeddings' add of constant position
+    # rows may); attention's q @ k^T reads int8 (MatMulIntegerToFloat), softmax and probs @ v
+    # stay float (quantize_static's QLinearSoftmax is slower than the float Softmax)
+    assert ours["QGemm"] == 6 * layers + 1, ours
+    assert ours["QLinearAdd"] >= 2 * layers, ours
+    assert ours["MatMulIntegerToFloat"] == layers and ours["MatMul"] == layers, ours
+    assert ours.get("SkipLayerNormalization", 0) <= 1, ours
+    assert not FLOAT_KERNELS - {"MatMul"} & set(ours), ours
+    fp32 = fxcompile.compile(model, example_kwargs=kwargs, backend="onnx")
+    names = [i.name for i in fp32.runner.session.get_inputs()]
+    (ort_dir := tmp_path / "ort").mkdir()
+    static_path = _ort_quantize_static(fp32, [{n: d[n] for n in names} for d in data], ort_dir)
+    theirs = optimized_ops(static_path, ort_dir)
+    assert sum(ours[k] for k in QDQ) <= sum(theirs[k] for k in QDQ), (ours, theirs)
+    ref = fp32(**held_out)
+    assert fxcompile.numerics.cosine(ref, int8(**held_out)) >= \
+        fxcompile.numerics.cosine(ref, _ort_outputs(static_path, {n: held_out[n] for n in names})) - 1e-4
+
+
+def test_onnxruntime_adds_of_float_operands_stay_float():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x) + x            # both operands quantized anyway: quantized
+            return y + torch.sigmoid(y)     # a float operand: stays float
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(1, 4, 8, 8)
+    gm = _fq(model, x, [x]).graph_module
+    adds = [n for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor]
+    assert len(adds) == 2
+    quantized, plain = adds
+    assert all(str(a.target) == FQ_TENSOR for a in quantized.args)
+    assert [str(u.target) for u in quantized.users] == [FQ_TENSOR]
+    assert plain.args[1].target is torch.ops.aten.sigmoid.default  # read in float
+    assert all(str(u.target) != FQ_TENSOR for u in plain.users)
+    # TensorRT: adds only where asked
+    trt = count_ops(_fq(model, x, [x], target="tensorrt").graph_module)
+    assert trt[FQ_TENSOR] == 1
+
+    class PreNorm(nn.Module):  # a residual stream only norms and adds read: stays float
+        def __init__(self):
+            super().__init__()
+            self.emb, self.norm1, self.norm2 = nn.Embedding(50, 8), nn.LayerNorm(8), nn.LayerNorm(8)
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            h = h + self.fc1(self.norm1(h))
+            return h + self.fc2(self.norm2(h))
+
+    ids = torch.randint(0, 50, (2, 5))
+    gm = _fq(PreNorm().eval(), ids, [ids]).graph_module
+    adds = [n for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor]
+    assert len(adds) == 2 and all(str(u.target) != FQ_TENSOR for a in adds for u in a.users)
+
+
+# -- weights that can't saturate onnxruntime's U8S8 kernels ------------------------------------
+def test_pair_limited_weight_scales():
+    from fxcompile.quant_state import weight_qparams
+    w = torch.tensor([[1.0, 1.0, -0.5, 0.25],     # a same-sign pair adding up to 2
+                      [1.0, -1.0, 1.0, -1.0],     # opposite signs: 8 bits
+                      [0.5, 0.0, 0.0, -0.25]])
+    scale, zp = weight_qparams(w, 0, pair_axis=1)
+    assert torch.allclose(scale, torch.tensor([2.0, 1.0, 0.5]) / 127) and not zp.any()
+    torch.manual_seed(0)
+    for shape, axis, k in (((64, 77), 0, 1), ((3, 77, 64), 2, 1)):  # linear [N, K]; matmul [.., K, N]
+        w = torch.randn(shape)
+        scale, _ = weight_qparams(w, axis, pair_axis=k)
+        eight, _ = weight_qparams(w, axis)
+        seven, _ = weight_qparams(w, axis, reduce_range=True)
+        assert (scale >= eight * (1 - 1e-6)).all() and (scale <= seven * 63 / 63.5 * (1 + 1e-6)).all()
+        shape_c = [1] * w.dim()
+        shape_c[axis] = -1
+        q = torch.round(w / scale.reshape(shape_c)).movedim(k, -1)
+        q = torch.nn.functional.pad(q, (0, q.shape[-1] % 2)).reshape(*q.shape[:-1], -1, 2)
+        worst = (255 * q.clamp(min=0).sum(-1)).maximum(255 * (-q).clamp(min=0).sum(-1))
+        assert worst.max() <= 32767  # no uint8 x int8 pair sum leaves int16
+
+
+def test_pair_limited_weights_agree_with_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24)
+    with torch.no_grad():  # neighbours along K share a sign: 8-bit pair sums overflow int16
+        sign = torch.randint(0, 2, (24, 32)).float() * 2 - 1
+        lin.weight.copy_((torch.rand(24, 64) * 0.5 + 0.5) * sign.repeat_interleave(2, 1) * 0.1)
+    model = nn.Sequential(lin).eval()
+    x = torch.rand(8, 64) * 3
+    data = [torch.rand(8, 64) * 3 for _ in range(3)]
+    errors = {}
+    for rr in ("auto", False):
+        fq = _fq(model, x, data, ops=("linear",), reduce_range=rr)
+        point = next(p for p in fq.graph_module.meta["fxcompile.quant"].points.values() if p.kind == "weight")
+        assert point.pair_limited == (rr == "auto" and fxcompile.quant_state.u8s8_saturates())
+        onx = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
+        errors[rr] = max_error(fq(x), onx(x))
+        if point.pair_limited:
+            assert "pair-limited" in str(onx.report)
+    assert errors["auto"] <= 0.01, errors  # up to a requantization rounding step
+    if fxcompile.quant_state.u8s8_saturates():
+        assert errors[False] > 0.05, errors  # the test does exercise saturation
