@@ -4,6 +4,7 @@ accuracy after pruning 50% of the FLOPs of a small digits CNN (plus a short fine
     python benchmarks/bench_prune.py --out benchmarks/results/prune.md   # both parts
     python benchmarks/bench_prune.py --part latency --rounds 5
     python benchmarks/bench_prune.py --part accuracy
+    python benchmarks/bench_prune.py --part coverage  # every zoo model at ratio 0.5, with the oracle
 
 Latency: one process, torch and onnxruntime on 2 threads, the unpruned and pruned variants of a
 model timed in interleaved rounds (a random order each round), medians. speed-up = t(unpruned) / t(pruned) on the same
@@ -77,6 +78,36 @@ def latency(models: list[str], ratios: list[float], backends: list[str], rounds:
                 rows.append((f"{name}-base", backend, f"{r:.1f}", f"{rep.params_after / 1e6:.1f}M",
                              f"{rep.flops_after / 1e9:.2f}", f"{cut:.2f}x", f"{t * 1e3:.1f}",
                              f"{speed:.2f}x", f"{speed / cut:.2f}"))
+    return format_table(rows, markdown=True)
+
+
+# -- coverage: every zoo model at ratio 0.5, checked against the zeroed-channel oracle -------
+def coverage(ratio: float = 0.5, backends=("eager", "onnx")) -> str:
+    """Each zoo model (small config) pruned at ``ratio`` on each backend; the oracle is the
+    user's model with the removed channels zeroed (tests/prune_oracle.py): max abs error."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.prune_oracle import oracle_error
+    rows = [("model", "params", "FLOPs", "groups pruned / skipped", *(f"oracle err {b}" for b in backends))]
+    for name in zoo.ZOO:
+        model, kwargs = zoo.build(name)
+        errors, rep = [], None
+        for backend in backends:
+            try:
+                compiled = fxcompile.compile(model, (), example_kwargs=kwargs, backend=backend,
+                                             passes=[("prune", {"ratio": ratio})])
+                rep = compiled.report.extra["prune"]
+                err, masked = oracle_error(model, (), kwargs, compiled)
+                errors.append(f"{err:.1e}{' (masked)' if masked else ''}")
+            except Exception as e:  # a coverage table reports failures instead of stopping
+                errors.append(f"failed: {type(e).__name__}")
+        if rep is None:
+            rows.append((name, "-", "-", "-", *errors))
+            continue
+        pruned = sum(1 for g in rep.groups if g.removed)
+        rows.append((name, f"{rep.params_before / 1e3:.1f}k -> {rep.params_after / 1e3:.1f}k",
+                     f"-{rep.flops_reduction:.0%}", f"{pruned} / {len(rep.skipped)}", *errors))
+        print(f"  coverage {name}: {rows[-1]}", file=sys.stderr, flush=True)
     return format_table(rows, markdown=True)
 
 
@@ -169,7 +200,7 @@ def accuracy(epochs: int = 10, finetune: int = 5, criterion: str = "l1") -> str:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["latency", "accuracy", "all"], default="all")
+    ap.add_argument("--part", choices=["latency", "accuracy", "coverage", "all"], default="all")
     ap.add_argument("--models", default="resnet,bert")
     ap.add_argument("--ratios", default="0.1,0.3,0.5")
     ap.add_argument("--backends", default="eager,onnx")
@@ -188,6 +219,9 @@ def main(argv=None) -> None:
     if args.part in ("accuracy", "all"):
         emit("## accuracy: digits, 50% of FLOPs removed\n")
         emit(accuracy() + "\n")
+    if args.part in ("coverage", "all"):
+        emit("## coverage: every zoo model at ratio 0.5 (small configs), against the zeroed-channel oracle\n")
+        emit(coverage() + "\n")
     if args.part in ("latency", "all"):
         emit("## latency vs unpruned (median of interleaved rounds)\n")
         emit(latency(args.models.split(","), [float(r) for r in args.ratios.split(",")],
