@@ -214,14 +214,18 @@ CUSTOM_TRANSLATIONS[aten.scaled_dot_product_attention.default] = _sdpa
 
 @contextlib.contextmanager
 def _quiet_exporter_logs():
-    """torch.onnx logs a warning per missing torchvision op on every export: noise for users."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """torch.onnx logs a warning per missing torchvision op on every export, and onnxscript's
+    constant folding one per subgraph it leaves unfolded ("Evaluation failed: ..."): noise for
+    users, since the exported model is checked and run either way."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _explain_export_failure(gm: fx.GraphModule, e: Exception) -> str:

@@ -313,6 +313,42 @@ def render(rows, digits, args, command, done=True) -> str:
     return "\n".join(parts) + "\n"
 
 
+ZOO_HEADER = ("model", "quantized points", "cos int8 vs fp32", "max err", "int8 / fp32 file")
+
+
+def bench_zoo(args, tmp: str, log) -> list[tuple]:
+    """Output agreement over the whole zoo (small configs, batch 1): the default int8 pipeline
+    for onnxruntime, calibrated on ``args.calib`` random batches, vs the fp32 model in PyTorch,
+    on a held-out random input."""
+    from fxcompile.numerics import max_error
+    small = argparse.Namespace(**{**vars(args), "size": "small"})
+    rows = []
+    for name in zoo.ZOO:
+        model, _ = zoo.build(name, batch=1, size="small", seq=args.seq)
+        calib = [_inputs(name, 1, small, seed) for seed in range(args.calib)]
+        test = _inputs(name, 1, small, 1234)
+        try:
+            fp32 = fxcompile.compile(model, example_kwargs=test, backend="onnx", threads=args.threads)
+            int8 = fxcompile.compile(model, example_kwargs=test, passes=fxcompile.quantize_passes("onnxruntime"),
+                                     calibration_data=calib, backend="onnx", threads=args.threads)
+            ref, out = model(**test), int8(**test)
+            points = _points(int8)
+            size = _file_size(int8.save(os.path.join(tmp, f"{name}8.onnx"))[0]) / _file_size(
+                fp32.save(os.path.join(tmp, f"{name}32.onnx"))[0])
+            rows.append((name, str(points), f"{cosine(ref, out):.4f}", f"{max_error(ref, out):.1e}",
+                         f"{size:.2f}x"))
+        except Exception as e:  # the table reports a failure instead of stopping
+            rows.append((name, "-", f"failed: {_short(e, 80)}", "-", "-"))
+        log(f"  zoo {name}: {rows[-1]}")
+    return rows
+
+
+def _points(compiled) -> int:
+    from fxcompile.quant_state import get_state
+    state = get_state(compiled.graph_module)
+    return len(state.points) if state is not None else 0
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -326,6 +362,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip", default="", help=f"contenders to skip: {', '.join(list(CONTENDERS)[1:])}")
     p.add_argument("--no-digits", action="store_true", help="skip the digits accuracy table")
+    p.add_argument("--zoo", action="store_true", help="also the int8 vs fp32 cosine of every zoo model (small)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -363,7 +400,13 @@ def main(argv=None) -> dict:
                     _write(args.out, render(rows, digits, args, command, done=False))
         if not args.no_digits:
             digits = bench_digits(args, tmp, log)
+        zoo_rows = bench_zoo(args, tmp, log) if args.zoo else []
     markdown = render(rows, digits, args, command)
+    if zoo_rows:
+        markdown += ("\n## Output agreement on the zoo (small configs, batch 1, default onnxruntime int8)\n\n"
+                     f"Calibrated on {args.calib} random batches; cosine and max error (relative to the output "
+                     "scale) of all outputs against the fp32 model in PyTorch on a held-out random input.\n\n"
+                     + format_table([ZOO_HEADER] + zoo_rows, markdown=True) + "\n")
     print(markdown)
     if args.out:
         _write(args.out, markdown)

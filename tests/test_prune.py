@@ -186,3 +186,18 @@ def test_ratio_zero_changes_nothing():
     assert report.params_after == report.params_before and not report.removed
     with torch.no_grad():
         assert torch.allclose(model(*inputs), compiled(*inputs), atol=1e-6)
+
+
+def test_round_to_auto_rounds_wide_groups_only():
+    """Default round_to="auto": groups of >= 64 channels keep multiples of 8, smaller ones are exact."""
+    _, _, _, report = _prune("small_cnn", ratio=0.1)
+    sizes = [(g.size, len(g.removed)) for g in report.groups if g.kind == "channel"]
+    wide = [(n, r) for n, r in sizes if n >= 64]
+    narrow = [(n, r) for n, r in sizes if n < 64]
+    assert wide and narrow, sizes
+    assert all((n - r) % 8 == 0 and r > 0 for n, r in wide), wide
+    assert any((n - r) % 8 for n, r in narrow), narrow  # exact counts: not all multiples of 8
+    _, _, _, exact = _prune("small_cnn", ratio=0.1, round_to=1)
+    assert any((g.size - len(g.removed)) % 8 for g in exact.groups if g.size >= 64)
+    with pytest.raises(PassError, match="round_to must be a positive int or 'auto'"):
+        _prune("small_cnn", round_to="eight")

@@ -82,8 +82,17 @@ def _limits(groups: list[Group], opts: PruneOptions) -> dict[int, Limits]:
             if any(_matches(pattern, m.target) for m in g.members):
                 cap = min(cap, value)
         max_remove = min(g.size - 1, int(np.floor(cap * g.size + 1e-9)))
-        out[g.leaf] = Limits(max_remove, opts.round_to if g.kind == "channel" else 1)
+        out[g.leaf] = Limits(max_remove, _round_to(opts.round_to, g) if g.kind == "channel" else 1)
     return out
+
+
+AUTO_ROUND_TO, AUTO_MIN_CHANNELS = 8, 64
+
+
+def _round_to(option, g: Group) -> int:
+    if option == "auto":
+        return AUTO_ROUND_TO if g.size >= AUTO_MIN_CHANNELS else 1
+    return option
 
 
 def _measure(A: Analysis, gm: fx.GraphModule, removed, inputs) -> tuple[int, int]:
@@ -134,6 +143,12 @@ def prune(gm: fx.GraphModule, opts: PruneOptions, ctx) -> int:
             # every group steps at once under a uniform ratio; global allocation steps by one channel
             notes.append(f"uniform steps miss the {what} target ({achieved:.1%}): used global allocation")
             allocation = "global"
+            ratio, achieved, _ = search(lambda r: reduction(r, allocation), frac, hi, opts.tolerance, what)
+        if abs(achieved - frac) > opts.tolerance and opts.round_to == "auto":
+            # "auto" rounds only where it costs no target: fall back to exact channel counts
+            notes.append(f"multiples of {AUTO_ROUND_TO} miss the {what} target ({achieved:.1%}): "
+                         "kept exact channel counts")
+            limits = {leaf: Limits(lim.max_remove, 1) for leaf, lim in limits.items()}
             ratio, achieved, _ = search(lambda r: reduction(r, allocation), frac, hi, opts.tolerance, what)
         if abs(achieved - frac) > opts.tolerance:
             raise PruneError(f"prune: cannot meet a {what} reduction of {frac:.1%} within "

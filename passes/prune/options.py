@@ -20,7 +20,10 @@ class PruneOptions:
     taylor (first-order, needs ``data`` or the pipeline's data) | random.
     allocation: uniform (every group loses the same fraction) | global (lowest scores across groups).
     attention: which attention groups to prune: heads | head_dim | both | none.
-    round_to: keep a multiple of this many channels in each channel group.
+    round_to: keep a multiple of this many channels in each channel group; "auto" (default):
+    multiples of 8 in groups of 64 channels or more (SIMD and tensor-core tiles: ResNet-50
+    pruned by 0.1 with exact counts ran 0.86x the unpruned model on onnxruntime, with multiples
+    of 8 1.04x), exact counts in smaller groups.
     max_ratio: no group loses more than this fraction; max_ratio_per_layer: {module pattern: ratio}.
     ignore: module path patterns (fnmatch, or a dotted prefix) whose output channels are kept (their
     input columns still follow the layers before them).
@@ -37,7 +40,7 @@ class PruneOptions:
     criterion: str = "l1"
     allocation: str = "uniform"
     attention: str = "heads"
-    round_to: int = 1
+    round_to: int | str = "auto"
     max_ratio: float = 0.9
     max_ratio_per_layer: dict = field(default_factory=dict)
     ignore: list = field(default_factory=list)
@@ -69,7 +72,7 @@ class PruneOptions:
                                      ("attention", self.attention, ATTENTION)):
             if value not in allowed:
                 raise PruneError(f"prune: {name} must be one of {', '.join(allowed)}; got {value!r}")
-        if not isinstance(self.round_to, int) or self.round_to < 1:
-            raise PruneError(f"prune: round_to must be a positive int, got {self.round_to!r}")
+        if self.round_to != "auto" and (not isinstance(self.round_to, int) or self.round_to < 1):
+            raise PruneError(f"prune: round_to must be a positive int or 'auto', got {self.round_to!r}")
         if isinstance(self.ignore, str):
             self.ignore = [self.ignore]
