@@ -9,7 +9,7 @@ For every zoo model and batch size each contender is built once (its build time 
 checked against eager fp32 (max error relative to output scale and cosine similarity, from
 fxcompile.numerics), warmed up, then timed: every call is bracketed by torch.cuda.synchronize(),
 so a time is the whole call on the GPU. Timing is interleaved: --runs rounds, each running every
-contender once in a rotating order; the median and the min over all runs are reported, with
+contender once in a random order (fxcompile.benchmarking); the median and the min over all runs are reported, with
 eager_fp32_ms / contender_ms from the medians (> 1: faster than eager fp32). int8 is calibrated
 on --calib random batches (fine for timing; not an accuracy measurement). A contender that
 fails is reported as 'failed: <reason>' and the run goes on; one that cannot run on this machine
@@ -22,11 +22,9 @@ import copy
 import datetime
 import gc
 import shlex
-import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -34,6 +32,8 @@ import torch.utils._pytree as pytree
 
 import fxcompile
 import fxcompile.zoo as zoo
+from fxcompile.benchmarking import Contender, time_interleaved
+from fxcompile.benchmarking import short_error as _short
 from fxcompile.numerics import cosine, max_error
 from fxcompile.report import format_table, machine_line
 
@@ -47,30 +47,6 @@ CONTENDERS = {
     "ort_cuda": "fxcompile onnx, onnxruntime CUDA",
 }
 HEADER = ("model", "input", "contender", "build s", "median ms", "min ms", "vs eager fp32", "max err", "cosine")
-
-
-@dataclass
-class Contender:
-    key: str
-    fn: Callable[[], Any] | None = None
-    build_s: float | None = None
-    error: float | None = None
-    cos: float | None = None
-    failed: str | None = None
-    skipped: str | None = None
-    times: list[float] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        return CONTENDERS[self.key]
-
-    @property
-    def live(self) -> bool:
-        return self.fn is not None and not self.failed and not self.skipped
-
-    @property
-    def median_ms(self) -> float | None:
-        return statistics.median(self.times) * 1e3 if self.times and self.live else None
 
 
 # -- building the contenders ---------------------------------------------------------------
@@ -120,12 +96,6 @@ def _build(key: str, model: torch.nn.Module, kwargs: dict, args) -> Callable[[],
     raise KeyError(key)
 
 
-def _short(e: BaseException, limit: int = 90) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    text = f"{type(e).__name__}: {lines[0] if lines else ''}".replace("|", "/")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def _flat(out: Any) -> tuple:
     from fxcompile.capture import encode_outputs
     return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
@@ -141,18 +111,6 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 # -- timing --------------------------------------------------------------------------------
-def time_interleaved(contenders: list[Contender], runs: int) -> None:
-    """``runs`` rounds of one synchronized call per live contender, the order rotating per round."""
-    for r in range(runs):
-        live = [c for c in contenders if c.live]
-        shift = r % max(1, len(live))
-        for c in live[shift:] + live[:shift]:
-            try:
-                c.times.append(_timed(c.fn))
-            except Exception as e:
-                c.failed = _short(e)
-
-
 def bench_one(name: str, batch: int, args, keys: list[str], log) -> list[tuple]:
     """All contenders on one zoo model and batch size -> table rows."""
     model, kwargs = zoo.build(name, batch=batch, size=args.size, seq=args.seq)
@@ -161,7 +119,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], log) -> list[tuple]:
     kwargs = {k: v.to(device) for k, v in kwargs.items()}
     params = sum(p.numel() for p in model.parameters())
     shape = "x".join(str(d) for d in next(iter(kwargs.values())).shape)
-    contenders = [Contender(k) for k in keys]
+    contenders = [Contender(k, CONTENDERS[k]) for k in keys]
     reference = None
     ort_missing = _ort_cuda_missing()
     for c in contenders:
@@ -189,7 +147,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], log) -> list[tuple]:
             log(f"    failed: {c.failed}")
         gc.collect()
     log(f"  {name} batch {batch}: timing {args.runs} runs each")
-    time_interleaved(contenders, args.runs)
+    time_interleaved(contenders, args.runs, timer=_timed)
 
     base = contenders[0].median_ms
     rows = []

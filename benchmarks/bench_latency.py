@@ -7,7 +7,7 @@ torch.onnx.export + onnxruntime, and fxcompile's eager and onnx backends (defaul
 For every zoo model and batch size each contender is built once (its compile/export time is
 recorded), checked against eager PyTorch (max error relative to output scale, fxcompile.numerics),
 warmed up, then timed. Timing is interleaved: --runs rounds, each running every contender once in
-a rotating order, so drift on a shared machine hits all contenders alike; the median and the min
+a random order (fxcompile.benchmarking), so drift on a shared machine hits all contenders alike; the median and the min
 over all runs are reported, with eager_ms / contender_ms from the medians (> 1: faster than
 eager). Absolute times drift between runs on shared machines: compare the ratios of one run
 (DESIGN §6). The share of CPU time that other processes took while timing ran is printed under
@@ -21,11 +21,9 @@ import datetime
 import gc
 import os
 import shlex
-import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -35,6 +33,8 @@ import torch.utils._pytree as pytree
 
 import fxcompile
 import fxcompile.zoo as zoo
+from fxcompile.benchmarking import Contender, time_interleaved
+from fxcompile.benchmarking import short_error as _short
 from fxcompile.numerics import max_error
 from fxcompile.report import format_table
 
@@ -48,24 +48,6 @@ CONTENDERS = {
 }
 HEADER = ("model", "input", "contender", "compile s", "median ms", "min ms", "vs eager", "max err")
 WARMUP = 2
-
-
-@dataclass
-class Contender:
-    key: str
-    fn: Callable[[], Any] | None = None
-    compile_s: float | None = None
-    error: float | None = None
-    failed: str | None = None
-    times: list[float] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        return CONTENDERS[self.key]
-
-    @property
-    def median_ms(self) -> float | None:
-        return statistics.median(self.times) * 1e3 if self.times and not self.failed else None
 
 
 # -- building the contenders ---------------------------------------------------------------
@@ -112,12 +94,6 @@ def _build_ort(model: torch.nn.Module, kwargs: dict, threads: int) -> Callable[[
     return run
 
 
-def _short(e: BaseException, limit: int = 90) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    text = f"{type(e).__name__}: {lines[0] if lines else ''}".replace("|", "/")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def _error_vs(reference: Any, out: Any) -> float:
     """Relative max error; a flat tuple (onnxruntime) is compared with the reference's leaves."""
     if isinstance(out, tuple) and not isinstance(reference, tuple):
@@ -127,21 +103,6 @@ def _error_vs(reference: Any, out: Any) -> float:
 
 
 # -- timing --------------------------------------------------------------------------------
-def time_interleaved(contenders: list[Contender], runs: int) -> None:
-    """Time every live contender ``runs`` times: ``runs`` rounds of one call each, the order
-    rotating from round to round, so drift and other processes hit every contender alike."""
-    for r in range(runs):
-        live = [c for c in contenders if not c.failed]
-        shift = r % max(1, len(live))
-        for c in live[shift:] + live[:shift]:
-            try:
-                start = time.perf_counter()
-                c.fn()
-                c.times.append(time.perf_counter() - start)
-            except Exception as e:
-                c.failed = _short(e)
-
-
 class OtherLoad:
     """The share of the machine's CPU time that other processes took while timing ran.
 
@@ -182,14 +143,14 @@ def bench_one(name: str, batch: int, args, keys: list[str], log) -> tuple[list[t
     model, kwargs = zoo.build(name, batch=batch, size=args.size, seq=args.seq)
     params = sum(p.numel() for p in model.parameters())
     shape = "x".join(str(d) for d in next(iter(kwargs.values())).shape)
-    contenders = [Contender(k) for k in keys]
+    contenders = [Contender(k, CONTENDERS[k]) for k in keys]
     reference = None
     for c in contenders:
         log(f"  {name} batch {batch}: building {c.label}")
         try:
             start = time.perf_counter()
             c.fn = _build(c.key, model, kwargs, args.threads)
-            c.compile_s = time.perf_counter() - start
+            c.build_s = time.perf_counter() - start
             out = c.fn()
             if c.key == "eager":
                 reference = out
@@ -210,7 +171,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], log) -> tuple[list[t
     base = contenders[0].median_ms  # eager
     rows = []
     for c in contenders:
-        compile_s = "-" if c.key == "eager" or c.compile_s is None else f"{c.compile_s:.1f}"
+        compile_s = "-" if c.key == "eager" or c.build_s is None else f"{c.build_s:.1f}"
         ms = c.median_ms
         if c.failed:
             cells = ("-", f"failed: {c.failed}", "-", "-", "-")

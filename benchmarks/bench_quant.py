@@ -28,14 +28,11 @@ import argparse
 import gc
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
@@ -44,6 +41,8 @@ import torch.nn as nn
 
 import fxcompile
 import fxcompile.zoo as zoo
+from fxcompile.benchmarking import Contender, time_interleaved
+from fxcompile.benchmarking import short_error as _short
 from fxcompile.numerics import cosine
 from fxcompile.report import format_table
 
@@ -53,27 +52,6 @@ CONTENDERS = {"fp32": "fxcompile fp32", "fx_int8": "fxcompile int8", "fx_int8_ad
 HEADER = ("model", "input", "contender", "build s", "median ms", "vs fp32", "cos", "size MB")
 DIGITS_HEADER = ("model", "accuracy %", "vs fp32 (points)", "notes")
 WARMUP = 2
-
-
-@dataclass
-class Contender:
-    key: str
-    run: Callable[[], Any] | None = None
-    build_s: float | None = None
-    cos: float | None = None
-    size: int | None = None
-    failed: str | None = None
-    times: list[float] = field(default_factory=list)
-
-    @property
-    def median_ms(self):
-        return statistics.median(self.times) * 1e3 if self.times and not self.failed else None
-
-
-def _short(e: BaseException, limit: int = 90) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    text = f"{type(e).__name__}: {lines[0] if lines else ''}".replace("|", "/")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _inputs(name: str, batch: int, args, seed: int) -> dict:
@@ -123,7 +101,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
     calib = [_inputs(name, batch, args, seed=s) for s in range(args.calib)]
     shape = "x".join(str(d) for d in next(iter(kwargs.values())).shape)
     fp32_path = os.path.join(tmp, f"{name}{batch}_fp32.onnx")
-    contenders = [Contender(k) for k in keys]
+    contenders = [Contender(k, CONTENDERS[k]) for k in keys]
     reference, feed_names = None, None
     for c in contenders:
         log(f"  {name} batch {batch}: building {CONTENDERS[c.key]}")
@@ -149,8 +127,8 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
                     compiled.save(fp32_path)
                 if c.key != "fp32":
                     compiled.graph_module.meta.clear()  # drop observers (histograms) early
-                c.run = (lambda m: lambda: m(**test))(compiled)
-                c.cos = cosine(reference, c.run())
+                c.fn = (lambda m: lambda: m(**test))(compiled)
+                c.cos = cosine(reference, c.fn())
             else:
                 if feed_names is None:
                     raise RuntimeError("needs the fp32 contender")
@@ -171,22 +149,16 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
                 c.size = _file_size(out)
                 sess = _session(out, args.threads)
                 feed = {n: test[n].numpy() for n in feed_names}
-                c.run = (lambda s, f: lambda: tuple(torch.from_numpy(o) for o in s.run(None, f)))(sess, feed)
-                c.cos = cosine(_flat(reference), c.run())
+                c.fn = (lambda s, f: lambda: tuple(torch.from_numpy(o) for o in s.run(None, f)))(sess, feed)
+                c.cos = cosine(_flat(reference), c.fn())
             for _ in range(WARMUP):
-                c.run()
+                c.fn()
         except Exception as e:
-            c.failed, c.run = _short(e), None
+            c.failed, c.fn = _short(e), None
             log(f"    failed: {c.failed}")
         gc.collect()
     log(f"  {name} batch {batch}: timing {args.runs} runs each")
-    for r in range(args.runs):
-        live = [c for c in contenders if not c.failed]
-        shift = r % max(1, len(live))
-        for c in live[shift:] + live[:shift]:
-            start = time.perf_counter()
-            c.run()
-            c.times.append(time.perf_counter() - start)
+    time_interleaved(contenders, args.runs)
     base = contenders[0].median_ms if contenders[0].key == "fp32" else None
     rows = []
     for c in contenders:
@@ -198,7 +170,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
                      f"{c.cos:.4f}", f"{c.size / 2**20:.1f}")
         rows.append((f"{name} ({params / 1e6:.1f}M)", shape, CONTENDERS[c.key]) + cells)
     for c in contenders:
-        c.run = None
+        c.fn = None
     gc.collect()
     return rows
 

@@ -1,0 +1,69 @@
+"""What the benchmark scripts (benchmarks/) share: contenders timed in interleaved rounds.
+
+Each round calls every live contender once, in a fresh random order (seeded): drift and other
+processes then hit all contenders alike, and no contender always runs right after the same
+other one (a runtime's worker threads still spinning after its call slow whoever comes next; an
+identical graph measured 0.7x behind another under a fixed rotation).
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Contender:
+    """One way of running a model: ``fn()`` runs it once; the rest is filled in by the script."""
+
+    key: str
+    label: str = ""
+    fn: Callable[[], Any] | None = None
+    build_s: float | None = None
+    error: float | None = None
+    cos: float | None = None
+    size: int | None = None
+    failed: str | None = None
+    skipped: str | None = None
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def live(self) -> bool:
+        return self.fn is not None and not self.failed and not self.skipped
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.times) * 1e3 if self.times and not (self.failed or self.skipped) else None
+
+    @property
+    def min_ms(self) -> float | None:
+        return min(self.times) * 1e3 if self.times and not (self.failed or self.skipped) else None
+
+
+def wall_seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def time_interleaved(contenders: list[Contender], runs: int,
+                     timer: Callable[[Callable[[], Any]], float] = wall_seconds, seed: int = 0) -> None:
+    """``runs`` rounds of one timed call per live contender, in a random order each round; a
+    contender that raises is marked failed (``short_error``) and left out of later rounds."""
+    order = random.Random(seed)
+    for _ in range(runs):
+        live = [c for c in contenders if c.live]
+        for c in order.sample(live, len(live)):
+            try:
+                c.times.append(timer(c.fn))
+            except Exception as e:  # a failing contender must not stop the others
+                c.failed = short_error(e)
+
+
+def short_error(e: BaseException, limit: int = 90) -> str:
+    """``Type: first line`` of an exception, for a table cell."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}".replace("|", "/")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
