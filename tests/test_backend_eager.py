@@ -76,7 +76,12 @@ class _ViewAfterConv(torch.nn.Module):
 
 
 def test_channels_last_inputs_for_conv_nets(convbn):
-    model, inputs = convbn
+    model, small = convbn
+    assert "memory format" not in fxcompile.compile(model, small).report.extra  # too small for "auto"
+    forced = fxcompile.compile(model, small, channels_last=True)
+    assert forced.report.extra["memory format"] == "channels_last"
+    assert_close(model(*small), forced(*small))
+    inputs = (torch.randn(4, 3, 64, 64),)
     compiled = fxcompile.compile(model, inputs)
     assert compiled.report.extra["memory format"] == "channels_last"
     assert compiled.runner.manifest() == {"channels_last_inputs": [0]}
