@@ -17,6 +17,7 @@ import fxcompile
 from fxcompile.backends import engine_cache
 from fxcompile.backends import onnx as onnx_backend
 from fxcompile.backends import tensorrt as trt_backend
+from fxcompile.backends import tensorrt_precision as trt_precision
 from fxcompile.errors import BackendError
 from fxcompile.numerics import cosine, max_error
 
@@ -275,7 +276,7 @@ def test_fp16_rewrite_keeps_float32_io_and_numerics():
     model, x = TinyEncoder().eval(), torch.randn(2, 8, 32)
     gm = fxcompile.compile(model, (x,)).graph_module
     proto = _export(gm, (x,))
-    half = trt_backend.cast_float_model(proto, "fp16")
+    half = trt_precision.cast_float_model(proto, "fp16")
     onnx.checker.check_model(half, full_check=True)
     assert [i.type.tensor_type.elem_type for i in half.graph.input] == [onnx.TensorProto.FLOAT]
     assert [o.type.tensor_type.elem_type for o in half.graph.output] == [onnx.TensorProto.FLOAT]
@@ -285,22 +286,22 @@ def test_fp16_rewrite_keeps_float32_io_and_numerics():
     (out,) = _ort(half, {"x": x})
     err = max_error(model(x), torch.from_numpy(out))
     assert 0 < err <= 1e-2, err
-    assert trt_backend.cast_float_model(proto, "fp32") is proto
+    assert trt_precision.cast_float_model(proto, "fp32") is proto
 
 
 def test_fp16_rewrite_clamps_to_the_finite_range():
     t = onnx.numpy_helper.from_array(np.array([-3.4e38, 1e5, 0.5, float("inf")], dtype=np.float32), "c")
-    trt_backend._convert_tensor(t, onnx.TensorProto.FLOAT16)
+    trt_precision._convert_tensor(t, onnx.TensorProto.FLOAT16)
     assert onnx.numpy_helper.to_array(t).tolist() == [-65504.0, 65504.0, 0.5, float("inf")]
     b = onnx.numpy_helper.from_array(np.array([-3.4e38, 1.0], dtype=np.float32), "b")
-    trt_backend._convert_tensor(b, onnx.TensorProto.BFLOAT16)
+    trt_precision._convert_tensor(b, onnx.TensorProto.BFLOAT16)
     assert b.data_type == onnx.TensorProto.BFLOAT16 and len(b.raw_data) == 4
 
 
 def test_bf16_rewrite_types_every_float_tensor():
     model, inputs = _mlp()
     gm = fxcompile.compile(model, inputs).graph_module
-    bf = trt_backend.cast_float_model(_export(gm, inputs), "bf16")
+    bf = trt_precision.cast_float_model(_export(gm, inputs), "bf16")
     onnx.checker.check_model(bf)  # structure; onnx's type rules lack bf16 Gemm before opset 22
     assert {t.data_type for t in bf.graph.initializer} == {onnx.TensorProto.BFLOAT16}
     casts = [onnx.helper.get_attribute_value(n.attribute[0]) for n in bf.graph.node if n.op_type == "Cast"]
@@ -313,12 +314,12 @@ def test_int8_rewrites_keep_the_quantized_numerics(convbn):
     proto = _export(q.graph_module, inputs)
     ref = q(*inputs)
     for precision, float_precision, tol in [("int8", "fp32", 1e-5), ("int8", "fp16", 5e-3), ("fp8", "fp32", 0.1)]:
-        model_proto = trt_backend.prepare_model(proto, precision, float_precision)
+        model_proto = trt_precision.prepare_model(proto, precision, float_precision)
         onnx.checker.check_model(model_proto, full_check=True)
         (out,) = _ort(model_proto, {"x": inputs[0]})
         err = max_error(ref, torch.from_numpy(out))
         assert err <= tol, (precision, float_precision, err)
-    fp8 = trt_backend.int8_to_fp8(proto)
+    fp8 = trt_precision.int8_to_fp8(proto)
     types = {t.name: t.data_type for t in fp8.graph.initializer}
     assert onnx.TensorProto.INT8 not in types.values()  # int8 weights and zero points are gone
     for node in fp8.graph.node:
@@ -343,7 +344,7 @@ def test_parser_error_names_onnx_node_fx_node_and_source_line():
     # an error that names no node, and a node without FX origin (a Cast the fp16 rewrite added)
     msg = trt_backend.explain_parser_error(proto, -1, "", "network has no outputs", gm)
     assert msg.startswith("TensorRT's ONNX parser failed: network has no outputs")
-    half = trt_backend.cast_float_model(proto, "fp16")
+    half = trt_precision.cast_float_model(proto, "fp16")
     msg = trt_backend.explain_parser_error(half, 0, "Cast", "made up", gm)
     assert "no FX node (added during export)" in msg
 

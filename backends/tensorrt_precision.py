@@ -1,0 +1,233 @@
+"""Precision for the tensorrt backend, as rewrites of the ONNX model (no tensorrt needed).
+
+TensorRT 11 removed the builder's precision flags; with strongly typed networks the model itself
+says which type each layer runs in. ``prepare_model`` gives the model TensorRT parses: fp16/bf16
+cast every float tensor (``cast_float_model``), fp8 re-targets the graph's int8 Q/DQ pairs to
+FP8 E4M3 (``int8_to_fp8``). Tested on CPU with onnxruntime.
+"""
+from __future__ import annotations
+
+import torch
+
+from fxcompile.errors import BackendError
+
+# ONNX inputs typed tensor(float) whatever the data's type: they stay float32 under fp16/bf16.
+_FLOAT32_SLOTS = {("Resize", 2), ("Upsample", 1)}
+
+
+def cast_float_model(model, precision: str):
+    """A copy of ``model`` with every float32 tensor as fp16 or bf16: initializers and constants
+    converted (fp16 clamped to +-65504, so a -3.4e38 mask stays finite), Casts to float32 retargeted,
+    float32 inputs and outputs kept with a Cast after each input and before each output. Q/DQ
+    scales follow (so int8 layers dequantize to the new type; opset >= 19 allows it).
+
+    All float math runs in the new type, including what the model computes in float32 on
+    purpose (T5's RMSNorm variance, for one): fp16 may overflow there where bf16 does not.
+    bf16 Conv/Gemm are outside onnx's own type rules before opset 22; TensorRT takes them."""
+    import onnx
+    from onnx import TensorProto, helper
+    if precision == "fp32":
+        return model
+    to = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[precision]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in g.node) and _opset(out) < 19:
+        raise BackendError(f"tensorrt: float_precision={precision!r} with Q/DQ pairs needs ONNX opset >= 19 "
+                           f"(fp16/bf16 scales); the model has opset {_opset(out)}. Leave opset unset.")
+    keep = {n.input[i] for n in _all_nodes(g) for (op, i) in _FLOAT32_SLOTS
+            if n.op_type == op and len(n.input) > i}
+    scales = {n.input[1] for n in _all_nodes(g) if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    _cast_nodes(g, to, keep, scales)
+    for fn in out.functions:
+        _cast_nodes(fn, to, keep, scales)
+    front, back = [], []
+    inputs = {i.name for i in g.input}
+    taken = ({name for n in _all_nodes(g) for name in list(n.input) + list(n.output)} | inputs
+             | {t.name for t in g.initializer})
+    for i in g.input:
+        if i.type.tensor_type.elem_type == TensorProto.FLOAT:
+            low = _fresh(f"{i.name}_{precision}", taken)
+            _rename_uses(g, i.name, low)
+            front.append(helper.make_node("Cast", [i.name], [low], to=to, name=f"fxcompile_cast_{i.name}"))
+    done = set()
+    for o in g.output:
+        if o.type.tensor_type.elem_type != TensorProto.FLOAT or o.name in inputs or o.name in done:
+            continue
+        done.add(o.name)
+        low = _fresh(f"{o.name}_{precision}", taken)
+        _rename_uses(g, o.name, low)
+        for n in g.node:
+            n.output[:] = [low if v == o.name else v for v in n.output]
+        for t in g.initializer:
+            if t.name == o.name:
+                t.name = low
+        back.append(helper.make_node("Cast", [low], [o.name], to=TensorProto.FLOAT,
+                                     name=f"fxcompile_cast_{o.name}"))
+    nodes = front + list(g.node) + back
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
+def _cast_nodes(g, to: int, keep: set[str], scales: set[str]) -> None:
+    import numpy as np
+    from onnx import AttributeProto, TensorProto, numpy_helper
+    for t in getattr(g, "initializer", ()):
+        if t.data_type == TensorProto.FLOAT and t.name not in keep:
+            # a scale that rounds to 0 in fp16 would turn Q into x/0: keep it at fp16's smallest
+            _convert_tensor(t, to, min_value=2.0 ** -24 if t.name in scales else None)
+    for node in g.node:
+        kept = bool(set(node.output) & keep)
+        for a in list(node.attribute):
+            if a.type == AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT and not kept:
+                _convert_tensor(a.t, to)
+            elif a.type == AttributeProto.INT and a.i == TensorProto.FLOAT and not kept and (
+                    (node.op_type == "Cast" and a.name == "to") or a.name == "dtype"):
+                a.i = to
+            elif a.type in (AttributeProto.FLOAT, AttributeProto.FLOATS) and node.op_type == "Constant" \
+                    and a.name in ("value_float", "value_floats") and not kept:
+                value = np.array(a.f if a.name == "value_float" else list(a.floats), dtype=np.float32)
+                tensor = numpy_helper.from_array(value, "value")
+                _convert_tensor(tensor, to)
+                node.attribute.remove(a)
+                node.attribute.add(name="value", type=AttributeProto.TENSOR, t=tensor)
+            elif a.type == AttributeProto.GRAPH:
+                _cast_subgraph(a.g, to, keep, scales)
+            elif a.type == AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    _cast_subgraph(sub, to, keep, scales)
+    if hasattr(g, "value_info"):
+        del g.value_info[:]  # stale float32 types; TensorRT infers types itself
+
+
+def _cast_subgraph(g, to: int, keep: set[str], scales: set[str]) -> None:
+    from onnx import TensorProto
+    _cast_nodes(g, to, keep, scales)
+    for v in list(g.input) + list(g.output):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = to
+
+
+def _convert_tensor(t, to: int, min_value: float | None = None) -> None:
+    """Rewrite a float32 TensorProto in place as fp16 (clamped to its finite range) or bf16."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+    x = torch.from_numpy(np.array(numpy_helper.to_array(t), dtype=np.float32))  # a writable copy
+    if min_value is not None:
+        x = x.clamp(min=min_value)
+    if to == TensorProto.FLOAT16:
+        x = torch.where(torch.isfinite(x), x.clamp(-65504.0, 65504.0), x).to(torch.float16)
+        raw = x.numpy().tobytes()
+    else:
+        raw = x.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    for f in ("float_data", "raw_data"):
+        t.ClearField(f)
+    t.data_type = to
+    t.raw_data = raw
+
+
+def int8_to_fp8(model):
+    """A copy of ``model`` whose int8 Q/DQ pairs quantize to FP8 E4M3 over the same ranges: each
+    scale (amax/127) becomes amax/448, zero points FP8 zeros, int8 weights re-encoded as FP8."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    if _opset(model) < 19:
+        raise BackendError(f"tensorrt: fp8 needs ONNX opset >= 19 (FP8 Q/DQ); the model has opset "
+                           f"{_opset(model)}. Leave opset unset.")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    made: dict[tuple[str, str], str] = {}
+    taken = set(inits) | {v for n in g.node for v in list(n.input) + list(n.output)}
+
+    def new_init(kind: str, name: str, make) -> str:
+        if (kind, name) not in made:
+            fresh = _fresh(f"{name}_fp8", taken)
+            t = make(name)
+            t.name = fresh
+            g.initializer.append(t)
+            made[kind, name] = fresh
+        return made[kind, name]
+
+    def scale(name):
+        s = numpy_helper.to_array(inits[name]).astype(np.float32) * np.float32(127.0 / 448.0)
+        return numpy_helper.from_array(s.astype(np.float32))
+
+    def zeros(name):
+        shape = list(inits[name].dims) if name in inits else []
+        return onnx.TensorProto(dims=shape, data_type=TensorProto.FLOAT8E4M3FN,
+                                raw_data=bytes(int(np.prod(shape, dtype=np.int64))))
+
+    def weight(name):
+        q = torch.from_numpy(numpy_helper.to_array(inits[name]).astype(np.float32))
+        f8 = (q * (448.0 / 127.0)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return onnx.TensorProto(dims=list(inits[name].dims), data_type=TensorProto.FLOAT8E4M3FN,
+                                raw_data=f8.tobytes())
+
+    for node in g.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        s = node.input[1]
+        zp = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        if s not in inits or (zp and zp not in inits):
+            raise BackendError(f"tensorrt: fp8 needs constant Q/DQ scales and zero points; node "
+                               f"'{node.name}' ({node.op_type}) computes them")
+        if zp and inits[zp].data_type != TensorProto.INT8:
+            raise BackendError(f"tensorrt: fp8 re-targets int8 Q/DQ pairs; node '{node.name}' quantizes to "
+                               f"{TensorProto.DataType.Name(inits[zp].data_type)}")
+        node.input[1] = new_init("scale", s, scale)
+        zp_fp8 = new_init("zero", zp or s, zeros)
+        if len(node.input) > 2:
+            node.input[2] = zp_fp8
+        else:
+            node.input.append(zp_fp8)
+        x = node.input[0]
+        if node.op_type == "DequantizeLinear" and x in inits and inits[x].data_type == TensorProto.INT8:
+            node.input[0] = new_init("weight", x, weight)
+    used = {v for n in _all_nodes(g) for v in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    del g.value_info[:]
+    return out
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _all_nodes(g):
+    from onnx import AttributeProto
+    for n in g.node:
+        yield n
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _all_nodes(sub)
+
+
+def _rename_uses(g, old: str, new: str) -> None:
+    for n in _all_nodes(g):
+        n.input[:] = [new if v == old else v for v in n.input]
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    taken.add(candidate)
+    return candidate
+
+
+def prepare_model(model, precision: str, float_precision: str):
+    """The ONNX model TensorRT parses for ``precision`` (see the module docstring)."""
+    if precision == "fp8":
+        model = int8_to_fp8(model)
+    return cast_float_model(model, float_precision)
+
+
