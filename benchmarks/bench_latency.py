@@ -33,7 +33,7 @@ import torch.utils._pytree as pytree
 
 import fxcompile
 import fxcompile.zoo as zoo
-from fxcompile.benchmarking import Contender, time_interleaved
+from fxcompile.benchmarking import Contender, split_selection, time_interleaved
 from fxcompile.benchmarking import short_error as _short
 from fxcompile.numerics import max_error
 from fxcompile.report import format_table
@@ -223,17 +223,7 @@ def parse_args(argv):
     p.add_argument("--skip", default="", help=f"comma-separated contenders to skip: {', '.join(list(CONTENDERS)[1:])}")
     p.add_argument("--out", default=None, help="also write the markdown to this file")
     args = p.parse_args(argv)
-    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.batch_list = [int(b) for b in args.batch.split(",") if b.strip()]
-    args.skip_list = [s.strip() for s in args.skip.split(",") if s.strip()]
-    for m in args.model_list:
-        if m not in zoo.ZOO:
-            p.error(f"unknown model {m!r}; known: {', '.join(zoo.ZOO)}")
-    for s in args.skip_list:
-        if s not in CONTENDERS or s == "eager":
-            p.error(f"--skip takes {', '.join(list(CONTENDERS)[1:])}; got {s!r}")
-    if args.runs < 1:
-        p.error("--runs must be at least 1")
+    split_selection(p, args, CONTENDERS, zoo.ZOO)
     return args
 
 

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 import fxcompile
 import fxcompile.zoo as zoo
-from fxcompile.benchmarking import Contender, time_interleaved
+from fxcompile.benchmarking import Contender, split_selection, time_interleaved
 from fxcompile.benchmarking import short_error as _short
 from fxcompile.numerics import cosine
 from fxcompile.report import format_table
@@ -337,15 +337,7 @@ def parse_args(argv):
     p.add_argument("--zoo", action="store_true", help="also the int8 vs fp32 cosine of every zoo model (small)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.batch_list = [int(b) for b in args.batch.split(",") if b.strip()]
-    args.skip_list = [s.strip() for s in args.skip.split(",") if s.strip()]
-    for m in args.model_list:
-        if m not in zoo.ZOO:
-            p.error(f"unknown model {m!r}")
-    for s in args.skip_list:
-        if s not in CONTENDERS or s == "fp32":
-            p.error(f"--skip takes {', '.join(list(CONTENDERS)[1:])}; got {s!r}")
+    split_selection(p, args, CONTENDERS, zoo.ZOO)
     return args
 
 

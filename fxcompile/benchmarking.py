@@ -67,3 +67,21 @@ def short_error(e: BaseException, limit: int = 90) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     text = f"{type(e).__name__}: {lines[0] if lines else ''}".replace("|", "/")
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def split_selection(parser, args, contenders: dict, known_models) -> None:
+    """Turn ``--models``, ``--batch`` and ``--skip`` (comma-separated) into ``args.model_list``,
+    ``args.batch_list`` and ``args.skip_list``; unknown names and ``--runs < 1`` are parser errors.
+    The first contender is the reference every ratio is taken against: it cannot be skipped."""
+    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.batch_list = [int(b) for b in args.batch.split(",") if b.strip()]
+    args.skip_list = [s.strip() for s in args.skip.split(",") if s.strip()]
+    for m in args.model_list:
+        if m not in known_models:
+            parser.error(f"unknown model {m!r}; known: {', '.join(known_models)}")
+    skippable = list(contenders)[1:]
+    for s in args.skip_list:
+        if s not in skippable:
+            parser.error(f"--skip takes {', '.join(skippable)}; got {s!r}")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
