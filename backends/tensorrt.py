@@ -117,13 +117,15 @@ def _device_index(device) -> int | None:
 def quantized_kind(gm: fx.GraphModule) -> str | None:
     """'int8' when the graph holds signed Q/DQ pairs (or fake-quant nodes), 'uint8' when any
     quantizes to unsigned integers (onnxruntime's activations), None without quantization."""
-    from fxcompile.quant_ops import DEQUANTIZE, QUANTIZE
+    from fxcompile.quant_ops import DEQUANTIZE, DYNAMIC_FAKE_QUANT, DYNAMIC_QUANTIZED_MATMUL, QUANTIZE
     from fxcompile.quant_state import FAKE_QUANT_OPS, FQ_LEARNABLE_PER_CHANNEL, FQ_PER_CHANNEL
     kinds = set()
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
-        if n.target is QUANTIZE:
+        if n.target in (DYNAMIC_FAKE_QUANT, DYNAMIC_QUANTIZED_MATMUL):
+            kinds.add("uint8")  # run-time uint8 activations (onnxruntime's activations='dynamic')
+        elif n.target is QUANTIZE:
             kinds.add("uint8" if n.args[3] >= 0 else "int8")
         elif n.target in FAKE_QUANT_OPS:
             qmin = n.args[4] if n.target in (FQ_PER_CHANNEL, FQ_LEARNABLE_PER_CHANNEL) else n.args[3]

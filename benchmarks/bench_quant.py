@@ -13,6 +13,9 @@ Contenders per zoo model and batch size (all onnxruntime CPU, the same threads):
   fx int8 +add   the same with ops=(..., "add"): residual adds quantized too (QLinearAdd). Since
                  add joined the onnxruntime defaults this is the same graph as fx int8 (kept so
                  tables line up with earlier runs; --skip fx_int8_add saves its time)
+  fx dynamic     fxcompile.quantize_passes("onnxruntime", activations="dynamic"): linear and
+                 matmul inputs quantized at run time (DynamicQuantizeMatMul), per-channel
+                 weights, no calibration data; text models
   ort static     quantize_static(QDQ, uint8 activations, int8 per-channel weights, MinMax) of the
                  fp32 file (reduce_range as onnxruntime defaults it: off)
   ort static rr  the same with reduce_range=True (7-bit weights, what onnxruntime suggests on
@@ -47,8 +50,9 @@ from fxcompile.numerics import cosine
 from fxcompile.report import format_table
 
 CONTENDERS = {"fp32": "fxcompile fp32", "fx_int8": "fxcompile int8", "fx_int8_add": "fxcompile int8 +add",
-              "ort_static": "ort quantize_static", "ort_static_rr": "ort quantize_static rr",
+              "fx_dynamic": "fxcompile int8 dynamic", "ort_static": "ort quantize_static", "ort_static_rr": "ort quantize_static rr",
               "ort_dynamic": "ort quantize_dynamic"}
+TEXT_MODELS = ("bert", "distilbert", "roberta")  # where the dynamic contenders run
 HEADER = ("model", "input", "contender", "build s", "median ms", "vs fp32", "cos", "size MB")
 DIGITS_HEADER = ("model", "accuracy %", "vs fp32 (points)", "notes")
 WARMUP = 2
@@ -107,16 +111,18 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
         log(f"  {name} batch {batch}: building {CONTENDERS[c.key]}")
         try:
             start = time.perf_counter()
-            if c.key in ("fp32", "fx_int8", "fx_int8_add"):
+            if c.key in ("fp32", "fx_int8", "fx_int8_add", "fx_dynamic"):
                 ops = {}
                 if c.key == "fx_int8_add":
                     from fxcompile.passes.quant_placement import DEFAULT_OPS
                     ops = {"ops": tuple(dict.fromkeys(DEFAULT_OPS["onnxruntime"] + ("add",)))}
+                if c.key == "fx_dynamic":
+                    ops = {"activations": "dynamic"}
                 passes = (None if c.key == "fp32" else
                           fxcompile.quantize_passes("onnxruntime", method=args.method, **ops))
                 compiled = fxcompile.compile(model, example_kwargs=kwargs, passes=passes, backend="onnx",
                                              threads=args.threads,
-                                             calibration_data=None if c.key == "fp32" else calib)
+                                             calibration_data=calib if c.key in ("fx_int8", "fx_int8_add") else None)
                 c.build_s = time.perf_counter() - start
                 path = os.path.join(tmp, f"{name}{batch}_{c.key}.onnx")
                 compiled.save(path)
@@ -355,7 +361,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp, torch.no_grad():
         for name in args.model_list:
             keys = [k for k in CONTENDERS if k not in args.skip_list
-                    and not (k == "ort_dynamic" and name not in ("bert", "distilbert", "roberta"))]
+                    and not (k in ("ort_dynamic", "fx_dynamic") and name not in TEXT_MODELS)]
             for batch in args.batch_list:
                 start = time.perf_counter()
                 rows += bench_one(name, batch, args, keys, tmp, log)

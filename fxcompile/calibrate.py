@@ -75,6 +75,10 @@ def calibrate_graph(gm: fx.GraphModule, batches: Iterable, method: str = "minmax
         raise QuantizationError(f"percentile must be in (0, 100], got {percentile}")
     state = get_state(gm)
     points = state.activations() if state is not None else []
+    if not points and state is not None and any(p.dynamic for p in state.points.values()):
+        raise QuantizationError("the graph's activations are quantized at run time (activations='dynamic'), "
+                                "so there is nothing to calibrate: fold it as it is, or insert fake-quant "
+                                "with activations='static' to calibrate")
     if not points:
         raise QuantizationError("the graph has no activation fake-quant nodes to calibrate: run the "
                                 "'insert_fake_quant' pass first (compile(..., passes=[..., 'insert_fake_quant']))")

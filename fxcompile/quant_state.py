@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from .quant_ops import DYNAMIC_FAKE_QUANT
+
 aten = torch.ops.aten
 META_KEY = "fxcompile.quant"
 
@@ -24,7 +26,7 @@ FQ_PER_CHANNEL = aten.fake_quantize_per_channel_affine.default
 FQ_LEARNABLE_PER_TENSOR = aten._fake_quantize_learnable_per_tensor_affine.default
 FQ_LEARNABLE_PER_CHANNEL = aten._fake_quantize_learnable_per_channel_affine.default
 FAKE_QUANT_OPS = {FQ_PER_TENSOR, FQ_PER_CHANNEL, FQ_LEARNABLE_PER_TENSOR, FQ_LEARNABLE_PER_CHANNEL,
-                  aten.fake_quantize_per_tensor_affine.default}
+                  aten.fake_quantize_per_tensor_affine.default, DYNAMIC_FAKE_QUANT}
 TARGETS = {
     # activations: (quant_min, quant_max, symmetric). onnxruntime's fast x86 kernels want uint8
     # activations (U8S8); TensorRT wants symmetric int8 (PEERS.md).
@@ -58,6 +60,7 @@ class QuantPoint:
     follows: str | None = None   # shares the scale of this (weight) point: not calibrated itself
     bits: int = 8                # 7 for reduce_range weights (values in [-63, 63])
     pair_limited: bool = False   # weights scaled so neighbours along K can't saturate int16 pair sums
+    dynamic: bool = False        # an activation quantized with its own range at run time (no scale)
     observer: Any = field(default=None, repr=False)
 
     @property
@@ -77,8 +80,10 @@ class QuantState:
     batches: int = 0             # calibration batches seen by the last calibration
 
     def activations(self) -> list[QuantPoint]:
-        """The activation points calibration sets (not those sharing a weight's scale)."""
-        return [p for p in self.points.values() if p.kind == "activation" and p.follows is None]
+        """The activation points calibration sets (not those sharing a weight's scale, nor the
+        dynamic ones, which take their range at run time)."""
+        return [p for p in self.points.values()
+                if p.kind == "activation" and p.follows is None and not p.dynamic]
 
     def uncalibrated(self) -> list[QuantPoint]:
         return [p for p in self.points.values() if not p.calibrated]
@@ -204,6 +209,7 @@ class QuantReport:
         self.rows = [{"node": p.name, "kind": p.kind, "of": p.source, "module": p.module or "<root>",
                       "int range": f"[{p.quant_min}, {p.quant_max}]",
                       "granularity": ("per tensor" if p.axis is None else f"per channel (axis {p.axis})")
+                      + (", at run time" if p.dynamic else "")
                       + (f", {p.bits}-bit" if p.bits != 8 else "") + (", pair-limited" if getattr(p, "pair_limited", False) else ""),
                       "method": p.method or "uncalibrated",
                       "scale": _scale_range(scales.get(p.name)), "range": _range(p)}

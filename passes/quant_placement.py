@@ -12,6 +12,9 @@ The placement depends on the backend that will run the int8 graph (PEERS.md, mea
   QLinearAdd then reads the uint8 tensors in place of two DequantizeLinear and a float Add
   (which onnxruntime would fuse with a following LayerNorm into SkipLayerNormalization, ~3x
   slower on CPU than QLinearAdd -> DequantizeLinear -> LayerNormalization, measured).
+- onnxruntime with dynamic activations (``activations="dynamic"``) quantizes the input of each
+  linear and matmul with a constant 2-D weight at run time (its own range, per call) and nothing
+  else: no outputs, no adds, no calibration. onnxruntime runs each as DynamicQuantizeMatMul.
 - TensorRT wants symmetric Q/DQ on the inputs of conv/gemm only and picks its own output
   precision: only the quantized ops' inputs are quantized, and only for those ops.
 
@@ -45,6 +48,7 @@ FAMILIES: dict[str, set] = {
 }
 DEFAULT_OPS = {"onnxruntime": ("conv", "linear", "matmul", "embedding", "add"),
                "tensorrt": ("conv", "linear", "matmul")}
+DYNAMIC_OPS = ("linear", "matmul", "embedding")  # families activations="dynamic" can quantize
 WEIGHTED = ("conv", "linear", "matmul")       # families computing with a weight operand
 OUTPUT_QUANTIZED = ("conv", "linear", "matmul", "add")  # onnxruntime: quantized output units
 # Ops taken into an onnxruntime unit when they are the op's only user: the output fake-quant goes
@@ -166,8 +170,17 @@ def output_of(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
             return out, bns
 
 
+def _dynamic_site(site: Site) -> bool:
+    """A linear or matmul activation @ constant 2-D weight: what DynamicQuantizeMatMul computes."""
+    if site.family == "embedding":
+        return True
+    if site.weight is None or site.weight[1].meta["val"].dim() != 2:
+        return False
+    return site.family == "linear" or (len(site.activations) == 1 and site.activations[0] is site.node.args[0])
+
+
 def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=False, keep_last=False,
-         per_channel=True) -> Plan:
+         per_channel=True, dynamic=False) -> Plan:
     """Choose the quantized ops and the tensors to fake-quantize (see the module docstring)."""
     sites = []
     for node in gm.graph.nodes:
@@ -179,7 +192,7 @@ def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=Fals
         if only and not _matches(node, only):
             continue
         site = _site(node, family, per_channel)
-        if site is not None:
+        if site is not None and (not dynamic or _dynamic_site(site)):
             sites.append(site)
     weighted = [s for s in sites if s.family in WEIGHTED]
     dropped = set()
@@ -189,9 +202,9 @@ def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=Fals
         dropped.add(weighted[-1].node)
     kept = [s for s in sites if s.node not in dropped]
     result = Plan()
-    if target != "onnxruntime":
+    if target != "onnxruntime" or dynamic:
         for site in kept:
-            _place(result, site, target)
+            _place(result, site, target, outputs=not dynamic)
         result.sites = kept
         return result
     # onnxruntime: an add is quantized only where both operands are quantized anyway, as the
@@ -211,7 +224,7 @@ def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=Fals
     return result
 
 
-def _place(result: Plan, site: Site, target: str) -> None:
+def _place(result: Plan, site: Site, target: str, outputs: bool = True) -> None:
     result.sites.append(site)
     for x in site.activations:
         users = result.activations.setdefault(x, set())
@@ -219,7 +232,7 @@ def _place(result: Plan, site: Site, target: str) -> None:
             users.add(site.node)
     if target == "onnxruntime" and site.family == "embedding" and is_float_tensor(site.node):
         result.embeddings.append(site)
-    if target == "onnxruntime" and site.family in OUTPUT_QUANTIZED:
+    if target == "onnxruntime" and outputs and site.family in OUTPUT_QUANTIZED:
         out, bns = output_of(site.node)
         result.unfolded_batch_norm += bns
         if is_float_tensor(out):

@@ -24,13 +24,15 @@ from torch import fx
 from fxcompile import graph_utils
 from fxcompile.errors import QuantizationError, describe_node
 from fxcompile.observers import METHODS
-from fxcompile.quant_ops import DEQUANTIZE, QUANTIZE
+from fxcompile.quant_ops import DEQUANTIZE, DYNAMIC_FAKE_QUANT, DYNAMIC_QUANTIZED_MATMUL, QUANTIZE
 from fxcompile.quant_state import (FQ_PER_CHANNEL, FQ_PER_TENSOR, TARGETS, WEIGHT_RANGE, QuantPoint,
                                    QuantState, fake_quant_nodes, get_state, module_path, qparams,
                                    set_state, tensor_bytes, u8s8_saturates, weight_qparams)
 from fxcompile.registry import register_pass
 
 from . import quant_placement as placement
+
+_ASSERT = torch.ops.aten._assert_tensor_metadata.default
 
 
 @dataclass
@@ -55,6 +57,11 @@ class InsertFakeQuantOptions:
     along K share a sign, down to 7 where they do; BERT-base int8 cosine 0.9979 vs 0.9976 with
     7-bit, measured), conv keeps 8 bits, where saturation is rare and 8 bits are more accurate
     (ResNet-50 int8 cosine 0.9992 vs 0.9980, measured). False: 8 bits everywhere.
+    activations: 'static' (scales calibrated ahead of time; the fast default) or 'dynamic'
+    (onnxruntime only: each linear's and matmul's input is quantized with its own range at run
+    time, like onnxruntime's quantize_dynamic but with per-channel weights; no calibration data,
+    no quantized outputs or adds; onnxruntime runs DynamicQuantizeMatMul). ops then default to,
+    and may only name, linear, matmul and embedding.
     method, percentile: the calibration run when compile is given calibration_data.
     progress: show a bar while calibrating."""
 
@@ -66,6 +73,7 @@ class InsertFakeQuantOptions:
     keep_last: bool = False
     per_channel: bool = True
     reduce_range: object = "auto"
+    activations: str = "static"
     method: str = "minmax"
     percentile: float = 99.99
     progress: bool = False
@@ -73,6 +81,11 @@ class InsertFakeQuantOptions:
     def validate(self):
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.activations not in ("static", "dynamic"):
+            raise ValueError(f"activations must be 'static' or 'dynamic', got {self.activations!r}")
+        if self.activations == "dynamic" and self.target != "onnxruntime":
+            raise ValueError(f"activations='dynamic' is for target 'onnxruntime' (DynamicQuantizeLinear and "
+                             f"MatMulInteger); {self.target} needs static activation scales")
         for name in ("ops", "skip", "only"):
             value = getattr(self, name)
             if value is None:
@@ -83,6 +96,10 @@ class InsertFakeQuantOptions:
         unknown = set(self.ops or ()) - set(placement.FAMILIES)
         if unknown:
             raise ValueError(f"unknown op families {sorted(unknown)}; known: {', '.join(placement.FAMILIES)}")
+        if self.activations == "dynamic" and set(self.ops or ()) - set(placement.DYNAMIC_OPS):
+            raise ValueError(f"activations='dynamic' quantizes {', '.join(placement.DYNAMIC_OPS)}; "
+                             f"{', '.join(sorted(set(self.ops) - set(placement.DYNAMIC_OPS)))} need "
+                             "activations='static'")
         if self.reduce_range not in ("auto", True, False):
             raise ValueError(f"reduce_range must be 'auto', True or False, got {self.reduce_range!r}")
         if self.method not in METHODS:
@@ -134,9 +151,11 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
     """Insert fake-quant on activations and weights (per-tensor / per-channel) for the target backend."""
     _check_not_quantized(gm)
     act_min, act_max, symmetric = TARGETS[opts.target]
-    ops = opts.ops if opts.ops is not None else placement.DEFAULT_OPS[opts.target]
+    dynamic = opts.activations == "dynamic"
+    ops = opts.ops if opts.ops is not None else (placement.DYNAMIC_OPS if dynamic else
+                                                 placement.DEFAULT_OPS[opts.target])
     plan = placement.plan(gm, opts.target, ops, opts.skip, opts.only, opts.keep_first,
-                          opts.keep_last, opts.per_channel)
+                          opts.keep_last, opts.per_channel, dynamic)
     for bn in plan.unfolded_batch_norm[:1]:
         warnings.warn(f"insert_fake_quant: BatchNorm {describe_node(bn)} is not folded into its conv; "
                       "run 'fold_batch_norm' first so training and deployment agree and int8 kernels fuse")
@@ -191,7 +210,8 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
         state.points[fq.name].consumers.append(site.node.name)
     for site in plan.embeddings:
         # the rows keep the table's scale: lossless, and the Q of any quantized op reading them
-        plan.activations.pop(site.node, None)
+        # (static); dynamic ops requantize the rows at run time
+        readers = plan.activations.pop(site.node, None)
         wfq = site.node.args[0]
         _, s, z, qmin, qmax = wfq.args
         users = list(site.node.users)
@@ -202,6 +222,8 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
             user.replace_input_with(site.node, fq)
         _copy_origin(fq, site.node)
         fq.meta["val"] = site.node.meta.get("val")
+        if dynamic and readers:
+            plan.activations[fq] = readers
         weight = state.points[wfq.name]
         state.points[fq.name] = QuantPoint(fq.name, "activation", site.node.name, [u.name for u in users],
                                            module_path(site.node), qmin, qmax, weight.symmetric, None, s.target,
@@ -210,11 +232,17 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
         anchor = tensor.next
         while anchor.op in ("placeholder",):
             anchor = anchor.next
-        s = _buffer(gm, f"{tensor.name}_scale", torch.ones(1), anchor)
-        z = _buffer(gm, f"{tensor.name}_zero_point", torch.zeros(1, dtype=torch.int32), anchor)
-        with graph.inserting_before(anchor):
-            fq = graph.create_node("call_function", FQ_PER_TENSOR, (tensor, s, z, act_min, act_max),
-                                   name=f"fq_{tensor.name}")
+        if dynamic:
+            s = z = None
+            with graph.inserting_before(anchor):
+                fq = graph.create_node("call_function", DYNAMIC_FAKE_QUANT, (tensor, act_min, act_max),
+                                       name=f"fq_{tensor.name}")
+        else:
+            s = _buffer(gm, f"{tensor.name}_scale", torch.ones(1), anchor)
+            z = _buffer(gm, f"{tensor.name}_zero_point", torch.zeros(1, dtype=torch.int32), anchor)
+            with graph.inserting_before(anchor):
+                fq = graph.create_node("call_function", FQ_PER_TENSOR, (tensor, s, z, act_min, act_max),
+                                       name=f"fq_{tensor.name}")
         users = [u for u in tensor.users if u is not fq and (consumers is None or u in consumers)]
         for user in users:
             user.replace_input_with(tensor, fq)
@@ -222,12 +250,16 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
         _copy_origin(fq, origin)
         fq.meta["val"] = tensor.meta.get("val")
         state.points[fq.name] = QuantPoint(fq.name, "activation", tensor.name, [u.name for u in users],
-                                           module_path(origin), act_min, act_max, symmetric,
-                                           None, s.target, z.target)
+                                           module_path(origin), act_min, act_max, symmetric, None,
+                                           s.target if s else "", z.target if z else "",
+                                           method="dynamic" if dynamic else None, dynamic=dynamic)
     if not state.points:
         return 0
     set_state(gm, state)
-    if ctx is not None and ctx.data is not None:
+    if ctx is not None and ctx.data is not None and not state.activations():
+        warnings.warn("insert_fake_quant: no activation needs calibration (activations='dynamic' takes "
+                      "each range at run time); the calibration data is not used")
+    elif ctx is not None and ctx.data is not None:
         from fxcompile.calibrate import calibrate_graph
         gm.recompile()
         calibrate_graph(gm, ctx.data, opts.method, percentile=opts.percentile, progress=opts.progress)
@@ -253,6 +285,9 @@ def fold_fake_quant(gm: fx.GraphModule) -> int:
             "fxcompile.calibrate(compiled, batches) before folding.")
     for node in nodes:
         qmin, qmax = _range(node)
+        if node.target is DYNAMIC_FAKE_QUANT and (qmin, qmax) != (0, 255):
+            raise QuantizationError(f"{describe_node(node)} quantizes at run time to [{qmin}, {qmax}]; "
+                                    "folding supports dynamic uint8 [0, 255] (DynamicQuantizeLinear)")
         if (qmin, qmax) not in ((0, 255), (-128, 127)):
             raise QuantizationError(f"{describe_node(node)} quantizes to [{qmin}, {qmax}]; folding supports "
                                     "the full uint8 [0, 255] and int8 [-128, 127] ranges")
@@ -260,8 +295,10 @@ def fold_fake_quant(gm: fx.GraphModule) -> int:
     for node in fake_quant_nodes(gm):
         if node.args[0].op == "get_attr":
             _fold_weight(gm, node, state)
-        else:
+        elif node.target is not DYNAMIC_FAKE_QUANT:
             _fold_activation(gm, node, state)
+    for node in fake_quant_nodes(gm):  # dynamic ones, once their ops' weights are int8
+        _fold_dynamic(gm, node, state)
     gm.graph.eliminate_dead_code()
     graph_utils.drop_unused_attrs(gm)
     if state is not None:
@@ -271,6 +308,8 @@ def fold_fake_quant(gm: fx.GraphModule) -> int:
 
 
 def _range(node: fx.Node) -> tuple[int, int]:
+    if node.target is DYNAMIC_FAKE_QUANT:
+        return node.args[1], node.args[2]
     if node.target is FQ_PER_CHANNEL:
         return node.args[4], node.args[5]
     if node.target is FQ_PER_TENSOR:
@@ -338,6 +377,40 @@ def _fold_activation(gm: fx.GraphModule, node: fx.Node, state: QuantState | None
     node.replace_all_uses_with(dq)
     gm.graph.erase_node(node)
     _rename(state, node.name, dq.name, sn.target, zn.target)
+
+
+def _fold_dynamic(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -> None:
+    """A run-time-quantized input and the int8 weight of each op reading it -> one
+    dynamic_quantized_matmul per op (DynamicQuantizeMatMul in onnxruntime)."""
+    x = node.args[0]
+    first = None
+    for op in list(node.users):
+        if op.target is _ASSERT:
+            continue
+        w = op.args[1] if len(op.args) > 1 else None
+        if not (op.args[0] is node and isinstance(w, fx.Node) and w.target is DEQUANTIZE
+                and op.target in placement.FAMILIES["linear"] | placement.FAMILIES["matmul"]):
+            raise QuantizationError(f"{describe_node(node)} is quantized at run time but its user "
+                                    f"{describe_node(op)} is not a linear or matmul with an int8 weight; "
+                                    "only those fold (DynamicQuantizeMatMul)")
+        q, scale, zero_point, axis = w.args
+        qv = graph_utils.fetch_attr(gm, q.target)
+        if op.target in placement.FAMILIES["linear"]:  # [N, K] -> [K, N], scales stay per N
+            q = _buffer(gm, f"{q.target}_kn", qv.t().contiguous(), op)
+        bias = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
+        with gm.graph.inserting_before(op):
+            new = gm.graph.create_node("call_function", DYNAMIC_QUANTIZED_MATMUL,
+                                       (x, q, scale, zero_point, bias), name=f"dynamic_quantized_{op.name}")
+        _copy_origin(new, op)
+        new.meta["val"] = op.meta.get("val")
+        op.replace_all_uses_with(new)
+        gm.graph.erase_node(op)
+        first = first or new
+    for user in list(node.users):
+        gm.graph.erase_node(user)  # metadata asserts on the fake-quant value
+    gm.graph.erase_node(node)
+    if first is not None:
+        _rename(state, node.name, first.name, "", "")
 
 
 def _rename(state: QuantState | None, old: str, new: str, scale_attr: str, zero_point_attr: str) -> None:

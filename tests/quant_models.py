@@ -81,3 +81,13 @@ def optimized_ops(onnx_path: str, tmp_path) -> Counter:
     so.intra_op_num_threads = 1
     ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def ort_outputs(path, feed: dict):
+    """Run the ONNX model at ``path`` on onnxruntime CPU (one thread) with a dict of tensors."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return tuple(torch.from_numpy(o) for o in sess.run(None, {k: v.numpy() for k, v in feed.items()}))

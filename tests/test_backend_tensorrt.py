@@ -131,6 +131,11 @@ def test_quantized_graph_checks(convbn):
     assert trt_backend.quantized_kind(ort_q) == "uint8"
     with pytest.raises(BackendError, match="symmetric int8 only.*target='tensorrt'"):
         trt_backend.plan_precision(ort_q, None, None)
+    linear = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    for fold in (False, True):  # activations quantized at run time: onnxruntime's uint8 too
+        dyn = fxcompile.compile(linear, (torch.randn(2, 8),), passes=fxcompile.quantize_passes(
+            "onnxruntime", fold=fold, activations="dynamic")).graph_module
+        assert trt_backend.quantized_kind(dyn) == "uint8"
     float_gm = fxcompile.compile(model, inputs).graph_module
     assert trt_backend.quantized_kind(float_gm) is None
     assert trt_backend.plan_precision(float_gm, None, None) == ("fp32", "fp32")

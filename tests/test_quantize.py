@@ -15,7 +15,7 @@ from fxcompile.graph_utils import count_ops, fetch_attr
 from fxcompile.numerics import max_error
 
 from .quant_models import (DQ, FLOAT_KERNELS, FQ_CHANNEL, FQ_TENSOR, INT8_KERNELS, Q, Wide, mixed,
-                           optimized_ops, single_thread)  # noqa: F401 (fixture)
+                           optimized_ops, ort_outputs, single_thread)  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -441,15 +441,6 @@ def _ort_quantize_static(fp32, feeds: list[dict], tmp_path):
     return out
 
 
-def _ort_outputs(path, feed: dict):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    return tuple(torch.from_numpy(o) for o in sess.run(None, {k: v.numpy() for k, v in feed.items()}))
-
-
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -477,7 +468,7 @@ def test_onnxruntime_default_residual_convnet_matches_quantize_static(tmp_path):
     held_out = torch.randn(2, 3, 16, 16)
     ref = model(held_out)
     assert fxcompile.numerics.cosine(ref, int8(held_out)) >= \
-        fxcompile.numerics.cosine(ref, _ort_outputs(static_path, {name: held_out})) - 1e-4
+        fxcompile.numerics.cosine(ref, ort_outputs(static_path, {name: held_out})) - 1e-4
 
 
 def test_onnxruntime_default_small_bert_int8_kernels(tmp_path):
@@ -516,7 +507,7 @@ def test_onnxruntime_default_small_bert_int8_kernels(tmp_path):
     assert sum(ours[k] for k in QDQ) <= sum(theirs[k] for k in QDQ), (ours, theirs)
     ref = fp32(**held_out)
     assert fxcompile.numerics.cosine(ref, int8(**held_out)) >= \
-        fxcompile.numerics.cosine(ref, _ort_outputs(static_path, {n: held_out[n] for n in names})) - 1e-4
+        fxcompile.numerics.cosine(ref, ort_outputs(static_path, {n: held_out[n] for n in names})) - 1e-4
 
 
 def test_onnxruntime_adds_of_float_operands_stay_float():
