@@ -27,7 +27,7 @@ from .quant_state import (EPS, FQ_LEARNABLE_PER_CHANNEL, FQ_LEARNABLE_PER_TENSOR
 aten = torch.ops.aten
 # (op, index of the weight, index of the bias) whose operands are trained
 _WEIGHTED = {aten.conv1d.default: (1, 2), aten.conv2d.default: (1, 2), aten.conv3d.default: (1, 2),
-             aten.linear.default: (1, 2), aten.layer_norm.default: (2, 3),
+             aten.linear.default: (1, 2), aten.addmm.default: (2, 0), aten.layer_norm.default: (2, 3),
              aten.batch_norm.default: (1, 2), aten.embedding.default: (0, None),
              aten.matmul.default: (1, None), aten.mm.default: (1, None)}
 

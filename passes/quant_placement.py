@@ -36,7 +36,7 @@ aten = torch.ops.aten
 FAMILIES: dict[str, set] = {
     "conv": {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
              aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default},
-    "linear": {aten.linear.default},
+    "linear": {aten.linear.default, aten.addmm.default},  # addmm(bias, x, w [K, N]): HF's Conv1D
     "matmul": {aten.matmul.default, aten.mm.default, aten.bmm.default},
     "add": {aten.add.Tensor, aten.add_.Tensor},
     "pool": {aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
@@ -106,6 +106,13 @@ def _matches(node: fx.Node, patterns) -> bool:
 
 
 def _site(node: fx.Node, family: str, per_channel: bool) -> Site | None:
+    if node.target is aten.addmm.default:
+        x, w = node.args[1], node.args[2]
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        if not (is_float_tensor(x) and _is_constant(w) and is_float_tensor(w)):
+            return None
+        return Site(node, family, [x], (2, w, 1 if per_channel else None))  # output channels: w's N
     if family in ("conv", "linear"):
         if node.target is aten.convolution.default and node.args[6]:
             return None  # transposed: its output channels are not the weight's first axis
@@ -177,6 +184,17 @@ def _dynamic_site(site: Site) -> bool:
     if site.weight is None or site.weight[1].meta["val"].dim() != 2:
         return False
     return site.family == "linear" or (len(site.activations) == 1 and site.activations[0] is site.node.args[0])
+
+
+def linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, object, bool]:
+    """(input, weight, bias or None, whether the weight is [N, K]) of a linear, addmm or a
+    matmul by a constant."""
+    if node.target is aten.addmm.default:
+        return node.args[1], node.args[2], node.args[0], False
+    if node.target is aten.linear.default:
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return node.args[0], node.args[1], bias, True
+    return node.args[0], node.args[1], None, False
 
 
 def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=False, keep_last=False,

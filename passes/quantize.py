@@ -108,7 +108,7 @@ class InsertFakeQuantOptions:
 
 def _reduction_axis(site: placement.Site, weight: torch.Tensor) -> int:
     """The axis of a linear's or matmul's weight that the op sums over (K)."""
-    return 1 if site.family == "linear" else weight.dim() - 2
+    return 1 if site.node.target is torch.ops.aten.linear.default else weight.dim() - 2
 
 
 def _check_not_quantized(gm: fx.GraphModule) -> None:
@@ -387,17 +387,15 @@ def _fold_dynamic(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -
     for op in list(node.users):
         if op.target is _ASSERT:
             continue
-        w = op.args[1] if len(op.args) > 1 else None
-        if not (op.args[0] is node and isinstance(w, fx.Node) and w.target is DEQUANTIZE
-                and op.target in placement.FAMILIES["linear"] | placement.FAMILIES["matmul"]):
+        ok = op.target in placement.FAMILIES["linear"] | placement.FAMILIES["matmul"]
+        a, w, bias, n_by_k = placement.linear_operands(op) if ok else (None, None, None, False)
+        if not (a is node and isinstance(w, fx.Node) and w.target is DEQUANTIZE):
             raise QuantizationError(f"{describe_node(node)} is quantized at run time but its user "
                                     f"{describe_node(op)} is not a linear or matmul with an int8 weight; "
                                     "only those fold (DynamicQuantizeMatMul)")
         q, scale, zero_point, axis = w.args
-        qv = graph_utils.fetch_attr(gm, q.target)
-        if op.target in placement.FAMILIES["linear"]:  # [N, K] -> [K, N], scales stay per N
-            q = _buffer(gm, f"{q.target}_kn", qv.t().contiguous(), op)
-        bias = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
+        if n_by_k:  # [N, K] -> [K, N], scales stay per N
+            q = _buffer(gm, f"{q.target}_kn", graph_utils.fetch_attr(gm, q.target).t().contiguous(), op)
         with gm.graph.inserting_before(op):
             new = gm.graph.create_node("call_function", DYNAMIC_QUANTIZED_MATMUL,
                                        (x, q, scale, zero_point, bias), name=f"dynamic_quantized_{op.name}")

@@ -595,3 +595,34 @@ def test_pair_limited_weights_agree_with_onnxruntime(tmp_path):
     assert errors["auto"] <= 0.01, errors  # up to a requantization rounding step
     if fxcompile.quant_state.u8s8_saturates():
         assert errors[False] > 0.05, errors  # the test does exercise saturation
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 projection: addmm(bias, x, w) with w stored [in, out]."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
+
+
+def test_addmm_is_quantized_like_linear(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(8, 16), nn.ReLU(), Conv1D(16, 4)).eval()
+    x, data = torch.randn(2, 5, 8), [torch.randn(2, 5, 8) for _ in range(4)]
+    for options, kernels in (({}, {"QGemm": 2}), ({"activations": "dynamic"}, {"DynamicQuantizeMatMul": 2})):
+        fq = _fq(model, x, None if options else data, **options)
+        addmms = [n for n in fq.graph_module.graph.nodes if str(n.target) == "aten.addmm.default"]
+        assert len(addmms) == 2 and all(str(n.args[2].target) == FQ_CHANNEL and n.args[2].args[3] == 1
+                                        for n in addmms)  # per output channel: w's axis 1
+        folded = fxcompile.recompile(fq, ["fold_fake_quant"], backend="eager")
+        assert max_error(fq(x), folded(x)) <= 1e-6
+        assert fxcompile.numerics.cosine(model(x), folded(x)) > 0.99
+        int8 = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
+        assert max_error(folded(x), int8(x)) <= 1e-4
+        (d := tmp_path / str(len(options))).mkdir()
+        ops = optimized_ops(int8.save(str(d / "int8.onnx"))[0], d)
+        assert all(ops[k] == v for k, v in kernels.items()) and not {"Gemm", "FusedGemm"} & set(ops), ops
