@@ -95,12 +95,30 @@ def first_user_node(gm: fx.GraphModule) -> fx.Node:
 
 
 def refresh_meta(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> int:
-    """Recompute every node's meta['val'] with fake tensors and return the graph's FLOPs."""
+    """Recompute every node's meta['val'] with fake tensors and return the graph's FLOPs (at the
+    example inputs' shapes). A graph captured with dynamic shapes keeps them: its placeholders'
+    symbolic fake tensors are propagated again, so passes see which dimensions vary."""
+    example_inputs = list(example_inputs)
+    symbolic = _symbolic_placeholders(gm)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     with FlopCounterMode(display=False) as counter:
         _FakeAttrProp(gm, mode).propagate_dont_convert_inputs(*fake)
+    if symbolic is not None:
+        sym_mode, values = symbolic
+        fake = [v if v is not None else x for v, x in zip(values, example_inputs)]
+        _FakeAttrProp(gm, sym_mode).propagate_dont_convert_inputs(*fake)
     return counter.get_total_flops()
+
+
+def _symbolic_placeholders(gm: fx.GraphModule):
+    """(fake mode, placeholder values) when some placeholder has a symbolic dimension, else None."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes = [v if isinstance(v, FakeTensor) else None for v in values]
+    if not any(f is not None and any(isinstance(d, torch.SymInt) for d in f.shape) for f in fakes):
+        return None
+    return next(f for f in fakes if f is not None).fake_mode, fakes
 
 
 class _FakeAttrProp(FakeTensorProp):
@@ -115,9 +133,13 @@ class _FakeAttrProp(FakeTensorProp):
 
 
 def same_shape(a: fx.Node, b: fx.Node) -> bool:
+    """Whether two nodes' tensors have the same dtype and shape for every input shape: dynamic
+    (symbolic) dimensions must be provably equal, not just equal on the example inputs."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
     va, vb = a.meta.get("val"), b.meta.get("val") if isinstance(b, fx.Node) else None
-    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
-            and tuple(va.shape) == tuple(vb.shape) and va.dtype == vb.dtype)
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)) or va.dtype != vb.dtype:
+        return False
+    return va.dim() == vb.dim() and all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
 
 
 def is_mutating(node: fx.Node) -> bool:

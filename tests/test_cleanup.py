@@ -110,3 +110,21 @@ def test_default_pipeline_on_convbn(convbn):
     assert [r.name for r in compiled.report.passes] == fxcompile.default_pipeline()
     assert "aten.dropout.default" not in op_list(compiled.graph_module)
     assert_close(model(*inputs), compiled(*inputs))
+
+
+def test_same_shape_needs_dynamic_dims_to_be_provably_equal():
+    from torch.export import Dim
+
+    from fxcompile.graph_utils import same_shape
+
+    class Two(torch.nn.Module):
+        def forward(self, x, y):
+            return x.view(x.shape[0], 8) + 1, y * 2
+
+    example = (torch.randn(4, 8), torch.randn(4, 8))  # equal on the example, not in general
+    compiled = fxcompile.compile(Two(), example, dynamic_shapes={"x": {0: Dim("b", max=64)},
+                                                                 "y": {0: Dim("c", max=64)}})
+    x, y = [n for n in compiled.graph_module.graph.nodes if n.op == "placeholder"]
+    assert same_shape(x, x) and not same_shape(x, y)
+    assert "aten.view.default" not in count_ops(compiled.graph_module)  # provably a no-op: removed
+    assert compiled(torch.randn(6, 8), torch.randn(3, 8))[0].shape == (6, 8)
