@@ -4,9 +4,9 @@ The placement depends on the backend that will run the int8 graph (PEERS.md, mea
 
 - onnxruntime fuses DequantizeLinear -> Conv/Gemm/MatMul -> QuantizeLinear into QLinearConv /
   QGemm / QLinearMatMul only when the op's output is quantized right after it. So every quantized
-  op gets its inputs *and* its output quantized; a ReLU right after the op is taken into the unit
-  (the output fake-quant goes after it, and with an asymmetric uint8 range starting at 0
-  onnxruntime drops the ReLU). A quantized output feeds all of the tensor's users. An add is
+  op gets its inputs *and* its output quantized; a ReLU (or ReLU6, a clamp) right after the op is
+  taken into the unit (the output fake-quant goes after it, and with an asymmetric uint8 range
+  inside the clipped one onnxruntime drops the ReLU or Clip). A quantized output feeds all of the tensor's users. An add is
   quantized only where both operands are quantized anyway, as the input or output of a
   quantized conv, linear or matmul (residual adds of ResNets and post-norm transformers):
   QLinearAdd then reads the uint8 tensors in place of two DequantizeLinear and a float Add
@@ -53,7 +53,11 @@ WEIGHTED = ("conv", "linear", "matmul")       # families computing with a weight
 OUTPUT_QUANTIZED = ("conv", "linear", "matmul", "add")  # onnxruntime: quantized output units
 # Ops taken into an onnxruntime unit when they are the op's only user: the output fake-quant goes
 # after them. batch_norm only when it was not folded (insert_fake_quant warns).
-RELU = {aten.relu.default, aten.relu_.default}
+# ReLU, and ReLU6 / clamps (Clip in ONNX): the output fake-quant calibrated after them covers only
+# the clipped range, so onnxruntime drops the Clip into the Q (MobileNetV2: int8 cosine 0.97 ->
+# 0.98, 35 fewer quantize nodes, measured).
+RELU = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
+        aten.clamp.default}
 BATCH_NORM = {aten.batch_norm.default}
 _ASSERT = aten._assert_tensor_metadata.default
 

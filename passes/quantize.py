@@ -51,12 +51,13 @@ class InsertFakeQuantOptions:
     keep_first / keep_last: leave the first / last conv, linear or matmul in float.
     per_channel: per-output-channel weight scales (else one per weight).
     reduce_range: keep onnxruntime's U8S8 kernels on x86 CPUs without VNNI from saturating their
-    int16 pair sums (quant_state.u8s8_saturates; 8-40% error on a matmul where they do). True:
-    7-bit weights for conv, linear and matmul. 'auto': on such CPUs, linear and matmul weights
-    get pair-limited scales (quant_state.weight_qparams: 8 bits where no two large neighbours
-    along K share a sign, down to 7 where they do; BERT-base int8 cosine 0.9979 vs 0.9976 with
-    7-bit, measured), conv keeps 8 bits, where saturation is rare and 8 bits are more accurate
-    (ResNet-50 int8 cosine 0.9992 vs 0.9980, measured). False: 8 bits everywhere.
+    int16 pair sums (quant_state.u8s8_saturates; 8-40% error on a matmul where they do, up to 49
+    int8 steps on MobileNetV2's 1x1 convs). True: 7-bit weights for conv, linear and matmul.
+    'auto': on such CPUs, conv (but depthwise), linear and matmul weights get pair-limited
+    scales (quant_state.weight_qparams: 8 bits where no two large weights that the kernel adds
+    as a pair share a sign, down to 7 where they do; BERT-base int8 cosine 0.9979 vs 0.9976
+    with 7-bit, MobileNetV2 0.87 -> 0.98 with conv weights pair-limited, measured).
+    False: 8 bits everywhere.
     activations: 'static' (scales calibrated ahead of time; the fast default) or 'dynamic'
     (onnxruntime only: each linear's and matmul's input is quantized with its own range at run
     time, like onnxruntime's quantize_dynamic but with per-channel weights; no calibration data,
@@ -106,8 +107,15 @@ class InsertFakeQuantOptions:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
 
-def _reduction_axis(site: placement.Site, weight: torch.Tensor) -> int:
-    """The axis of a linear's or matmul's weight that the op sums over (K)."""
+def _pair_limit(site: placement.Site, weight: torch.Tensor) -> int | str | None:
+    """How to pair-limit this weight (quant_state.weight_qparams' ``pair_axis``): the axis the op
+    sums over in neighbouring pairs (K of a linear or matmul, C_in of a 1x1 conv), "any" for a
+    kxk conv (the order of its K depends on the layout onnxruntime picks), None for a depthwise
+    conv (one input channel per output: no pairs to saturate)."""
+    if site.family == "conv":
+        if weight.shape[1] == 1:
+            return None
+        return 1 if all(k == 1 for k in weight.shape[2:]) else "any"
     return 1 if site.node.target is torch.ops.aten.linear.default else weight.dim() - 2
 
 
@@ -161,7 +169,7 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
                       "run 'fold_batch_norm' first so training and deployment agree and int8 kernels fuse")
     # weights limited against int16 saturation (see the options' doc): 7-bit, or pair-limited
     seven_bit_families = placement.WEIGHTED if opts.reduce_range not in ("auto", False) else ()
-    pair_families = (("linear", "matmul") if opts.reduce_range == "auto" and opts.target == "onnxruntime"
+    pair_families = (("conv", "linear", "matmul") if opts.reduce_range == "auto" and opts.target == "onnxruntime"
                      and u8s8_saturates() else ())
     reduce_range = bool(seven_bit_families or pair_families)
     state = QuantState(opts.target, weight_bytes_before=tensor_bytes(gm), reduce_range=reduce_range)
@@ -184,7 +192,7 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
                 sc, zp = qparams(value.min().item(), value.max().item(), 0, 255, False)
                 scale, zero_point = torch.tensor([sc]), torch.tensor([zp], dtype=torch.int32)
             else:
-                pair_axis = _reduction_axis(site, value) if site.family in pair_families else None
+                pair_axis = _pair_limit(site, value) if site.family in pair_families else None
                 scale, zero_point = weight_qparams(value, axis, seven_bit, pair_axis)
             s = _buffer(gm, f"{w.target}_scale", scale, site.node)
             z = _buffer(gm, f"{w.target}_zero_point", zero_point, site.node)
@@ -205,7 +213,7 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
             state.points[fq.name] = QuantPoint(
                 fq.name, "weight", w.target, [], module_path(site.node), *qrange, symmetric_w, axis,
                 s.target, z.target, "minmax", lo, hi, bits=7 if seven_bit else 8,
-                pair_limited=site.family in pair_families)
+                pair_limited=site.family in pair_families and pair_axis is not None)
         site.node.update_arg(index, fq)
         state.points[fq.name].consumers.append(site.node.name)
     for site in plan.embeddings:

@@ -626,3 +626,48 @@ def test_addmm_is_quantized_like_linear(tmp_path):
         (d := tmp_path / str(len(options))).mkdir()
         ops = optimized_ops(int8.save(str(d / "int8.onnx"))[0], d)
         assert all(ops[k] == v for k, v in kernels.items()) and not {"Gemm", "FusedGemm"} & set(ops), ops
+
+
+def test_pair_limited_conv_weights_agree_with_onnxruntime(tmp_path):
+    from fxcompile.quant_state import weight_qparams
+    w = torch.tensor([[[[1.0, -0.5], [1.0, 0.25]]], [[[0.5, -0.25], [-0.5, 0.0]]]])  # [2, 1, 2, 2]
+    scale, _ = weight_qparams(w, 0, pair_axis="any")  # any two of a channel: 1 + 1; -0.5 - 0.25
+    assert torch.allclose(scale, torch.tensor([2.0, 0.75]) / 127)
+    torch.manual_seed(0)
+    # 1x1 and 3x3 convs over a signed residual stream (large uint8 values after the zero point),
+    # weights with large same-sign neighbours: 8-bit pair sums overflow int16 without VNNI
+    model = nn.Sequential(nn.Conv2d(32, 32, 1), nn.Conv2d(32, 16, 3, padding=1), nn.Conv2d(16, 16, 3, groups=16)).eval()
+    with torch.no_grad():
+        for conv in model[:2]:
+            conv.weight.copy_(conv.weight.abs() * 0.5 + 0.05)
+    x, data = torch.randn(2, 32, 6, 6) * 3, [torch.randn(2, 32, 6, 6) * 3 for _ in range(3)]
+    errors = {}
+    for rr in ("auto", False):
+        fq = _fq(model, x, data, ops=("conv",), reduce_range=rr)
+        points = {p.source: p for p in fq.graph_module.meta["fxcompile.quant"].points.values() if p.kind == "weight"}
+        limited = {k for k, p in points.items() if p.pair_limited}
+        expected = {"0.weight", "1.weight"} if rr == "auto" and fxcompile.quant_state.u8s8_saturates() else set()
+        assert limited == expected, points  # depthwise (one input channel) never pairs
+        onx = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
+        errors[rr] = max_error(fq(x), onx(x))
+    assert errors["auto"] <= 0.02, errors  # requantization rounding (a step is 0.004) over 3 convs
+    if fxcompile.quant_state.u8s8_saturates():
+        assert errors[False] > 0.1, errors  # the test does exercise saturation
+
+
+def test_relu6_is_taken_into_the_conv_unit(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 1),
+                          nn.Hardtanh(0.0, 3.0)).eval()
+    x, data = torch.randn(2, 3, 8, 8), [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    fq = _fq(model, x, data)
+    gm = fq.graph_module
+    clips = [n for n in gm.graph.nodes if n.op == "call_function" and "hardtanh" in str(n.target)]
+    assert len(clips) == 2
+    for clip in clips:  # conv -> clip -> one fake-quant; no fake-quant between conv and clip
+        assert "conv" in str(clip.args[0].target)
+        assert [str(u.target) for u in clip.users] == [FQ_TENSOR]
+    int8 = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
+    assert max_error(fq(x), int8(x)) <= 0.01
+    ops = optimized_ops(int8.save(str(tmp_path / "int8.onnx"))[0], tmp_path)
+    assert ops["QLinearConv"] == 2 and "Clip" not in ops and ops["QuantizeLinear"] == 1, ops
