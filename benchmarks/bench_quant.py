@@ -173,7 +173,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
         else:
             ms = c.median_ms
             cells = (f"{c.build_s:.1f}", f"{ms:.2f}", f"{base / ms:.2f}x" if base else "-",
-                     f"{c.cos:.4f}", f"{c.size / 2**20:.1f}")
+                     f"{c.cos:.5f}", f"{c.size / 2**20:.1f}")
         rows.append((f"{name} ({params / 1e6:.1f}M)", shape, CONTENDERS[c.key]) + cells)
     for c in contenders:
         c.fn = None
@@ -313,7 +313,7 @@ def bench_zoo(args, tmp: str, log) -> list[tuple]:
             points = _points(int8)
             size = _file_size(int8.save(os.path.join(tmp, f"{name}8.onnx"))[0]) / _file_size(
                 fp32.save(os.path.join(tmp, f"{name}32.onnx"))[0])
-            rows.append((name, str(points), f"{cosine(ref, out):.4f}", f"{max_error(ref, out):.1e}",
+            rows.append((name, str(points), f"{cosine(ref, out):.5f}", f"{max_error(ref, out):.1e}",
                          f"{size:.2f}x"))
         except Exception as e:  # the table reports a failure instead of stopping
             rows.append((name, "-", f"failed: {_short(e, 80)}", "-", "-"))
