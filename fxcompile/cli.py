@@ -54,6 +54,8 @@ examples:
   fxcompile compile mypkg.models:build --backend onnx -o model.onnx --check
   fxcompile compile mypkg.models:build --passes remove_noops,fold_constants
   fxcompile compile program.pt2 --passes none --backend-option threads=1
+  fxcompile compile mypkg.models:build -b onnx --int8 dynamic -o int8.onnx
+  fxcompile compile mypkg.models:build -b onnx --int8 static --calibration batches.pt
 """
 
 _DEMO_EPILOG = """\
@@ -326,10 +328,14 @@ def cmd_compile(args) -> int:
     resolve_pipeline(passes)
     get_backend(args.backend)
     options = _parse_backend_options(args.backend_option)
+    calibration = None
+    if args.int8:
+        passes, calibration = _int8_pipeline(args)
     model, example_args, example_kwargs = load_target(args.target)
     compiled = fxcompile.compile(model, example_args, passes=passes,
                                  backend=args.backend, check=args.check, example_kwargs=example_kwargs,
-                                 progress=args.progress and sys.stderr.isatty(), **options)
+                                 progress=args.progress and sys.stderr.isatty(),
+                                 calibration_data=calibration, **options)
     with torch.no_grad():
         err = max_error(model(*example_args, **example_kwargs), compiled(*example_args, **example_kwargs))
     compiled.report.extra["max error vs original"] = f"{err:.2e}"
@@ -350,6 +356,38 @@ def cmd_compile(args) -> int:
               f"{TOLERANCE:g}", file=sys.stderr)
         return 1
     return 0
+
+
+def _int8_pipeline(args):
+    """--int8: (quantize_passes for the backend's target, the calibration batches or None)."""
+    import torch
+
+    import fxcompile
+    if args.passes is not None:
+        raise InputError("--int8 runs its own pipeline (the default passes, then quantization); "
+                         "drop --passes, or list insert_fake_quant and fold_fake_quant in --passes yourself")
+    target = "tensorrt" if args.backend == "tensorrt" else "onnxruntime"
+    if args.int8 == "dynamic":
+        if args.calibration:
+            raise InputError("--int8 dynamic quantizes activations at run time and takes no --calibration; "
+                             "use --int8 static to calibrate")
+        return fxcompile.quantize_passes(target, activations="dynamic"), None
+    if not args.calibration:
+        raise InputError("--int8 static needs --calibration FILE: a list of input batches saved with "
+                         "torch.save (each a tuple of positional inputs, a dict of keyword inputs or one "
+                         "tensor); or use --int8 dynamic (onnx backend), which needs no data")
+    path = Path(args.calibration)
+    if not path.is_file():
+        raise InputError(f"no such file: {args.calibration}")
+    try:
+        batches = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise InputError(f"cannot load the calibration batches from {path} with torch.load: "
+                         f"{type(e).__name__}: {e}") from e
+    if isinstance(batches, (torch.Tensor, dict)) or not isinstance(batches, (list, tuple)):
+        raise InputError(f"{path} holds a {type(batches).__name__}; --calibration takes a list of batches "
+                         "(e.g. torch.save([x1, x2, x3], path) or a list of (args...) tuples or kwargs dicts)")
+    return fxcompile.quantize_passes(target, method=args.calibration_method), list(batches)
 
 
 def cmd_passes(args) -> int:
@@ -441,6 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compare outputs after every pass and after lowering; fail (exit 1) when a "
                            "lossless step changes them by more than 1e-4 relative to output scale")
     comp.add_argument("--report-json", metavar="FILE", help="also write the report as JSON to FILE")
+    comp.add_argument("--int8", choices=("static", "dynamic"),
+                      help="quantize to int8 for the backend (the default passes, then insert_fake_quant "
+                           "and fold_fake_quant; symmetric Q/DQ for tensorrt, onnxruntime's scheme "
+                           "otherwise): 'static' calibrates on --calibration, 'dynamic' quantizes linear "
+                           "and matmul inputs at run time (onnxruntime only, no data)")
+    comp.add_argument("--calibration", metavar="FILE",
+                      help="for --int8 static: a list of input batches saved with torch.save")
+    comp.add_argument("--calibration-method", default="minmax",
+                      choices=("minmax", "percentile", "mse", "entropy"),
+                      help="how --int8 static turns observed ranges into scales (default: minmax)")
     _add_progress_flag(comp)
     comp.set_defaults(func=cmd_compile)
 

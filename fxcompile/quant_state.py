@@ -121,21 +121,14 @@ def weight_qparams(w: torch.Tensor, axis: int | None, reduce_range: bool = False
     which no two neighbours w[2i], w[2i+1] along K of the same sign add up to more than 127 in
     int8 units, so a uint8 x int8 pair product sum stays within int16 for any activations (see
     u8s8_saturates). Between amax / 127 (8 bits, where no large neighbours meet) and amax / 63.5
-    (7 bits, where the largest weight has an equal neighbour). ``pair_axis="any"`` limits every
-    pair of the channel (the two largest weights of one sign), for kernels whose summation
-    order is not known (a kxk conv, whose K order follows the layout the runtime picks)."""
+    (7 bits, where the largest weight has an equal neighbour). ``pair_axis="hwio"`` pairs a
+    conv weight [O, I, kh, kw] the way onnxruntime's QLinearConv sums it: K ordered (kh, kw, I),
+    neighbours along I within each kernel position (checked: a sign pattern that saturates only
+    in that order agrees exactly with the fake-quant graph once limited in it)."""
     w = w.detach().float()
-    if pair_axis == "any":
-        if axis is None:
-            flat = w.reshape(1, -1)
-        else:
-            flat = w.movedim(axis, 0).reshape(w.shape[axis], -1)
-        top = min(2, flat.shape[1])
-        pos = flat.clamp_min(0).topk(top, dim=1).values.sum(1)
-        neg = (-flat).clamp_min(0).topk(top, dim=1).values.sum(1)
-        amax = torch.maximum(pos, neg)  # >= the largest |w| (its partner may be a zero)
-        scale = (amax / (63.0 if reduce_range else 127.0)).clamp_min(EPS)
-        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    if pair_axis == "hwio":
+        flat = w.movedim(1, -1).reshape(w.shape[0], -1)
+        return weight_qparams(flat, None if axis is None else 0, reduce_range, 1)
     if pair_axis is not None:
         k = pair_axis % w.dim()
         wk = w.movedim(k, -1)

@@ -109,13 +109,10 @@ class InsertFakeQuantOptions:
 
 def _pair_limit(site: placement.Site, weight: torch.Tensor) -> int | str | None:
     """How to pair-limit this weight (quant_state.weight_qparams' ``pair_axis``): the axis the op
-    sums over in neighbouring pairs (K of a linear or matmul, C_in of a 1x1 conv), "any" for a
-    kxk conv (the order of its K depends on the layout onnxruntime picks), None for a depthwise
-    conv (one input channel per output: no pairs to saturate)."""
+    sums over in neighbouring pairs (K of a linear or matmul), "hwio" for a conv (onnxruntime
+    sums K in (kh, kw, C_in) order), None for a depthwise conv (its own kernel, no pair sums)."""
     if site.family == "conv":
-        if weight.shape[1] == 1:
-            return None
-        return 1 if all(k == 1 for k in weight.shape[2:]) else "any"
+        return None if weight.shape[1] == 1 else "hwio"
     return 1 if site.node.target is torch.ops.aten.linear.default else weight.dim() - 2
 
 

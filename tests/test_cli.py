@@ -222,3 +222,41 @@ def test_demo_fails_when_parity_is_broken(capsys):
     (row,) = [r for r in table_rows(captured.out) if r[1] == "eager"]
     assert float(row[5]) == pytest.approx(0.01, rel=1e-3) and row[6] == "FAIL"
     assert "FAIL bert_style on eager: max error" in captured.err
+
+
+def test_compile_int8_dynamic_and_static_to_onnx(tmp_path, capsys):
+    import onnx
+    out = tmp_path / "dyn.onnx"
+    assert cli.main(["compile", "tests.helpers:small_convnet", "-b", "onnx", "--int8", "dynamic", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fold_fake_quant" in text and "at run time" in text
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops  # its linear layer
+    model, (x,) = helpers.small_convnet()
+    batches = tmp_path / "batches.pt"
+    torch.save([torch.randn_like(x) for _ in range(3)], batches)
+    out = tmp_path / "static.onnx"
+    assert cli.main(["compile", "tests.helpers:small_convnet", "-b", "onnx", "--int8", "static",
+                     "--calibration", str(batches), "--calibration-method", "percentile", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "percentile" in text and float(re.search(r"max error vs original: (\S+)", text).group(1)) <= 0.1
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--int8", "static"], "--int8 static needs --calibration FILE"),
+    (["--int8", "static", "--calibration", "nope.pt"], "no such file: nope.pt"),
+    (["--int8", "dynamic", "--calibration", "x.pt"], "takes no --calibration"),
+    (["--int8", "dynamic", "--passes", "none"], "--int8 runs its own pipeline"),
+    (["--int8", "dynamic", "-b", "tensorrt"], "activations='dynamic' is for target 'onnxruntime'"),
+])
+def test_compile_int8_errors(extra, message, capsys):
+    assert cli.main(["compile", "tests.helpers:small_convnet", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compile_int8_calibration_file_must_hold_a_list(tmp_path, capsys):
+    path = tmp_path / "one.pt"
+    torch.save(torch.randn(2, 3, 16, 16), path)
+    assert cli.main(["compile", "tests.helpers:small_convnet", "--int8", "static", "--calibration", str(path)]) == 2
+    assert "holds a Tensor; --calibration takes a list of batches" in capsys.readouterr().err

@@ -630,16 +630,19 @@ def test_addmm_is_quantized_like_linear(tmp_path):
 
 def test_pair_limited_conv_weights_agree_with_onnxruntime(tmp_path):
     from fxcompile.quant_state import weight_qparams
-    w = torch.tensor([[[[1.0, -0.5], [1.0, 0.25]]], [[[0.5, -0.25], [-0.5, 0.0]]]])  # [2, 1, 2, 2]
-    scale, _ = weight_qparams(w, 0, pair_axis="any")  # any two of a channel: 1 + 1; -0.5 - 0.25
-    assert torch.allclose(scale, torch.tensor([2.0, 0.75]) / 127)
+    w = torch.tensor([[[[1.0, -1.0]], [[1.0, -1.0]]]])  # [1, 2, 1, 2]: signs alternate along kw
+    scale, _ = weight_qparams(w, 0, pair_axis="hwio")  # but not along C_in, where the pairs are
+    assert torch.allclose(scale, torch.tensor([2.0]) / 127)
+    assert torch.allclose(weight_qparams(w, 0, pair_axis=3)[0], torch.tensor([1.0]) / 127)
     torch.manual_seed(0)
     # 1x1 and 3x3 convs over a signed residual stream (large uint8 values after the zero point),
     # weights with large same-sign neighbours: 8-bit pair sums overflow int16 without VNNI
     model = nn.Sequential(nn.Conv2d(32, 32, 1), nn.Conv2d(32, 16, 3, padding=1), nn.Conv2d(16, 16, 3, groups=16)).eval()
     with torch.no_grad():
-        for conv in model[:2]:
-            conv.weight.copy_(conv.weight.abs() * 0.5 + 0.05)
+        model[0].weight.copy_(model[0].weight.abs() * 0.5 + 0.05)
+        i, j = torch.arange(3).view(3, 1), torch.arange(3).view(1, 3)  # 3x3: signs alternate along
+        sign = ((-1.0) ** (i * 3 + j)).expand(16, 32, 3, 3)           # kw, not along C_in
+        model[1].weight.copy_((model[1].weight.abs() * 0.5 + 0.05) * sign)
     x, data = torch.randn(2, 32, 6, 6) * 3, [torch.randn(2, 32, 6, 6) * 3 for _ in range(3)]
     errors = {}
     for rr in ("auto", False):
