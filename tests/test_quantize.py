@@ -654,6 +654,15 @@ def test_pair_limited_conv_weights_agree_with_onnxruntime(tmp_path):
         onx = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
         errors[rr] = max_error(fq(x), onx(x))
     assert errors["auto"] <= 0.02, errors  # requantization rounding (a step is 0.004) over 3 convs
+    # after a ReLU (not a ReLU6) most uint8 inputs are small: 8 bits, as accurate as onnxruntime's
+    relu_net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3), nn.ReLU6(),
+                             nn.Conv2d(8, 8, 1)).eval()
+    x = torch.randn(2, 4, 12, 12)
+    fq = _fq(relu_net, x, [x], ops=("conv",))
+    points = {p.source: p.pair_limited for p in fq.graph_module.meta["fxcompile.quant"].points.values()
+              if p.kind == "weight"}
+    saturates = fxcompile.quant_state.u8s8_saturates()
+    assert points == {"0.weight": saturates, "3.weight": False, "5.weight": saturates}, points
     if fxcompile.quant_state.u8s8_saturates():
         assert errors[False] > 0.1, errors  # the test does exercise saturation
 
