@@ -33,7 +33,7 @@ import torch.utils._pytree as pytree
 
 import fxcompile
 import fxcompile.zoo as zoo
-from fxcompile.benchmarking import Contender, split_selection, time_interleaved
+from fxcompile.benchmarking import Contender, split_selection, time_interleaved, write_report
 from fxcompile.benchmarking import short_error as _short
 from fxcompile.numerics import max_error
 from fxcompile.report import format_table
@@ -248,18 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
                 loads.append(load)
                 log(f"  {name} batch {batch}: done in {time.perf_counter() - start:.0f} s")
                 if args.out:  # keep what is measured so far if a later model dies
-                    _write(args.out, render(rows, loads, args, command, done=False))
+                    write_report(args.out, render(rows, loads, args, command, done=False))
     markdown = render(rows, loads, args, command)
     print(markdown)
     if args.out:
-        _write(args.out, markdown)
+        write_report(args.out, markdown)
     return {"rows": [dict(zip(HEADER, r)) for r in rows], "markdown": markdown}
-
-
-def _write(path: str, text: str) -> None:
-    from pathlib import Path
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
 
 
 if __name__ == "__main__":

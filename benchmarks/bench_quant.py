@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -44,7 +43,7 @@ import torch.nn as nn
 
 import fxcompile
 import fxcompile.zoo as zoo
-from fxcompile.benchmarking import Contender, split_selection, time_interleaved
+from fxcompile.benchmarking import Contender, split_selection, time_interleaved, write_report
 from fxcompile.benchmarking import short_error as _short
 from fxcompile.numerics import cosine
 from fxcompile.report import format_table
@@ -374,7 +373,7 @@ def main(argv=None) -> dict:
                 rows += bench_one(name, batch, args, keys, tmp, log)
                 log(f"  {name} batch {batch}: done in {time.perf_counter() - start:.0f} s")
                 if args.out:
-                    _write(args.out, render(rows, digits, args, command, done=False))
+                    write_report(args.out, render(rows, digits, args, command, done=False))
         if not args.no_digits:
             digits = bench_digits(args, tmp, log)
         zoo_rows = bench_zoo(args, tmp, log) if args.zoo else []
@@ -387,14 +386,9 @@ def main(argv=None) -> dict:
                      + format_table([ZOO_HEADER] + zoo_rows, markdown=True) + "\n")
     print(markdown)
     if args.out:
-        _write(args.out, markdown)
+        write_report(args.out, markdown)
     return {"rows": [dict(zip(HEADER, r)) for r in rows], "digits": [dict(zip(DIGITS_HEADER, r)) for r in digits],
             "markdown": markdown}
-
-
-def _write(path: str, text: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,10 @@ def split_selection(parser, args, contenders: dict, known_models) -> None:
             parser.error(f"--skip takes {', '.join(skippable)}; got {s!r}")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+
+
+def write_report(path: str, text: str) -> None:
+    """Write a benchmark's markdown to ``path``, creating its folder."""
+    from pathlib import Path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
