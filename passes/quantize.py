@@ -32,7 +32,8 @@ from fxcompile.registry import register_pass
 
 from . import quant_placement as placement
 
-_ASSERT = torch.ops.aten._assert_tensor_metadata.default
+_ASSERT = placement._ASSERT
+_MAX_POOL = (torch.ops.aten.max_pool1d.default, torch.ops.aten.max_pool2d.default, torch.ops.aten.max_pool3d.default)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def _pair_limit(site: placement.Site, weight: torch.Tensor) -> int | str | None:
 
 def _after_relu(node: fx.Node) -> bool:
     """``node`` is a ReLU's output, possibly through max pooling."""
-    while node.op == "call_function" and node.target in placement.FAMILIES["pool"] and "max" in str(node.target):
+    while node.op == "call_function" and node.target in _MAX_POOL:
         node = node.args[0]
     return node.op == "call_function" and node.target in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
 
