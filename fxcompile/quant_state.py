@@ -224,7 +224,9 @@ class QuantReport:
 
     def __str__(self) -> str:
         from .report import format_table
-        head = (f"target {self.target}, {sum(r['kind'] == 'activation' for r in self.rows)} activation and "
+        dynamic = sum(r["method"] == "dynamic" for r in self.rows)
+        head = (f"target {self.target}, {sum(r['kind'] == 'activation' for r in self.rows)} activation"
+                f"{f' ({dynamic} quantized at run time)' if dynamic else ''} and "
                 f"{sum(r['kind'] == 'weight' for r in self.rows)} weight fake-quant points"
                 f"{' (reduce_range: some ' + ' / '.join(self.limits) + ')' if self.limits else ''}"
                 f"{', folded' if self.folded else ''}; weight bytes {_mb(self.weight_bytes_before)}"

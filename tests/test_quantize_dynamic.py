@@ -104,6 +104,7 @@ def test_dynamic_placement_fold_and_parity():
     ops = count_ops(folded.graph_module)
     assert ops[DQMM] == 4 and DFQ not in ops and "aten.linear.default" not in ops
     assert max_error(fake, folded(ids)) <= 1e-6  # folding keeps the fake-quant graph's numerics
+    assert "5 activation (4 quantized at run time) and 5 weight" in str(folded.report)  # + the table rows
     fgm = folded.graph_module
     assert all(fetch_attr(fgm, n.args[1].target).dtype == torch.int8  # int8 [K, N] weights
                for n in fgm.graph.nodes if str(n.target) == DQMM)
