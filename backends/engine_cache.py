@@ -10,6 +10,10 @@ truncated or foreign file, other versions) is a miss, and the engine is rebuilt 
 overwritten. Entries are written to a temporary file in the cache directory and moved into
 place with ``os.replace``, so a reader never sees half a file.
 
+The cache is bounded: after each store the least recently used entries (a hit counts as a use)
+are removed until the directory holds at most ``max_bytes`` ($FXCOMPILE_CACHE_MAX_BYTES, default
+8 GiB); ``entries`` lists it and ``clear`` empties it (``fxcompile cache list|clear``).
+
 No tensorrt import here: the cache is plain files and runs (and is tested) without a GPU.
 """
 from __future__ import annotations
@@ -118,13 +122,61 @@ def key_digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(key).encode()).hexdigest()
 
 
-class EngineCache:
-    """Engines in ``directory``, one file per key. ``last`` says what the latest lookup found:
-    'hit', 'miss', or why an entry was rejected ('corrupt: ...', 'key mismatch')."""
+DEFAULT_MAX_BYTES = 8 << 30
 
-    def __init__(self, directory: str):
+
+def default_max_bytes() -> int:
+    """$FXCOMPILE_CACHE_MAX_BYTES, else 8 GiB."""
+    value = os.environ.get("FXCOMPILE_CACHE_MAX_BYTES")
+    return int(value) if value else DEFAULT_MAX_BYTES
+
+
+class EngineCache:
+    """Engines in ``directory``, one file per key, at most ``max_bytes`` in all (least recently
+    used entries go first). ``last`` says what the latest lookup found: 'hit', 'miss', or why an
+    entry was rejected ('corrupt: ...', 'key mismatch')."""
+
+    def __init__(self, directory: str, max_bytes: int | None = None):
         self.directory = os.path.expanduser(os.fspath(directory))
+        self.max_bytes = default_max_bytes() if max_bytes is None else int(max_bytes)
         self.last = ""
+
+    def entries(self) -> list[tuple[str, int, float]]:
+        """(path, bytes, last use time) of every entry, most recently used first."""
+        found = []
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if not name.endswith(SUFFIX) or name.startswith(".tmp-"):
+                continue
+            path = os.path.join(self.directory, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            found.append((path, st.st_size, st.st_mtime))
+        return sorted(found, key=lambda e: e[2], reverse=True)
+
+    def clear(self) -> tuple[int, int]:
+        """Remove every entry; return (entries, bytes) removed."""
+        removed = [e for e in self.entries() if _unlink(e[0])]
+        return len(removed), sum(e[1] for e in removed)
+
+    def evict(self, keep: str | None = None) -> int:
+        """Remove least recently used entries (never ``keep``) until at most ``max_bytes`` remain;
+        return how many were removed."""
+        entries = self.entries()
+        total, removed = sum(e[1] for e in entries), 0
+        for path, size, _ in reversed(entries):
+            if total <= self.max_bytes:
+                break
+            if path != keep and _unlink(path):
+                total -= size
+                removed += 1
+                log.info("fxcompile: engine cache entry %s evicted (cache over %d bytes)", path, self.max_bytes)
+        return removed
 
     def path(self, key: dict[str, Any]) -> str:
         return os.path.join(self.directory, key_digest(key)[:40] + SUFFIX)
@@ -145,6 +197,11 @@ class EngineCache:
         self.last = "hit" if engine is not None else why
         if engine is None:
             log.warning("fxcompile: engine cache entry %s rejected (%s); rebuilding", path, why)
+        else:
+            try:
+                os.utime(path)  # a use: eviction goes by last use
+            except OSError:
+                pass
         return engine
 
     def store(self, key: dict[str, Any], engine: bytes) -> str | None:
@@ -164,6 +221,7 @@ class EngineCache:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            self.evict(keep=path)
             return path
         except OSError as e:
             log.warning("fxcompile: could not write the engine cache entry %s: %s", path, e)
@@ -179,6 +237,14 @@ class EngineCache:
         engine = bytes(build())
         self.store(key, engine)
         return engine, False
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
 
 
 def _parse(data: bytes, want_key: str) -> tuple[bytes | None, str]:

@@ -413,6 +413,26 @@ def _field_default(f: dataclasses.Field) -> str:
     return "<required>"
 
 
+def cmd_cache(args) -> int:
+    from .backends import engine_cache
+    from .report import format_table
+    cache = engine_cache.EngineCache(args.dir or engine_cache.default_dir())
+    if args.action == "clear":
+        count, size = cache.clear()
+        print(f"removed {count} engines ({size / 2**20:.1f} MiB) from {cache.directory}")
+        return 0
+    entries = cache.entries()
+    total = sum(e[1] for e in entries)
+    print(f"{cache.directory}: {len(entries)} engines, {total / 2**20:.1f} MiB "
+          f"(limit {cache.max_bytes / 2**30:.1f} GiB)")
+    if entries:
+        rows = [("engine", "MiB", "last used")] + [
+            (os.path.basename(path), f"{size / 2**20:.1f}", time.strftime("%Y-%m-%d %H:%M", time.localtime(used)))
+            for path, size, used in entries]
+        print(format_table(rows))
+    return 0
+
+
 def cmd_backends(args) -> int:
     from .registry import backend_names
     from .report import format_table
@@ -504,6 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
                                           "available on this machine, with the reason when not.")
     backends.add_argument("--markdown", action="store_true", help="print a markdown table")
     backends.set_defaults(func=cmd_backends)
+
+    cache = sub.add_parser("cache", help="list or clear the TensorRT engine cache",
+                           description="List the cached TensorRT engines (most recently used first) or "
+                                       "remove them all. The cache keeps at most $FXCOMPILE_CACHE_MAX_BYTES "
+                                       "(default 8 GiB), dropping the least recently used engines.")
+    cache.add_argument("action", choices=("list", "clear"), nargs="?", default="list")
+    cache.add_argument("--dir", metavar="DIR", help="the cache directory (default: the tensorrt backend's, "
+                                                     "$FXCOMPILE_CACHE_DIR or ~/.cache/fxcompile/engines)")
+    cache.set_defaults(func=cmd_cache)
     return parser
 
 

@@ -209,6 +209,38 @@ def test_engine_cache_get_or_build(tmp_path):
     assert len(builds) == 1
 
 
+def test_engine_cache_evicts_least_recently_used(tmp_path):
+    keys = [dict(KEY, onnx=f"{i:02d}" * 32) for i in range(4)]
+    probe = engine_cache.EngineCache(tmp_path)
+    size = os.path.getsize(probe.store(keys[0], b"e" * 1000))
+    cache = engine_cache.EngineCache(tmp_path, max_bytes=3 * size)  # room for three entries
+    for t, key in enumerate(keys[1:3], start=1):
+        os.utime(cache.store(key, b"e" * 1000), (1000 + t, 1000 + t))
+    os.utime(cache.path(keys[0]), (1000, 1000))
+    assert cache.load(keys[0]) is not None  # a hit makes keys[0] the most recently used
+    cache.store(keys[3], b"e" * 1000)      # over the limit: keys[1], the least recently used, goes
+    left = {path for path, _, _ in cache.entries()}
+    assert left == {cache.path(k) for k in (keys[0], keys[2], keys[3])}
+    assert cache.entries()[-1][0] == cache.path(keys[2])
+    assert engine_cache.EngineCache(tmp_path, max_bytes=1).store(keys[1], b"x") is not None  # the new
+    assert [p for p, _, _ in cache.entries()] == [cache.path(keys[1])]  # entry stays, alone
+    n_bytes = cache.entries()[0][1]
+    assert cache.clear() == (1, n_bytes) and cache.entries() == []
+
+
+def test_cache_command_lists_and_clears(tmp_path, capsys):
+    from fxcompile import cli
+    cache = engine_cache.EngineCache(tmp_path)
+    paths = [cache.store(dict(KEY, onnx=f"{i:02d}" * 32), b"e" * 2048) for i in range(2)]
+    assert cli.main(["cache", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path}: 2 engines" in out and all(os.path.basename(p) in out for p in paths)
+    assert cli.main(["cache", "clear", "--dir", str(tmp_path)]) == 0
+    assert "removed 2 engines" in capsys.readouterr().out and cache.entries() == []
+    assert cli.main(["cache", "list", "--dir", str(tmp_path / "none")]) == 0
+    assert ": 0 engines" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "empty", "bad header", "flipped byte"])
 def test_engine_cache_rejects_a_damaged_entry_and_rebuilds(tmp_path, damage):
     cache = engine_cache.EngineCache(tmp_path)
