@@ -26,7 +26,7 @@ def test_bench_quant_small_resnet(bench, tmp_path):
                          "--calib", "2", "--threads", "1", "--no-digits", "--skip", "ort_static_rr",
                          "--out", str(out)])
     rows = {r["contender"]: r for r in result["rows"]}
-    assert list(rows) == ["fxcompile fp32", "fxcompile int8", "fxcompile int8 +add", "ort quantize_static"]
+    assert list(rows) == ["fxcompile fp32", "fxcompile int8", "fxcompile int8 -add", "ort quantize_static"]
     for r in rows.values():
         assert not r["median ms"].startswith("failed"), r
         assert float(r["cos"]) > 0.99 and float(r["median ms"]) > 0 and r["vs fp32"].endswith("x")
