@@ -105,8 +105,7 @@ def dynamic_quantized_matmul(x: Tensor, w: Tensor, w_scale: Tensor, w_zero_point
                              bias: Tensor | None) -> Tensor:
     """dynamic_fake_quant(x, 0, 255) @ dequantize(w) (+ bias): ``w`` is int8 [K, N] with scales per
     column (N) or one scale."""
-    xq = dynamic_fake_quant(x.float(), 0, 255)
-    y = xq @ ((w.to(torch.float32) - w_zero_point.to(torch.float32)) * w_scale.float())
+    y = dynamic_fake_quant(x.float(), 0, 255) @ dequantize(w, w_scale, w_zero_point, w.dim() - 1)
     return y + bias if bias is not None else y
 
 
