@@ -157,15 +157,8 @@ def u8s8_saturates() -> bool:
     requantization rounding with 7-bit or pair-limited ones. QLinearConv saturates the same way
     (MobileNetV2's 1x1 convs on its residual stream: up to 49 steps off on 0.4-10% of outputs;
     a simulation of the int16 pair sums reproduced onnxruntime's outputs exactly)."""
-    import platform
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read(1 << 16)
-    except OSError:
-        return False
-    return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    from .cpu import cpu_flags, has_vnni, is_x86
+    return is_x86() and bool(cpu_flags()) and not has_vnni()
 
 
 def tensor_bytes(gm: fx.GraphModule) -> int:
@@ -209,6 +202,9 @@ class QuantReport:
         self.target = state.target
         self.folded = state.folded
         self.reduce_range = state.reduce_range
+        # the CPU the weight limits were chosen for (onnxruntime's kernels differ by instruction set)
+        from .cpu import int8_kernel_note
+        self.cpu_note = int8_kernel_note() if state.target == "onnxruntime" else ""
         self.limits = sorted({"7-bit" if p.bits == 7 else "pair-limited" for p in state.points.values()
                               if p.bits == 7 or getattr(p, "pair_limited", False)})
         self.weight_bytes_before = state.weight_bytes_before
@@ -225,7 +221,8 @@ class QuantReport:
     def __str__(self) -> str:
         from .report import format_table
         dynamic = sum(r["method"] == "dynamic" for r in self.rows)
-        head = (f"target {self.target}, {sum(r['kind'] == 'activation' for r in self.rows)} activation"
+        head = (f"target {self.target}"
+                f"{' (' + self.cpu_note + ')' if self.cpu_note else ''}, {sum(r['kind'] == 'activation' for r in self.rows)} activation"
                 f"{f' ({dynamic} quantized at run time)' if dynamic else ''} and "
                 f"{sum(r['kind'] == 'weight' for r in self.rows)} weight fake-quant points"
                 f"{' (reduce_range: some ' + ' / '.join(self.limits) + ')' if self.limits else ''}"

@@ -75,18 +75,11 @@ def machine_line(threads: int, when=None) -> str:
     """One line naming the machine and versions, for the head of every measured table."""
     import datetime
     import os
-    import platform
 
     import torch
-    cpu, flags = platform.processor() or "unknown CPU", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read(1 << 16)
-        cpu = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
-        have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in text]
-        flags = f" ({', '.join(have)})" if have else ""
-    except (OSError, StopIteration):
-        pass
+    from .cpu import cpu_name, isa_summary
+    cpu, isa = cpu_name(), isa_summary()
+    flags = f" ({isa})" if isa else ""
     versions = [f"torch {torch.__version__}"]
     for name in ("onnxruntime", "transformers"):
         try:

@@ -101,14 +101,47 @@ def test_cse_respects_mutation():
     assert_close(model(x.clone()), compiled(x.clone()), tol=0)
 
 
+class RotaryTwice(nn.Module):
+    """Two layers that each compute the same rotary embedding from the position ids, as
+    Llama-style decoders do per layer: a pattern cse exists for."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim))
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(2))
+
+    def rotary(self, positions):
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def forward(self, x, positions):
+        for layer in self.layers:
+            cos, sin = self.rotary(positions)
+            x = layer(x) * cos + x * sin
+        return x
+
+
+def test_cse_merges_a_rotary_embedding_computed_per_layer():
+    model = RotaryTwice()
+    inputs = (torch.randn(2, 5, 8), torch.arange(5).expand(2, 5))
+    before, after, compiled = _compile(model, inputs)
+    cos, sin = "aten.cos.default", "aten.sin.default"
+    assert (before[cos], before[sin]) == (2, 2)
+    assert (after.get(cos), after.get(sin)) == (1, 1)
+    assert compiled.report.passes[-1].rewrites > 0
+    with torch.no_grad():
+        assert_close(model(*inputs), compiled(*inputs))
+
+
 def test_cse_on_llama():
-    """Llama computes its rotary embedding inputs twice per layer: cse merges them."""
+    """Coverage: a Llama decoder through cse keeps the model's outputs (how many nodes merge
+    depends on the transformers release, so only parity is asserted)."""
     pytest.importorskip("transformers")
     from fxcompile.zoo import build
     model, kwargs = build("llama")
     compiled = fxcompile.compile(model, (), example_kwargs=kwargs,
                                  passes=["remove_noops", "fold_constants", "cse"], check=True)
-    assert compiled.report.passes[-1].rewrites > 0
     with torch.no_grad():
         assert_close(model(**kwargs), compiled(**kwargs))
 

@@ -1,0 +1,69 @@
+"""What this CPU can do, read at run time: choices that depend on the instruction set (int8
+weight limits for onnxruntime's kernels) and every measured table name what they ran on.
+
+Machines differ from run to run (AVX2-only hosts, AVX-512 VNNI/BF16 hosts, ARM), so nothing
+here is decided at install time.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+
+# Instruction-set extensions that matter to fxcompile's choices or to reading its benchmarks.
+REPORTED = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+# x86 int8 dot-product instructions: with one of them, onnxruntime's U8S8 kernels accumulate in
+# int32; without (AVX2 only: vpmaddubsw), they add pairs of products in int16 and can saturate.
+VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The flags of /proc/cpuinfo's first processor (empty where the file is missing)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def isa_summary(flags: frozenset[str] | None = None) -> str:
+    """'avx2, avx512f, avx512_vnni' -- the REPORTED extensions present ('' when none)."""
+    flags = cpu_flags() if flags is None else flags
+    return ", ".join(f for f in REPORTED if f in flags)
+
+
+def has_vnni(flags: frozenset[str] | None = None) -> bool:
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in VNNI)
+
+
+def int8_kernel_note(flags: frozenset[str] | None = None) -> str:
+    """One line saying how onnxruntime's x86 int8 kernels accumulate on this CPU, and so whether
+    int8 weights are limited against int16 saturation (quantize's reduce_range="auto")."""
+    if not is_x86():
+        return f"{platform.machine()} CPU: no x86 int16 pair sums"
+    flags = cpu_flags() if flags is None else flags
+    if has_vnni(flags):
+        found = ", ".join(f for f in VNNI if f in flags)
+        return f"CPU with VNNI ({found}): int8 products summed in int32"
+    return ("CPU without VNNI (" + (isa_summary(flags) or "no AVX2") + "): U8S8 kernels sum int8 "
+            "products in int16 pairs, which 8-bit weights can saturate")
