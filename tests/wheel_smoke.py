@@ -15,9 +15,10 @@ import torch.nn as nn
 
 def main() -> None:
     import fxcompile
-    here = os.path.dirname(os.path.abspath(__file__))
+    source_tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     where = os.path.dirname(os.path.abspath(fxcompile.__file__))
-    assert not where.startswith(os.path.dirname(here)), f"fxcompile imported from the source tree: {where}"
+    assert where != os.path.join(source_tree, "fxcompile") and "site-packages" in where, \
+        f"fxcompile was imported from {where}, not from an installed wheel"
 
     modules = [m.name for m in pkgutil.walk_packages(fxcompile.__path__, "fxcompile.")]
     for name in modules:
