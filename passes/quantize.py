@@ -175,6 +175,8 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
                                                  placement.DEFAULT_OPS[opts.target])
     plan = placement.plan(gm, opts.target, ops, opts.skip, opts.only, opts.keep_first,
                           opts.keep_last, opts.per_channel, dynamic)
+    if dynamic:
+        _warn_if_convs_stay_float(gm, plan)
     for bn in plan.unfolded_batch_norm[:1]:
         warnings.warn(f"insert_fake_quant: BatchNorm {describe_node(bn)} is not folded into its conv; "
                       "run 'fold_batch_norm' first so training and deployment agree and int8 kernels fuse")
@@ -283,6 +285,23 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
         gm.recompile()
         calibrate_graph(gm, ctx.data, opts.method, percentile=opts.percentile, progress=opts.progress)
     return len(state.points)
+
+
+def _warn_if_convs_stay_float(gm: fx.GraphModule, plan: placement.Plan) -> None:
+    """Dynamic activations quantize linear and matmul inputs only: on a conv net (convs
+    outnumber the ops quantized; a transformer's one patch conv does not) nearly nothing is int8."""
+    convs = [n for n in gm.graph.nodes if placement.family_of(n) == "conv"]
+    quantized = [s for s in plan.sites if s.family in ("linear", "matmul")]
+    if not convs or len(convs) <= len(quantized):
+        return
+    n = len(quantized)
+    what = (f"only {n} linear/matmul op{'s are' if n != 1 else ' is'} int8" if plan.sites
+            else "nothing is quantized")
+    warnings.warn(f"insert_fake_quant: activations='dynamic' quantizes only the inputs of linear and "
+                  f"matmul ops (and embedding tables); this graph's {len(convs)} convolution"
+                  f"{'s stay' if len(convs) != 1 else ' stays'} float, so {what}. For a conv net use "
+                  "activations='static' with calibration_data (compile(..., calibration_data=batches)).",
+                  stacklevel=2)
 
 
 @register_pass("fold_fake_quant", lossless=False, after=("insert_fake_quant",))

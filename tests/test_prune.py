@@ -201,3 +201,175 @@ def test_round_to_auto_rounds_wide_groups_only():
     assert any((g.size - len(g.removed)) % 8 for g in exact.groups if g.size >= 64)
     with pytest.raises(PassError, match="round_to must be a positive int or 'auto'"):
         _prune("small_cnn", round_to="eight")
+
+
+# -- dynamic shapes ------------------------------------------------------------------------
+class _TinyEncoder(torch.nn.Module):
+    """An attention block written like a Hugging Face encoder: the batch and sequence sizes are
+    read from the input (symbolic under dynamic shapes) and reach a view, a slice of a position
+    buffer and an expand, next to the constant sizes pruning must rewrite (heads, width)."""
+
+    def __init__(self, vocab=50, width=32, heads=4, ffn=48, max_len=32):
+        super().__init__()
+        self.heads = heads
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.pos = torch.nn.Embedding(max_len, width)
+        self.register_buffer("position_ids", torch.arange(max_len).unsqueeze(0), persistent=False)
+        self.q, self.k, self.v = (torch.nn.Linear(width, width) for _ in range(3))
+        self.o = torch.nn.Linear(width, width)
+        self.up, self.down = torch.nn.Linear(width, ffn), torch.nn.Linear(ffn, width)
+        self.head = torch.nn.Linear(width, 3)
+
+    def forward(self, ids, mask):
+        b, s = ids.shape
+        x = self.emb(ids) + self.pos(self.position_ids[:, :s])
+        split = lambda t: t.view(b, s, self.heads, -1).transpose(1, 2)  # noqa: E731
+        bias = (1.0 - mask[:, None, None, :].float()).expand(b, 1, s, s) * -1e4
+        y = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)),
+                                                             split(self.v(x)), attn_mask=bias)
+        x = x + self.o(y.transpose(1, 2).reshape(b, s, -1))
+        x = x + self.down(torch.relu(self.up(x)))
+        return self.head(x)
+
+
+def _text_inputs(batch, seq, vocab=50):
+    g = torch.Generator().manual_seed(batch * 100 + seq)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, seq // 2:] = 0
+    return torch.randint(0, vocab, (batch, seq), generator=g), mask
+
+
+def test_prune_with_dynamic_batch_and_sequence_matches_static_and_oracle():
+    torch.manual_seed(0)
+    model = _TinyEncoder().eval()
+    inputs = _text_inputs(2, 8)
+    b, s = torch.export.Dim("b", max=8), torch.export.Dim("s", max=32)
+    passes = [("prune", {"ratio": 0.5})]
+    dynamic = fxcompile.compile(model, inputs, passes=passes, dynamic_shapes={"ids": {0: b, 1: s}, "mask": {0: b, 1: s}})
+    static = fxcompile.compile(model, inputs, passes=passes)
+    report = dynamic.report.extra["prune"]
+    assert chosen_channels(dynamic) == chosen_channels(static) and chosen_channels(dynamic)
+    assert any(g.kind == "heads" and g.removed for g in report.groups)
+    with torch.no_grad():
+        assert torch.allclose(dynamic(*inputs), static(*inputs), atol=TOL, rtol=0)
+    for batch, seq in ((2, 8), (3, 5), (1, 19)):
+        other = _text_inputs(batch, seq)
+        err, _ = oracle_error(model, other, {}, dynamic)
+        assert err <= TOL, f"batch {batch}, seq {seq}: max abs error {err:.3g} against the zeroed model"
+    # the graph stays dynamic after pruning: placeholders keep their symbolic sizes
+    ph = [n for n in dynamic.graph_module.graph.nodes if n.op == "placeholder"]
+    assert all(isinstance(d, torch.SymInt) for d in ph[-1].meta["val"].shape)
+
+
+def test_prune_bert_with_dynamic_batch_and_sequence():
+    """The zoo's BERT (coverage: a real Hugging Face encoder) at two sequence lengths."""
+    from fxcompile.zoo import build as build_zoo
+    model, inputs = build_zoo("bert", batch=2, seq=8)
+    b, s = torch.export.Dim("b", max=8), torch.export.Dim("s", max=64)
+    dims = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}}
+    passes = [("prune", {"ratio": 0.5})]
+    compiled = fxcompile.compile(model, example_kwargs=inputs, passes=passes, dynamic_shapes=dims)
+    static = fxcompile.compile(model, example_kwargs=inputs, passes=passes)
+    assert chosen_channels(compiled) == chosen_channels(static) and chosen_channels(compiled)
+    for batch, seq in ((2, 8), (3, 13)):
+        other = build_zoo("bert", batch=batch, seq=seq)[1]
+        err, _ = oracle_error(model, (), other, compiled)
+        assert err <= 1e-4, f"batch {batch}, seq {seq}: max abs error {err:.3g} against the oracle"
+
+
+# -- tied weights --------------------------------------------------------------------------
+class _TiedLM(torch.nn.Module):
+    """An embedding whose table is also the output projection (``out.weight = emb.weight``)."""
+
+    def __init__(self, vocab=40, width=16, ffn=32):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.up, self.down = torch.nn.Linear(width, ffn), torch.nn.Linear(ffn, width)
+        self.out = torch.nn.Linear(width, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        x = x + self.down(torch.relu(self.up(x)))
+        return self.out(x)
+
+
+def _taylor_reference(model, data, width_ratio=0.5):
+    """First-order Taylor scores of the hidden (width) channels computed on the user's module:
+    per batch, sum over every weight a channel owns of w * dL/dw (the tied table's gradient is
+    the sum over both of its uses), squared, summed over batches; the lowest are removed."""
+    ref = copy.deepcopy(model)
+    total = torch.zeros(ref.emb.weight.shape[1], dtype=torch.float64)
+    for (ids,) in data:
+        ref.zero_grad()
+        ref(ids).pow(2).mean().backward()
+        wg = lambda p: (p.detach() * p.grad).double()  # noqa: E731
+        per = wg(ref.emb.weight).sum(0) + wg(ref.up.weight).sum(0) + wg(ref.down.weight).sum(1) \
+            + wg(ref.down.bias)
+        total += per ** 2
+    k = int(width_ratio * total.numel())
+    return sorted(int(i) for i in torch.argsort(total, stable=True)[:k])
+
+
+def test_taylor_with_tied_weights():
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    ids = torch.randint(0, 40, (2, 6))
+    data = [(torch.randint(0, 40, (2, 6)),) for _ in range(3)]
+    before = copy.deepcopy(model.state_dict())
+    compiled = fxcompile.compile(model, (ids,), passes=[("prune", {"criterion": "taylor", "data": data})])
+    removed = chosen_channels(compiled)
+    tied = [k for k in removed if k in ("emb.weight", "out.weight")]
+    assert len(tied) == 1, removed  # one parameter, one set of removed columns
+    assert removed[tied[0]][1] == removed["up.weight"][1] == removed["down.weight"][0]
+    assert removed[tied[0]][1] == _taylor_reference(model, data)
+    assert model.out.weight is model.emb.weight  # the user's model keeps its tie and values
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    err, _ = oracle_error(model, (ids,), {}, compiled)
+    assert err <= TOL
+
+
+def test_tied_weight_read_under_two_names_is_one_parameter():
+    """A graph that reads the tied table under both of its names (``emb.weight`` for the lookup,
+    ``out.weight`` for the projection): one set of channels, one importance, still tied after."""
+    from fxcompile.pass_manager import run_pipeline
+    from .prune_oracle import zeroed_model
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    ids = torch.randint(0, 40, (2, 6))
+    data = [(torch.randint(0, 40, (2, 6)),) for _ in range(3)]
+    gm = fxcompile.capture(model, (ids,)).gm
+    lookup = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default)
+    with gm.graph.inserting_before(lookup):
+        lookup.replace_input_with(lookup.args[0], gm.graph.get_attr("emb.weight"))
+    gm.recompile()
+    assert {n.target for n in gm.graph.nodes if n.op == "get_attr"} >= {"emb.weight", "out.weight"}
+    gm, _ = run_pipeline(gm, [("prune", {"criterion": "taylor", "data": data})], [ids])
+    removed = gm.meta["prune_report"].removed
+    assert removed["emb.weight"] == removed["out.weight"]
+    assert removed["out.weight"][1] == _taylor_reference(model, data)
+    assert gm.emb.weight is gm.out.weight and gm.out.weight.shape == (40, 8)
+    with torch.no_grad():
+        err = (zeroed_model(model, removed)(ids) - gm(ids)[0]).abs().max().item()
+    assert err <= TOL
+
+
+# -- the printed report --------------------------------------------------------------------
+def test_printed_report_names_every_skipped_group_and_why():
+    model, inputs, compiled, report = _prune("shuffle_then_grouped")
+    assert report.skipped
+    text = str(compiled.report)
+    for s in report.skipped:
+        assert s.reason in text and ", ".join(s.members)[:40] in text
+    assert "%conv2d_2" in text and "File" in text  # the node and the user's source line
+
+
+def test_printed_report_caps_the_skipped_list_and_points_at_the_table():
+    from fxcompile.passes.prune import PruneReport
+    from fxcompile.passes.prune.report import SkippedGroup
+    report = PruneReport("l1", "uniform", 0.5, "ratio 0.5")
+    report.skipped = [SkippedGroup("channel", 4, [f"layer{i}.weight[0]"], f"reason number {i}")
+                      for i in range(25)]
+    text = str(report)
+    assert "reason number 0" in text and "reason number 9" in text and "reason number 10" not in text
+    assert "15 more" in text and ".table()" in text

@@ -194,3 +194,41 @@ def test_dynamic_bad_input_is_named():
                           passes=fxcompile.quantize_passes("onnxruntime", activations="dynamic"))
     with pytest.raises(QuantizationError, match="quantized at run time.*nothing to calibrate"):
         fxcompile.calibrate(_dynamic(model, ids), [(ids,)])
+
+
+class _ConvNet(nn.Module):
+    """Convolutions only (optionally a small linear classifier after them)."""
+
+    def __init__(self, classifier=False):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 5) if classifier else None
+
+    def forward(self, x):
+        y = self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+        return self.fc(y.mean((2, 3))) if self.fc is not None else y
+
+
+@pytest.mark.parametrize("classifier", [False, True])
+def test_dynamic_on_a_conv_net_warns_that_convs_stay_float(classifier):
+    torch.manual_seed(0)
+    model, x = _ConvNet(classifier).eval(), torch.randn(2, 3, 10, 10)
+    with pytest.warns(UserWarning, match=r"only the inputs of linear and matmul.*3 convolutions stay "
+                                         r"float.*activations='static'.*calibration_data"):
+        int8 = _dynamic(model, x)
+    state = get_state(int8.graph_module)
+    assert (state is not None and len(state.points) > 0) == classifier  # only the classifier is int8
+    with torch.no_grad():
+        assert max_error(model(x), int8(x)) <= (5e-2 if classifier else 0.0)
+
+
+def test_dynamic_on_transformers_gives_no_conv_warning():
+    """Transformers (a conv among many linears: the Text model here, the zoo ViT's patch conv)
+    are what dynamic activations are for: no warning."""
+    import fxcompile.zoo as zoo
+    for model, example in (_text(), zoo.build("vit")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            int8 = _dynamic(model, example)
+        assert not [w for w in caught if "stay float" in str(w.message)], [str(w.message) for w in caught]
+        assert len(get_state(int8.graph_module).points) > 4

@@ -13,11 +13,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from fxcompile import graph_utils
 from fxcompile.errors import describe_node
 
 from .axes import AxisTable, Conflict
+
+
+def size_hint(s) -> int:
+    """A dimension as an int: a symbolic (dynamic) size gives its example value. Never
+    ``int(s)``: that guards the shape environment and makes the captured graph static."""
+    if isinstance(s, fx.Node):
+        s = s.meta.get("val")
+    return optimization_hint(s, fallback=1) if isinstance(s, torch.SymInt) else int(s)
+
+
+def is_symbolic(s) -> bool:
+    """Whether a size (an int, a SymInt or the node computing one) varies with the inputs."""
+    if isinstance(s, fx.Node):
+        s = s.meta.get("val")
+    return isinstance(s, torch.SymInt) and s.node.maybe_as_int() is None
 
 
 @dataclass
@@ -59,6 +75,7 @@ class Analysis:
         self.bn_weights: set[str] = set()
         self.input_side: set[tuple[str, int]] = set()  # (param, dim) that consumes channels
         self._attr_axes: dict[str, list[int]] = {}
+        self._first_name: dict[int, str] = {}  # id(tensor) -> its first get_attr target
 
     # -- helpers for rules --------------------------------------------------------------
     @staticmethod
@@ -67,7 +84,7 @@ class Analysis:
 
     def shape(self, x) -> tuple[int, ...] | None:
         v = self.val(x)
-        return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+        return tuple(size_hint(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
 
     def dims(self, x) -> list[int] | None:
         if not isinstance(x, fx.Node):
@@ -78,7 +95,7 @@ class Analysis:
         return d
 
     def fresh(self, shape, reason: str | None = None) -> list[int]:
-        axes = [self.ax.new(s) for s in shape]
+        axes = [self.ax.new(size_hint(s)) for s in shape]
         if reason:
             for a in axes:
                 self.ax.block(a, reason)
@@ -86,6 +103,15 @@ class Analysis:
 
     def set(self, node: fx.Node, dims) -> None:
         self.node_dims[node] = dims
+        # a dimension that varies with the inputs (dynamic shapes) is never a channel axis
+        v = node.meta.get("val")
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        subs = dims if dims and isinstance(dims[0], list) else [dims]
+        for val, sub in zip(vals, subs):
+            if isinstance(val, torch.Tensor):
+                for a, s in zip(sub, val.shape):
+                    if is_symbolic(s):
+                        self.ax.block(a, self.why(node, "this dimension varies with the input shape"))
 
     def union(self, a: int, b: int) -> None:
         self.ax.union(a, b)
@@ -162,6 +188,10 @@ class Analysis:
         if not isinstance(value, torch.Tensor):
             return
         axes = self._attr_axes.get(node.target)
+        alias = self._first_name.setdefault(id(value), node.target)
+        if axes is None and alias != node.target:
+            # a tied weight read under another name: the same tensor, the same axes and members
+            axes = self._attr_axes[node.target] = self._attr_axes[alias]
         if axes is None:
             axes = self.fresh(value.shape)
             self._attr_axes[node.target] = axes

@@ -92,18 +92,26 @@ def taylor(A: Analysis, gm: fx.GraphModule, groups: list[Group], data, loss_fn: 
     the sum of w * dL/dw over every weight the index owns; squared and summed over batches."""
     names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
     targets = sorted({m.target for g in groups for m in g.members if m.is_param})
-    params = {t: graph_utils.fetch_attr(gm, t).detach().clone().requires_grad_(True) for t in targets}
-    state = {k: v for k, v in list(gm.named_parameters()) + list(gm.named_buffers())}
+    # tied weights (out.weight = emb.weight) are one tensor: one leaf, whose gradient sums every
+    # use; functional_call (tie_weights) puts it under each of the tensor's names
+    leaf_of: dict[int, torch.Tensor] = {}
+    params = {}
+    for t in targets:
+        value = graph_utils.fetch_attr(gm, t)
+        if id(value) not in leaf_of:
+            leaf_of[id(value)] = value.detach().clone().requires_grad_(True)
+        params[t] = leaf_of[id(value)]
+    leaves = list(leaf_of.values())
     totals = {g.leaf: np.zeros(g.size) for g in groups}
     n_batches = 0
     for batch in data:
         inputs = _batch_inputs(batch, names)
         with torch.enable_grad():
-            out = torch.func.functional_call(gm, {**state, **params}, tuple(inputs))
+            out = torch.func.functional_call(gm, params, tuple(inputs))
             loss = loss_fn(out, batch) if loss_fn is not None else default_loss(out)
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        wg = {t: (params[t].detach() * g).double() if g is not None else None
-              for t, g in zip(params, grads)}
+            grads = dict(zip(map(id, leaves), torch.autograd.grad(loss, leaves, allow_unused=True)))
+        wg = {t: (p.detach() * grads[id(p)]).double() if grads[id(p)] is not None else None
+              for t, p in params.items()}
         for g in groups:
             contrib = np.zeros(g.size)
             for m in g.members:

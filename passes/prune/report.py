@@ -61,7 +61,21 @@ class PruneReport:
             text += f"; {inexact} pruned groups are normalised over (not zero-equivalent)"
         return text
 
-    __str__ = summary
+    SKIPPED_SHOWN = 10
+
+    def __str__(self) -> str:
+        """The summary, then each skipped group with its reason (which names the node and the
+        source line that stopped it): the first SKIPPED_SHOWN, and a count of the rest."""
+        lines = [self.summary()]
+        if self.skipped:
+            lines.append("  skipped groups and why:")
+            for s in self.skipped[: self.SKIPPED_SHOWN]:
+                lines.append(f"  - {s.kind} x{s.size} [{_short(', '.join(s.members), 60)}]: {s.reason}")
+            rest = len(self.skipped) - self.SKIPPED_SHOWN
+            more = f"{rest} more; " if rest > 0 else ""
+            lines.append(f"  ({more}every group, pruned or skipped: compiled.report.extra['prune'].table())")
+        lines.extend(f"  {note}" for note in self.notes)
+        return "\n".join(lines)
 
     def table(self, markdown: bool = False, width: int = 60) -> str:
         rows = [("group", "kind", "removed", "exact", "members")]

@@ -16,7 +16,7 @@ from torch import fx
 
 from fxcompile import graph_utils
 
-from .analysis import Analysis
+from .analysis import Analysis, size_hint
 
 aten = torch.ops.aten
 
@@ -48,6 +48,7 @@ class Rewriter:
     def slice_params(self, gm: fx.GraphModule) -> dict[str, dict[int, np.ndarray]]:
         """Slice every parameter and buffer; return removed positions per target and dim."""
         removed_at: dict[str, dict[int, np.ndarray]] = {}
+        sliced: dict[int, torch.Tensor] = {}  # tied weights: one sliced tensor under every name
         for target, axes in self.A._attr_axes.items():
             value = graph_utils.fetch_attr(gm, target)
             new = value.detach()
@@ -58,7 +59,9 @@ class Rewriter:
                 removed_at.setdefault(target, {})[d] = np.setdiff1d(np.arange(value.shape[d]), k)
                 new = new.index_select(d, torch.as_tensor(k, dtype=torch.long, device=new.device))
             if target in removed_at:
-                _set_attr(gm, target, new.contiguous(), value)
+                if id(value) not in sliced:
+                    sliced[id(value)] = _as_like(new.contiguous(), value)
+                _set_attr(gm, target, sliced[id(value)])
         return removed_at
 
     def new_attr_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -108,13 +111,17 @@ class Rewriter:
         return out
 
 
-def _set_attr(gm: fx.GraphModule, target: str, new: torch.Tensor, old: torch.Tensor) -> None:
+def _as_like(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    if isinstance(old, torch.nn.Parameter):
+        return torch.nn.Parameter(new, requires_grad=old.requires_grad)
+    return new
+
+
+def _set_attr(gm: fx.GraphModule, target: str, new: torch.Tensor) -> None:
     *path, last = target.split(".")
     owner = gm
     for atom in path:
         owner = getattr(owner, atom)
-    if isinstance(old, torch.nn.Parameter):
-        new = torch.nn.Parameter(new, requires_grad=old.requires_grad)
     if last in owner._parameters:
         owner._parameters[last] = new if isinstance(new, torch.nn.Parameter) else torch.nn.Parameter(new, False)
     elif last in owner._buffers:
@@ -144,14 +151,20 @@ def _set_arg(node: fx.Node, i: int, name: str, value):
     return node.target, tuple(node.args), {**node.kwargs, name: value}
 
 
+def _merge_sizes(old, new) -> list | None:
+    """``old`` size arguments with each concrete int replaced by its pruned size, or None if
+    nothing changes. -1 (inferred) and symbolic sizes (a sym_size node or SymInt of a dynamic
+    dimension, never a channel axis) stay as they are, so the graph stays dynamic."""
+    old = list(old)
+    sizes = [n if isinstance(s, int) and s != -1 else s for s, n in zip(old, new)]
+    changed = any(a != b for a, b in zip(sizes, old) if isinstance(b, int))
+    return sizes if changed else None
+
+
 @rewrite(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
 def _sizes(R: Rewriter, node: fx.Node) :
-    new = R.new_shape(node)
-    old = list(node.args[1])
-    sizes = [s if s == -1 else n for s, n in zip(old, new)]
-    if sizes == old:
-        return None
-    return _set_arg(node, 1, "size", sizes)
+    sizes = _merge_sizes(node.args[1], R.new_shape(node))
+    return None if sizes is None else _set_arg(node, 1, "size", sizes)
 
 
 @rewrite(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
@@ -159,7 +172,7 @@ def _split(R: Rewriter, node: fx.Node) :
     src = node.args[0]
     n = len(R.A.shape(src))
     d = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % n
-    old = [int(t.shape[d]) for t in node.meta["val"]]
+    old = [size_hint(t.shape[d]) for t in node.meta["val"]]
     new = [s[d] for s in R.new_shape(node)]
     if new == old:
         return None
@@ -177,6 +190,8 @@ def _slice(R: Rewriter, node: fx.Node) :
     size = R.A.shape(src)[d]
     start = node.args[2] if len(node.args) > 2 else None
     end = node.args[3] if len(node.args) > 3 else None
+    if not all(v is None or isinstance(v, int) for v in (start, end)):
+        return None  # symbolic bounds: analysis blocked this dim, it is never pruned
     start, end, _ = slice(start, end, 1).indices(size)
     new_start, new_end = int((kept < start).sum()), int((kept < max(end, start)).sum())
     return node.target, (src, d, new_start, new_end) + tuple(node.args[4:]), dict(node.kwargs)
@@ -185,10 +200,8 @@ def _slice(R: Rewriter, node: fx.Node) :
 @rewrite(aten.layer_norm.default, getattr(aten, "rms_norm", None) and aten.rms_norm.default)
 def _normalized_shape(R: Rewriter, node: fx.Node) :
     k = len(node.args[1])
-    new = list(R.new_shape(node)[-k:])
-    if new == list(node.args[1]):
-        return None
-    return _set_arg(node, 1, "normalized_shape", new)
+    sizes = _merge_sizes(node.args[1], R.new_shape(node)[-k:])
+    return None if sizes is None else _set_arg(node, 1, "normalized_shape", sizes)
 
 
 @rewrite(aten.group_norm.default)
@@ -242,28 +255,22 @@ def _sdpa_scale(R: Rewriter, node: fx.Node) :
 
 @rewrite(aten.new_ones.default, aten.new_zeros.default, aten.new_empty.default, aten.new_full.default)
 def _new_factory(R: Rewriter, node: fx.Node) :
-    new = list(R.new_shape(node))
-    if new == list(node.args[1]):
-        return None
-    return _set_arg(node, 1, "size", new)
+    sizes = _merge_sizes(node.args[1], R.new_shape(node))
+    return None if sizes is None else _set_arg(node, 1, "size", sizes)
 
 
 @rewrite(aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.full.default)
 def _factory(R: Rewriter, node: fx.Node) :
-    new = list(R.new_shape(node))
-    if new == list(node.args[0]):
-        return None
-    return _set_arg(node, 0, "size", new)
+    sizes = _merge_sizes(node.args[0], R.new_shape(node))
+    return None if sizes is None else _set_arg(node, 0, "size", sizes)
 
 
 @rewrite(getattr(aten, "unflatten", None) and aten.unflatten.int)
 def _unflatten(R: Rewriter, node: fx.Node) :
     n = len(R.A.shape(node.args[0]))
     d = node.args[1] % n
-    new = list(R.new_shape(node)[d:d + len(node.args[2])])
-    if new == list(node.args[2]):
-        return None
-    return _set_arg(node, 2, "sizes", new)
+    sizes = _merge_sizes(node.args[2], R.new_shape(node)[d:d + len(node.args[2])])
+    return None if sizes is None else _set_arg(node, 2, "sizes", sizes)
 
 
 def check_shapes(R: Rewriter, gm: fx.GraphModule, expected: dict[fx.Node, object]) -> list[str]:
@@ -272,9 +279,9 @@ def check_shapes(R: Rewriter, gm: fx.GraphModule, expected: dict[fx.Node, object
     for node, want in expected.items():
         v = node.meta.get("val")
         if isinstance(v, torch.Tensor):
-            got = tuple(int(s) for s in v.shape)
+            got = tuple(size_hint(s) for s in v.shape)
         elif isinstance(v, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in v):
-            got = [tuple(int(s) for s in t.shape) for t in v]
+            got = [tuple(size_hint(s) for s in t.shape) for t in v]
         else:
             continue
         if got != want:

@@ -7,6 +7,7 @@ import operator
 
 import torch
 
+from .analysis import is_symbolic, size_hint
 from .axes import Conflict
 from .rules import _arg, _nd, _op, rule
 
@@ -128,6 +129,13 @@ def _slice(A, node):
     d = _nd(_arg(node, 1, "dim", 0), len(src))
     n = shape[d]
     start, end, step = _arg(node, 2, "start", None), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+    if any(is_symbolic(v) for v in (start, end, step)):
+        # bounds that follow the input shape (x[:, :seq_len]): the positions kept vary per call
+        why = A.why(node, "slice bounds vary with the input shape")
+        A.ax.block(src[d], why)
+        A.set(node, src[:d] + A.fresh([A.shape(node)[d]], why) + src[d + 1:])
+        return
+    start, end, step = (size_hint(v) if v is not None else None for v in (start, end, step))
     start, end, _ = slice(start, end, step).indices(n)
     end = max(end, start)
     if step != 1:
@@ -148,7 +156,7 @@ def _split(A, node):
     dim_default = 0
     d = _nd(_arg(node, 2, "dim", dim_default), len(src))
     outs = node.meta["val"]
-    sizes = [int(t.shape[d]) for t in outs]
+    sizes = [size_hint(t.shape[d]) for t in outs]
     pieces = A.ax.refine_cat(src[d], sizes)
     A.set(node, [src[:d] + [p] + src[d + 1:] for p in pieces])
 
