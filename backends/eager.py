@@ -14,18 +14,27 @@ from fxcompile.errors import BackendError
 class EagerRunner(Lowered):
     backend = "eager"
 
-    def __init__(self, gm: fx.GraphModule, example_inputs, channels_last_inputs=()):
+    def __init__(self, gm: fx.GraphModule, example_inputs, channels_last_inputs=(), dynamic_shapes=None):
         super().__init__()
         self.gm = gm
         self._example_inputs = list(example_inputs)
         self._cl_inputs = frozenset(channels_last_inputs)
+        self._dynamic_shapes = dynamic_shapes
+        self._constant_outputs = constant_outputs(gm)
 
     def forward(self, *flat):
-        if not self._cl_inputs:
-            return self.gm(*flat)
-        flat = [x.contiguous(memory_format=torch.channels_last) if i in self._cl_inputs else x
-                for i, x in enumerate(flat)]
-        return tuple(o.contiguous() if isinstance(o, torch.Tensor) else o for o in self.gm(*flat))
+        if self._cl_inputs:
+            flat = [x.contiguous(memory_format=torch.channels_last) if i in self._cl_inputs else x
+                    for i, x in enumerate(flat)]
+            out = tuple(o.contiguous() if isinstance(o, torch.Tensor) else o for o in self.gm(*flat))
+        else:
+            out = self.gm(*flat)
+        if not self._constant_outputs:
+            return out
+        # A constant output is one tensor of the graph (a folded constant, a parameter): handing
+        # it out would let a caller's in-place edit change every later call's answer.
+        return tuple(o.clone() if i in self._constant_outputs and isinstance(o, torch.Tensor) else o
+                     for i, o in enumerate(out))
 
     def describe(self) -> dict:
         return {"memory format": "channels_last"} if self._cl_inputs else {}
@@ -38,10 +47,29 @@ class EagerRunner(Lowered):
         return self.gm
 
     def save(self, path: str) -> list[str]:
-        """Save as a torch.export program (``.pt2``), loadable with ``fxcompile.load``."""
-        ep = torch.export.export(self.gm, tuple(self._example_inputs), strict=False)
+        """Save as a torch.export program (``.pt2``), loadable with ``fxcompile.load``; a graph
+        compiled with dynamic_shapes is exported with them, so the program stays dynamic."""
+        dynamic = tuple(self._dynamic_shapes) if self._dynamic_shapes is not None else None
+        try:
+            ep = torch.export.export(self.gm, tuple(self._example_inputs), dynamic_shapes=dynamic,
+                                     strict=False)
+        except Exception as e:
+            raise BackendError(f"eager backend: the graph could not be exported to {path}: "
+                               f"{type(e).__name__}: {str(e)[:500]}") from e
         torch.export.save(ep, path)
         return [path]
+
+
+def constant_outputs(gm: fx.GraphModule) -> frozenset[int]:
+    """Indices of the graph's outputs that no input reaches (constants, attributes)."""
+    from_inputs: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in from_inputs for a in node.all_input_nodes):
+            from_inputs.add(node)
+    outputs = gm.graph.output_node().args[0]
+    if not isinstance(outputs, (tuple, list)):
+        return frozenset()
+    return frozenset(i for i, o in enumerate(outputs) if isinstance(o, fx.Node) and o not in from_inputs)
 
 
 class LoadedEagerRunner(EagerRunner):
@@ -52,6 +80,7 @@ class LoadedEagerRunner(EagerRunner):
         self.gm = gm
         self._source = path
         self._cl_inputs = frozenset(channels_last_inputs)
+        self._constant_outputs = constant_outputs(gm)
 
     def save(self, path: str) -> list[str]:
         import shutil
@@ -73,6 +102,9 @@ DEFAULTS = {
     # takes it with the same outputs;
     # True: the same, or BackendError; False: never. Weights and the graph are not changed.
     "channels_last": "auto",
+    # torch.export's dynamic_shapes over the flat inputs (compile passes them on): the graph
+    # runs any shape either way; save() exports with them so the saved program stays dynamic.
+    "dynamic_shapes": None,
 }
 aten = torch.ops.aten
 # "auto" uses channels_last from inputs of this many elements on. Measured (2 threads, medians):
@@ -81,12 +113,19 @@ aten = torch.ops.aten
 AUTO_MIN_ELEMENTS = 32768
 
 
-def lower(gm: fx.GraphModule, example_inputs, options: dict) -> EagerRunner:
-    """Run the graph as it is, recompiled; conv nets get channels_last inputs where that is safe."""
+def validate_options(options: dict) -> dict:
+    """Merge ``options`` into DEFAULTS and check their values; raise BackendError on a bad one."""
     options = check_options("eager", options, DEFAULTS)
     mode = options["channels_last"]
     if mode not in ("auto", True, False):
         raise BackendError(f"eager option channels_last must be 'auto', True or False, got {mode!r}")
+    return options
+
+
+def lower(gm: fx.GraphModule, example_inputs, options: dict) -> EagerRunner:
+    """Run the graph as it is, recompiled; conv nets get channels_last inputs where that is safe."""
+    options = validate_options(options)
+    mode = options["channels_last"]
     gm.recompile()
     inputs: list[int] = []
     if mode:
@@ -95,7 +134,7 @@ def lower(gm: fx.GraphModule, example_inputs, options: dict) -> EagerRunner:
             raise BackendError(f"eager backend: channels_last is not possible here: {why_not}")
         if mode == "auto" and max((example_inputs[i].numel() for i in inputs), default=0) < AUTO_MIN_ELEMENTS:
             inputs = []  # small images: the layout conversions cost more than NHWC convolutions save
-    return EagerRunner(gm, example_inputs, inputs)
+    return EagerRunner(gm, example_inputs, inputs, options["dynamic_shapes"])
 
 
 def _channels_last_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple[list[int], str]:
@@ -107,6 +146,7 @@ def _channels_last_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple[lis
     the whole conv stack run in it; a ``view`` that needs contiguous memory fails the trial.
     """
     from fxcompile.numerics import max_error
+    from fxcompile.state import trial_run
     if not gm.graph.find_nodes(op="call_function", target=aten.conv2d.default):
         return [], "the graph has no 2-d convolution"
     placeholders = gm.graph.find_nodes(op="placeholder")
@@ -118,8 +158,7 @@ def _channels_last_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple[lis
     trial = [x.contiguous(memory_format=torch.channels_last) if i in inputs else x
              for i, x in enumerate(example_inputs)]
     try:
-        with torch.no_grad():
-            ref, got = gm(*example_inputs), gm(*trial)
+        ref, got = trial_run(gm, example_inputs), trial_run(gm, trial)  # the state stays as captured
     except Exception as e:  # e.g. a view that needs contiguous memory
         return [], f"the graph fails on channels_last inputs ({type(e).__name__}: {str(e)[:200]})"
     err = max_error(ref, got)

@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
 import re
 import tempfile
 import warnings
-from typing import Any
 
 import torch
 from torch import fx
 
-from fxcompile.backend_api import Lowered, check_options
+from fxcompile import state
+from fxcompile.backend_api import check_options
 from fxcompile.errors import BackendError, describe_node
+from fxcompile.graph_utils import fetch_attr
+
+from .onnx_runner import OnnxRunner, take_state_initializers
 
 aten = torch.ops.aten
 DEFAULTS = {
@@ -33,82 +37,6 @@ _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
-class OnnxRunner(Lowered):
-    """Runs an ONNX model with onnxruntime; takes and returns torch tensors."""
-
-    backend = "onnx"
-
-    def __init__(self, model_proto, input_names: list[str], n_outputs: int, options: dict,
-                 constant_outputs: dict[int, Any] | None = None):
-        super().__init__()
-        import onnxruntime as ort
-        self.model_proto = model_proto
-        self.options = options
-        self._input_names = list(input_names)
-        self._tmp = None
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options["threads"] or torch.get_num_threads()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                              _ORT_LEVELS[options["graph_optimization_level"]])
-        providers = options["providers"] or ["CPUExecutionProvider"]
-        if model_proto.ByteSize() < options["external_data_threshold"]:
-            source = model_proto.SerializeToString()
-        else:
-            self._tmp = tempfile.TemporaryDirectory(prefix="fxcompile-onnx-")
-            source = os.path.join(self._tmp.name, "model.onnx")
-            _save_proto(model_proto, source, external=True)
-        self.session = ort.InferenceSession(source, so, providers=providers)
-        feeds = {i.name for i in self.session.get_inputs()}
-        # Placeholders that the exporter dropped (non-tensor or unused inputs) are not fed.
-        self._feed = [(i, name) for i, name in enumerate(input_names) if name in feeds]
-        # Outputs that are Python values in the graph (e.g. a size) are not ONNX outputs.
-        self._constant_outputs = dict(constant_outputs or {})
-        self._n_outputs = n_outputs
-        got = len(self.session.get_outputs()) + len(self._constant_outputs)
-        if got != n_outputs:
-            raise BackendError(f"the ONNX model has {got} outputs where the graph has {n_outputs}")
-
-    def forward(self, *flat):
-        feed = {name: _to_numpy(flat[i]) for i, name in self._feed}
-        outs = self.session.run(None, feed)
-        device = next((t.device for t in flat if isinstance(t, torch.Tensor)), torch.device("cpu"))
-        tensors = iter(torch.from_numpy(o).to(device) for o in outs)
-        return tuple(self._constant_outputs[i] if i in self._constant_outputs else next(tensors)
-                     for i in range(self._n_outputs))
-
-    def save(self, path: str) -> list[str]:
-        """Write the .onnx file (weights in ``<path>.data`` beside it when the model is large)."""
-        external = self.model_proto.ByteSize() >= self.options["external_data_threshold"]
-        _save_proto(self.model_proto, path, external)
-        return [path, path + ".data"] if external else [path]
-
-    def manifest(self) -> dict[str, Any]:
-        return {"input_names": self._input_names, "n_outputs": self._n_outputs,
-                "constant_outputs": self._constant_outputs,
-                "options": {k: v for k, v in self.options.items() if k != "dynamic_shapes"}}
-
-    def describe(self) -> dict[str, Any]:
-        return {"onnx nodes": len(self.model_proto.graph.node),
-                "providers": ",".join(self.session.get_providers())}
-
-
-def _to_numpy(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().contiguous().numpy()
-    return x
-
-
-def _save_proto(proto, path: str, external: bool) -> None:
-    import onnx
-    if external:  # onnx.save_model moves the weights out of the proto it is given: save a copy
-        proto, original = onnx.ModelProto(), proto
-        proto.CopyFrom(original)
-        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=os.path.basename(path) + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, path)
-
-
 def prepare_for_export(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of the graph (sharing parameters) that torch.onnx's decomposition handles.
 
@@ -117,7 +45,6 @@ def prepare_for_export(gm: fx.GraphModule) -> fx.GraphModule:
     T5, Swin). ONNX has no strides, so an explicit contiguous clone costs nothing there: this
     turns each ``contiguous`` into one and adds one before reshapes of non-contiguous tensors.
     """
-    import copy
     graph = copy.deepcopy(gm.graph)
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -140,8 +67,14 @@ def prepare_for_export(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def export_onnx(gm: fx.GraphModule, example_inputs, options: dict):
-    """torch.onnx.export of the graph -> a checked onnx.ModelProto."""
+    """torch.onnx.export of the graph -> a checked onnx.ModelProto.
+
+    A graph that updates buffers in place is refused (the model would keep their compile-time
+    values): ``lower`` first makes them inputs and outputs with ``carry_state``; a backend without
+    state between calls (tensorrt) cannot.
+    """
     import onnx
+    _refuse_mutated_buffers(gm)
     names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     prepared = prepare_for_export(gm)
     try:
@@ -159,11 +92,77 @@ def export_onnx(gm: fx.GraphModule, example_inputs, options: dict):
     with tempfile.TemporaryDirectory(prefix="fxcompile-export-") as tmp:
         program.save(os.path.join(tmp, "model.onnx"), external_data=True)
         proto = onnx.load(os.path.join(tmp, "model.onnx"), load_external_data=True)
+    _distinct_outputs(proto)
     try:
         onnx.checker.check_model(proto, full_check=False)
     except Exception as e:
         raise BackendError(f"torch.onnx.export produced an ONNX model that onnx.checker rejects: {e}") from e
     return proto, names
+
+
+def _refuse_mutated_buffers(gm: fx.GraphModule) -> None:
+    mutated = state.mutated_buffers(gm)
+    if mutated:
+        target, writer = next(iter(mutated.items()))
+        raise BackendError(
+            f"the forward updates {state.describe_mutation(target, writer)}, and this backend keeps "
+            "no state between calls (its model would see the compile-time value on every call). "
+            "What to do: use backend='eager' or backend='onnx', which carry such state, or keep the "
+            "model from updating buffers in forward.")
+
+
+def carry_state(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    """(a copy of the graph, sharing parameters, that takes each buffer the forward updates as an
+    input after the graph's own and returns its new value as an output after the graph's own;
+    {that input's name: the buffer's current value}). The graph itself when it updates none."""
+    mutated = state.mutated_buffers(gm)
+    if not mutated:
+        return gm, {}
+    graph = copy.deepcopy(gm.graph)
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    anchor = placeholders[-1] if placeholders else None
+    inputs: dict[str, fx.Node] = {}
+    for attr in list(graph.find_nodes(op="get_attr")):
+        if attr.target not in mutated:
+            continue
+        if attr.target not in inputs:
+            where = graph.inserting_after(anchor) if anchor else graph.inserting_before(next(iter(graph.nodes)))
+            with where:
+                anchor = graph.placeholder("state_" + re.sub(r"\W", "_", attr.target))
+            anchor.meta = dict(attr.meta)
+            inputs[attr.target] = anchor
+        attr.replace_all_uses_with(inputs[attr.target])
+        graph.erase_node(attr)
+    out = graph.output_node()
+    with graph.inserting_before(out):  # after every update: the values the next call starts from
+        finals = tuple(graph.call_function(aten.clone.default, (ph,)) for ph in inputs.values())
+    out.args = (tuple(out.args[0]) + finals,)
+    values = {ph.name: fetch_attr(gm, target) for target, ph in inputs.items()}
+    return fx.GraphModule(gm, graph, class_name=type(gm).__name__), values
+
+
+def _distinct_outputs(proto) -> None:
+    """Give every graph output a value of its own: ONNX (SSA) forbids an output that is a graph
+    input or initializer, and a value listed as two outputs (``return x, x * 2``, ``return y, y``)."""
+    import onnx
+    graph = proto.graph
+    # torch.onnx writes an output that is an input as Identity(x) -> x: not SSA, and a no-op
+    selfish = [n for n in graph.node if n.op_type == "Identity" and list(n.input) == list(n.output)]
+    for node in selfish:
+        graph.node.remove(node)
+    taken = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    used = {name for node in graph.node for name in node.output} | taken
+    seen: set[str] = set()
+    for i, out in enumerate(graph.output):
+        if out.name in taken or out.name in seen:
+            new, k = f"{out.name}_output{i}", 0
+            while new in used:
+                k += 1
+                new = f"{out.name}_output{i}_{k}"
+            graph.node.append(onnx.helper.make_node("Identity", [out.name], [new], name=f"output{i}_{new}"))
+            used.add(new)
+            out.name = new
+        seen.add(out.name)
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -243,15 +242,59 @@ def _explain_export_failure(gm: fx.GraphModule, e: Exception) -> str:
               "the op into ones ONNX supports (see `fxcompile passes`).")
 
 
+def validate_options(options: dict, defaults: dict = DEFAULTS) -> dict:
+    """Merge ``options`` into ``defaults`` and check their values, so a bad one fails here with
+    its name (before any export) instead of inside onnxruntime."""
+    options = check_options("onnx", options, defaults)
+
+    for name, minimum, optional in (("threads", 0, True), ("opset", 1, True), ("external_data_threshold", 0, False)):
+        v = options[name]
+        if (v is None and not optional) or (v is not None and (not isinstance(v, int) or isinstance(v, bool)
+                                                               or v < minimum)):
+            raise BackendError(f"backend 'onnx': {name} must be an int >= {minimum}"
+                               f"{' or None' if optional else ''}, got {v!r}")
+    if options["graph_optimization_level"] not in _ORT_LEVELS:
+        raise BackendError(f"backend 'onnx': graph_optimization_level must be one of {', '.join(_ORT_LEVELS)}, "
+                           f"got {options['graph_optimization_level']!r}")
+    if not isinstance(options["optimize"], bool):
+        raise BackendError(f"backend 'onnx': optimize must be True or False, got {options['optimize']!r}")
+    providers = options["providers"]
+    if providers is not None and (isinstance(providers, str) or not isinstance(providers, (list, tuple))):
+        raise BackendError(f"backend 'onnx': providers must be a list such as ['CPUExecutionProvider'], "
+                           f"got {providers!r}")
+    return options
+
+
 def lower(gm: fx.GraphModule, example_inputs, options: dict) -> OnnxRunner:
     """Export to ONNX and load it into an onnxruntime session."""
-    options = check_options("onnx", options, DEFAULTS)
-    if options["graph_optimization_level"] not in _ORT_LEVELS:
-        raise BackendError(f"graph_optimization_level must be one of {', '.join(_ORT_LEVELS)}")
-    proto, names = export_onnx(gm, example_inputs, options)
+    options = validate_options(options)
     outputs = gm.graph.output_node().args[0]
     constants = {i: v for i, v in enumerate(outputs) if not isinstance(v, fx.Node)}
-    return OnnxRunner(proto, names, len(outputs), options, constants)
+    carried, state_values = carry_state(gm)
+    if len(constants) == len(outputs) and not state_values:
+        # nothing for onnxruntime to compute (``return None``, ``return x.shape[0]``): the runner
+        # returns the values; the saved file is a placeholder model
+        names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+        return OnnxRunner(_placeholder_model(), names, len(outputs), options, constants)
+    dynamic = options["dynamic_shapes"]
+    if state_values and isinstance(dynamic, (list, tuple)):
+        dynamic = list(dynamic) + [None] * len(state_values)  # buffers have static shapes
+    inputs = list(example_inputs) + [v.clone() for v in state_values.values()]
+    proto, names = export_onnx(carried, inputs, {**options, "dynamic_shapes": dynamic})
+    names = names[:len(names) - len(state_values)]
+    return OnnxRunner(proto, names, len(outputs), options, constants, state=state_values, gm=gm)
+
+
+def _placeholder_model():
+    """A valid ONNX model with one constant output, for a graph without tensor outputs."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    node = helper.make_node("Constant", [], ["no_tensor_outputs"], name="no_tensor_outputs",
+                            value=numpy_helper.from_array(np.zeros((), np.float32)))
+    out = helper.make_tensor_value_info("no_tensor_outputs", onnx.TensorProto.FLOAT, [])
+    graph = helper.make_graph([node], "fxcompile_no_tensor_outputs", [], [out])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def load(path: str, manifest: dict, options: dict) -> OnnxRunner:
@@ -259,7 +302,8 @@ def load(path: str, manifest: dict, options: dict) -> OnnxRunner:
     (threads, providers, graph_optimization_level) override those it was compiled with."""
     import onnx
     saved = {**DEFAULTS, **manifest["options"]}
-    options = check_options("onnx", options, saved)
+    options = validate_options(options, saved)
     proto = onnx.load(path, load_external_data=True)
+    state_values = take_state_initializers(proto, manifest.get("state_names", []))
     return OnnxRunner(proto, manifest["input_names"], manifest["n_outputs"], options,
-                      manifest["constant_outputs"])
+                      manifest["constant_outputs"], state=state_values)

@@ -22,19 +22,18 @@ import hashlib
 import importlib
 import logging
 import os
-import re
 import tempfile
 import time
-import types
 from typing import Any
 
 import torch
 from torch import fx
 
 from fxcompile.backend_api import Lowered, check_options
-from fxcompile.errors import BackendError, InputError, describe_node, suggest, user_frame
+from fxcompile.errors import BackendError, InputError, suggest
 
 from . import engine_cache
+from .onnx_runner import onnx_node_origin
 from .tensorrt_precision import prepare_model
 
 _log = logging.getLogger("fxcompile.tensorrt")
@@ -241,31 +240,12 @@ def derive_profile(names: list[str], example_inputs, dynamic_shapes=None, profil
 def explain_parser_error(onnx_model, node_index_or_name, op: str, desc: str, gm: fx.GraphModule | None) -> str:
     """A parser error as a message naming the ONNX node, the FX node it came from (torch.onnx
     records it in the node's ``metadata_props``) and the user's source line."""
-    nodes = list(onnx_model.graph.node)
-    index, node = -1, None
-    if isinstance(node_index_or_name, str) and node_index_or_name:
-        index, node = next(((i, n) for i, n in enumerate(nodes) if n.name == node_index_or_name), (-1, None))
-    elif isinstance(node_index_or_name, int) and 0 <= node_index_or_name < len(nodes):
-        index, node = node_index_or_name, nodes[node_index_or_name]
+    index, node, origin = onnx_node_origin(onnx_model, node_index_or_name, gm)
     desc = (desc or "").strip()
     if node is None:
         where = f" at node {node_index_or_name!r}" if node_index_or_name not in (None, "", -1) else ""
         return (f"TensorRT's ONNX parser failed{where}" + (f" ({op})" if op else "") + f": {desc}\n"
                 + _WHAT_TO_DO)
-    meta = {p.key: p.value for p in getattr(node, "metadata_props", ())}
-    fx_name = None
-    m = re.match(r"\s*%([\w.]+)\s*:", meta.get("pkg.torch.onnx.fx_node", ""))
-    if m:
-        fx_name = m.group(1)
-    fx_node = None
-    if gm is not None and fx_name:
-        fx_node = next((n for n in gm.graph.nodes if n.name == fx_name), None)
-    if fx_node is not None:
-        origin = describe_node(fx_node)
-    else:
-        frame = user_frame(types.SimpleNamespace(meta={"stack_trace": meta.get("pkg.torch.onnx.stack_trace")}))
-        origin = (f"node %{fx_name}" if fx_name else "no FX node (added during export)") + (
-            f", from {frame}" if frame else "")
     return (f"TensorRT's ONNX parser rejected ONNX node '{node.name}' ({op or node.op_type}, node #{index} "
             f"of the graph): {desc}\n  from {origin}\n" + _WHAT_TO_DO)
 
@@ -358,7 +338,7 @@ def build_engine(model, profile: dict[str, tuple], settings: dict, timing_cache:
 def _parse(parser, model) -> bool:
     if model.ByteSize() < _MAX_PROTO:
         return parser.parse(model.SerializeToString())
-    from .onnx import _save_proto
+    from .onnx_runner import save_proto as _save_proto
     with tempfile.TemporaryDirectory(prefix="fxcompile-trt-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         _save_proto(model, path, external=True)
@@ -522,6 +502,12 @@ class TensorRTRunner(Lowered):
 
     def manifest(self) -> dict[str, Any]:
         return {k: v for k, v in self.spec.items() if k != "build"}
+
+    @property
+    def lossless(self) -> bool:
+        """Whether the engine computes in the graph's own precision (fp32 without TF32): only then
+        does compile(check=True) fail on a difference; other engines' error is reported."""
+        return self.spec["precision"] == "fp32" and not self.spec["settings"]["tf32"]
 
     def describe(self) -> dict[str, Any]:
         p, fp = self.spec["precision"], self.spec["float_precision"]

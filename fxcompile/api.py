@@ -9,8 +9,8 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from .backend_api import Lowered
-from .capture import Captured, capture
-from .errors import InputError
+from .capture import Captured, capture, serialised
+from .errors import BackendError
 from .pass_manager import resolve_pipeline, run_pipeline
 from .registry import get_backend
 from .report import Report
@@ -23,12 +23,11 @@ class CompiledModule(torch.nn.Module):
     ``.save(path)`` writes the backend's artifact (.pt2 for eager, .onnx for onnx).
     """
 
-    def __init__(self, captured: Captured, runner: Lowered, report: Report, static_shapes: bool):
+    def __init__(self, captured: Captured, runner: Lowered, report: Report):
         super().__init__()
         self.runner = runner
         self.report = report
         self._captured = captured
-        self._static_shapes = static_shapes
 
     @property
     def graph_module(self) -> fx.GraphModule | None:
@@ -40,20 +39,15 @@ class CompiledModule(torch.nn.Module):
         return self.runner.backend
 
     def forward(self, *args, **kwargs):
-        flat = self._captured.inputs.flatten(args, kwargs)
-        if self._static_shapes:
-            self._check_shapes(flat)
+        # Every backend gets inputs the graph was compiled for: the values of non-tensor inputs
+        # (flatten), static dims and Dim ranges (check_shapes). Outside them a graph can run and
+        # answer wrongly (a view specialised to the example's H and W) or fail deep in a runtime.
+        sig = self._captured.inputs
+        flat = sig.flatten(args, kwargs)
+        sig.check_shapes(flat)
         with torch.no_grad():
             out = self.runner(*flat)
         return self._captured.unflatten_outputs(out)
-
-    def _check_shapes(self, flat: list) -> None:
-        sig = self._captured.inputs
-        for name, got, want in zip(sig.names, flat, sig.examples):
-            if isinstance(want, torch.Tensor) and tuple(got.shape) != tuple(want.shape):
-                raise InputError(f"input '{name}' has shape {tuple(got.shape)}; the model was compiled "
-                                 f"for {tuple(want.shape)}. Compile with an example of this shape, or "
-                                 "pass dynamic_shapes=... to compile.")
 
     def save(self, path: str) -> list[str]:
         """Write the backend's artifact to ``path`` plus ``path + ".fxcompile"`` (the input and
@@ -65,6 +59,7 @@ class CompiledModule(torch.nn.Module):
         return f"model={self._captured.model_name}, backend={self.backend}"
 
 
+@serialised  # capture and lowering trace with torch.export: one compile at a time
 def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backend: str = "eager",
             check: bool = False, *, example_kwargs: dict | None = None, dynamic_shapes=None,
             progress: bool = False, calibration_data=None, **options) -> CompiledModule:
@@ -89,24 +84,41 @@ def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backe
         from .calibrate import FlatBatches
         data = FlatBatches(calibration_data, captured.inputs)
     gm, report.passes = run_pipeline(captured.gm, passes, captured.example_inputs, check=check,
-                                     progress=progress, data=data)
+                                     progress=progress, data=data, name=captured.model_name)
     captured.gm = gm
     from .quant_state import report_section
     report.extra.update(report_section(gm))
-    if dynamic_shapes is not None and backend in ("onnx", "tensorrt"):
+    if dynamic_shapes is not None and backend in DYNAMIC_BACKENDS:
         options.setdefault("dynamic_shapes", _flat_dynamic_shapes(dynamic_shapes, captured))
     start = time.perf_counter()
     runner = lower(gm, captured.example_inputs, options)
     report.backend_seconds = time.perf_counter() - start
     report.extra.update(runner.describe())
     report.extra.update(gm.meta.get("report_extra", {}))  # what passes chose to report (e.g. prune)
-    compiled = CompiledModule(captured, runner, report, static_shapes=dynamic_shapes is None)
+    compiled = CompiledModule(captured, runner, report)
     if check:
-        from .numerics import max_error
-        with torch.no_grad():
-            err = max_error(gm(*captured.example_inputs), runner(*captured.example_inputs))
-        report.extra["backend max error"] = f"{err:.2e}"
+        check_backend(gm, runner, captured.example_inputs, report)
     return compiled
+
+
+# The built-in backends that take torch.export's dynamic_shapes (over the flat inputs) as an option.
+DYNAMIC_BACKENDS = ("eager", "onnx", "tensorrt")
+
+
+def check_backend(gm: fx.GraphModule, runner: Lowered, inputs: list, report: Report) -> None:
+    """check=True after lowering: the backend must give the graph's outputs (within the lossless
+    tolerance) unless it declares itself lossy (``runner.lossless = False``, e.g. a reduced-precision
+    engine), in which case the error is only reported."""
+    from .numerics import max_error
+    from .pass_manager import LOSSLESS_TOLERANCE
+    from .state import trial_run  # both runs start from the state the compiled model starts from
+    err = max_error(trial_run(gm, inputs, runner), trial_run(runner, inputs, gm))
+    report.extra["backend max error"] = f"{err:.2e}"
+    if getattr(runner, "lossless", True) and not err <= LOSSLESS_TOLERANCE:
+        raise BackendError(
+            f"check=True: the {runner.backend} backend's outputs differ from the graph's on the example "
+            f"inputs: max error {err:.3g} relative to output scale (tolerance {LOSSLESS_TOLERANCE}). "
+            "Compare backend='eager', or report the model with the backend and its options.")
 
 
 def _flat_dynamic_shapes(dynamic_shapes, captured: Captured) -> list:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import statistics
 import sys
@@ -323,11 +325,22 @@ def cmd_compile(args) -> int:
     from .pass_manager import resolve_pipeline
     from .registry import get_backend
 
-    # Names first: a typo fails in a second, before the model is imported and captured.
+    # Arguments first: a typo or a bad path fails in a second, before the model is imported
+    # and captured.
     passes = _parse_passes(args.passes)
     resolve_pipeline(passes)
-    get_backend(args.backend)
     options = _parse_backend_options(args.backend_option)
+    _validate_backend_options(get_backend(args.backend), options)
+    if not args.int8:
+        for flag, value in (("--calibration", args.calibration), ("--calibration-method", args.calibration_method)):
+            if value is not None:
+                raise InputError(f"{flag} is for --int8 static (calibrated int8); add --int8 static, "
+                                 f"or drop {flag}")
+    if args.output:
+        _check_suffix(args.backend, args.output)
+        _check_writable("-o", args.output)
+    if args.report_json:
+        _check_writable("--report-json", args.report_json)
     calibration = None
     if args.int8:
         passes, calibration = _int8_pipeline(args)
@@ -358,6 +371,48 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _validate_backend_options(lower: Callable, options: dict) -> None:
+    """Check -O values with the backend module's ``validate_options`` (the built-in backends have
+    one), so a bad value fails before the compile rather than inside the runtime after it."""
+    validate = getattr(sys.modules.get(getattr(lower, "__module__", ""), None), "validate_options", None)
+    if callable(validate):
+        validate(dict(options))
+
+
+# What each built-in backend's save() writes, by file suffix (the first is the usual one).
+_SUFFIXES = {"eager": (".pt2",), "onnx": (".onnx",), "tensorrt": (".engine", ".plan")}
+
+
+def _check_suffix(backend: str, output: str) -> None:
+    suffixes = _SUFFIXES.get(backend)
+    path = Path(output)
+    if suffixes and path.suffix.lower() not in suffixes:
+        what = " or ".join(suffixes)
+        raise InputError(f"-o {output}: the {backend} backend writes {what} files; name the output "
+                         f"{path.with_suffix(suffixes[0]) if path.suffix else str(path) + suffixes[0]}")
+
+
+def _check_writable(flag: str, output: str) -> None:
+    """Raise InputError unless ``output`` can be written (its missing folders created), without
+    creating anything: a bad path must not cost a whole compile first."""
+    path = Path(output).absolute()
+    problem = None
+    if path.is_dir():
+        problem = "it is a folder; give a file name"
+    elif path.exists() and not os.access(path, os.W_OK):
+        problem = "it is not writable"
+    else:
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            problem = f"{parent} is not a folder"
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            problem = f"the folder {parent} is not writable"
+    if problem:
+        raise InputError(f"cannot write {flag} {output}: {problem}")
+
+
 def _int8_pipeline(args):
     """--int8: (quantize_passes for the backend's target, the calibration batches or None)."""
     import torch
@@ -368,9 +423,9 @@ def _int8_pipeline(args):
                          "drop --passes, or list insert_fake_quant and fold_fake_quant in --passes yourself")
     target = "tensorrt" if args.backend == "tensorrt" else "onnxruntime"
     if args.int8 == "dynamic":
-        if args.calibration:
-            raise InputError("--int8 dynamic quantizes activations at run time and takes no --calibration; "
-                             "use --int8 static to calibrate")
+        if args.calibration or args.calibration_method:
+            raise InputError("--int8 dynamic quantizes activations at run time and takes no --calibration "
+                             "or --calibration-method; use --int8 static to calibrate")
         return fxcompile.quantize_passes(target, activations="dynamic"), None
     if not args.calibration:
         raise InputError("--int8 static needs --calibration FILE: a list of input batches saved with "
@@ -387,7 +442,7 @@ def _int8_pipeline(args):
     if isinstance(batches, (torch.Tensor, dict)) or not isinstance(batches, (list, tuple)):
         raise InputError(f"{path} holds a {type(batches).__name__}; --calibration takes a list of batches "
                          "(e.g. torch.save([x1, x2, x3], path) or a list of (args...) tuples or kwargs dicts)")
-    return fxcompile.quantize_passes(target, method=args.calibration_method), list(batches)
+    return fxcompile.quantize_passes(target, method=args.calibration_method or "minmax"), list(batches)
 
 
 def cmd_passes(args) -> int:
@@ -494,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a backend option, e.g. -O threads=1 -O opset=18 (repeatable; values are "
                            "Python literals, else strings)")
     comp.add_argument("--output", "-o", metavar="OUT",
-                      help="write the compiled artifact here (.pt2 for eager, .onnx for onnx)")
+                      help="write the compiled artifact here (.pt2 for eager, .onnx for onnx, .engine "
+                           "for tensorrt)")
     comp.add_argument("--check", action="store_true",
                       help="compare outputs after every pass and after lowering; fail (exit 1) when a "
                            "lossless step changes them by more than 1e-4 relative to output scale")
@@ -506,9 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "and matmul inputs at run time (onnxruntime only, no data)")
     comp.add_argument("--calibration", metavar="FILE",
                       help="for --int8 static: a list of input batches saved with torch.save")
-    comp.add_argument("--calibration-method", default="minmax",
+    comp.add_argument("--calibration-method", default=None,
                       choices=("minmax", "percentile", "mse", "entropy"),
                       help="how --int8 static turns observed ranges into scales (default: minmax)")
+    comp.add_argument("--verbose", "-v", action="store_true",
+                      help="show torch's own warnings and fxcompile's debug log (e.g. the graph traced "
+                           "up to a capture failure)")
     _add_progress_flag(comp)
     comp.set_defaults(func=cmd_compile)
 
@@ -555,6 +614,30 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+@contextlib.contextmanager
+def _logging_for(verbose: bool):
+    """torch logs internal warnings while tracing (e.g. "Unable to find user code ..." before a
+    capture fails) that fxcompile's own error message covers: hidden unless --verbose, which
+    shows fxcompile's debug log instead. Levels are restored afterwards (main may run in-process)."""
+    torch_log, own_log = logging.getLogger("torch"), logging.getLogger("fxcompile")
+    levels = torch_log.level, own_log.level
+    handler = None
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        own_log.addHandler(handler)
+        own_log.setLevel(logging.DEBUG)
+    else:
+        torch_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        torch_log.setLevel(levels[0])
+        own_log.setLevel(levels[1])
+        if handler is not None:
+            own_log.removeHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``fxcompile`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -563,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
     try:
-        return args.func(args) or 0
+        with _logging_for(getattr(args, "verbose", False)):
+            return args.func(args) or 0
     except FxCompileError as e:
         sys.stdout.flush()
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,13 @@ graph), lazily, and caches the result.
 
 The model's state is a snapshot: a parameter replaced or changed in place (an optimizer step,
 ``load_state_dict``) is noticed on the next call, and the graph is compiled again with the new
-values. Compiled graphs run under ``torch.no_grad``: this is an inference compiler.
+values.
+
+Training: when a graph needs gradients (grad mode on and some input or parameter requires grad,
+the condition AOTAutograd uses too) it goes through AOTAutograd instead, which splits it into a
+forward and a backward ATen graph; each is compiled by fxcompile like any dynamo graph, with
+nothing frozen (parameters are inputs, so an optimizer step needs no recompile) and on the eager
+backend. Inference under ``torch.no_grad()`` / ``torch.inference_mode()`` takes the frozen path.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch import fx
 
+from .capture import COMPILE_LOCK
 from .errors import BackendError, InputError, suggest
 
 log = logging.getLogger(__name__)
@@ -69,11 +76,41 @@ def fxcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | 
         warnings.warn(f"fxcompile ignores torch.compile's {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}; "
                       "set fxcompile's own options with options={...}", stacklevel=2)
     stats["graphs"] += 1
+    if needs_grad(example_inputs):
+        return _training_backend(opts)(gm, example_inputs)
     # Compiling waits for the first call (which dynamo makes right away): inside this function
     # dynamo's tracing context is still active, and torch.onnx.export's own dynamo-based trace of
     # the IR picks up its dynamic-shape state there and fails on graphs that dynamo recompiled
     # as dynamic ("name 'L' is not defined" in export's guard function).
     return DynamoRunner(gm, example_inputs, opts)
+
+
+def needs_grad(example_inputs: list) -> bool:
+    """Whether the graph must support backward: the rule AOTAutograd applies itself."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                           for x in example_inputs)
+
+
+TRAINING_BACKENDS = ("eager",)  # backends that run the forward and backward graphs of training
+
+
+def _training_backend(opts: dict):
+    """AOTAutograd with fxcompile compiling its forward and backward graphs (DynamoRunners that
+    freeze nothing: the parameters are inputs that change every optimizer step)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    if opts["backend"] not in TRAINING_BACKENDS:
+        log.warning("fxcompile: backend '%s' compiles inference graphs; this graph needs gradients, "
+                    "so its forward and backward run on the eager backend. Call the model under "
+                    "torch.no_grad() or torch.inference_mode() to run it on '%s'.",
+                    opts["backend"], opts["backend"])
+        opts = {**opts, "backend": "eager", "backend_options": {}}
+
+    def compile_graph(gm: fx.GraphModule, example_inputs: list):
+        return make_boxed_func(DynamoRunner(gm, example_inputs, opts, freeze_state=False))
+
+    return aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph)
 
 
 def resolve_options(options: dict | None) -> dict:
@@ -223,8 +260,9 @@ class DynamoGraph(torch.nn.Module):
             return fx.Interpreter(self, graph=self._graph).run(*args)
 
 
-def freeze_graph(gm: fx.GraphModule, example_inputs: list):
-    """A copy of dynamo's graph whose model-state placeholders read attributes instead.
+def freeze_graph(gm: fx.GraphModule, example_inputs: list, freeze_state: bool = True):
+    """A copy of dynamo's graph whose model-state placeholders read attributes instead (none
+    with ``freeze_state=False``).
 
     Returns ``(graph, attr_paths, state_slots, input_slots, scalar_outputs)``:
     ``attr_paths[slot]`` names the attribute that holds the tensor dynamo passes at ``slot``;
@@ -249,7 +287,7 @@ def freeze_graph(gm: fx.GraphModule, example_inputs: list):
     state_slots, input_slots = [], []
     last_placeholder = memo[placeholders[-1]] if placeholders else None
     for slot, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        if not is_model_state(node, value):
+        if not (freeze_state and is_model_state(node, value)):
             input_slots.append(slot)
             continue
         path = _state_path(_source_of(node)) if _source_of(node) is not None else ""
@@ -284,7 +322,7 @@ def _is_static_scalar(value) -> bool:
     A SymInt from ``.item()`` (an unbacked symbol) depends on the data and stays an output."""
     if not isinstance(value, fx.Node):
         return value is None or isinstance(value, (bool, int, float))
-    example = value.meta.get("example_value")
+    example = value.meta.get("example_value", value.meta.get("val"))  # dynamo's / AOTAutograd's
     if isinstance(example, (bool, int, float)):
         return True
     if isinstance(example, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -325,11 +363,11 @@ class DynamoRunner:
     did).
     """
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list, options: dict):
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, options: dict, freeze_state: bool = True):
         self.options = options
         self.name = str(gm.meta.get("dynamo_compile_id", "") or type(gm).__name__)
         (self._graph, self._attr_paths, self._state_slots, self._input_slots,
-         self._scalar_outputs) = freeze_graph(gm, example_inputs)
+         self._scalar_outputs) = freeze_graph(gm, example_inputs, freeze_state)
         # Attributes dynamo kept on its GraphModule (get_attr / call_module nodes, when modules
         # are not inlined) travel into every DynamoGraph as they are.
         self._own_attrs = {n.target: _fetch(gm, n.target) for n in gm.graph.nodes
@@ -354,22 +392,28 @@ class DynamoRunner:
         return False
 
     def __call__(self, *args):
-        if self._state_slots and self._state_changed(args):
-            if self.compiled:
-                log.info("fxcompile: the model's parameters or buffers changed; recompiling %s", self.name)
-            self.compiled.clear()
-            self._state = [args[i] for i in self._state_slots]
-            self._versions = [_version(t) for t in self._state]
         key = self._signature(args)
-        entry = self.compiled.get(key)
+        entry = None if self._state_slots and self._state_changed(args) else self.compiled.get(key)
         if entry is None:
-            entry = self._compile(args, key)
+            # Threads making a first call together: one compiles, the others then find its entry.
+            with COMPILE_LOCK:
+                entry = self._entry(args, key)
         compiled, tensor_slots, scalars = entry
         out = compiled(*[args[i] for i in tensor_slots]) if compiled is not None else ()
         if not scalars:
             return out
         it, n = iter(out), len(out) + len(scalars)
         return type(out)(scalars[i] if i in scalars else next(it) for i in range(n))
+
+    def _entry(self, args, key) -> tuple:
+        if self._state_slots and self._state_changed(args):
+            if self.compiled:
+                log.info("fxcompile: the model's parameters or buffers changed; recompiling %s", self.name)
+            self.compiled.clear()
+            self._state = [args[i] for i in self._state_slots]
+            self._versions = [_version(t) for t in self._state]
+        entry = self.compiled.get(key)
+        return entry if entry is not None else self._compile(args, key)
 
     def _compile(self, args, key) -> tuple:
         import fxcompile

@@ -6,6 +6,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -97,18 +98,39 @@ def first_user_node(gm: fx.GraphModule) -> fx.Node:
 def refresh_meta(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> int:
     """Recompute every node's meta['val'] with fake tensors and return the graph's FLOPs (at the
     example inputs' shapes). A graph captured with dynamic shapes keeps them: its placeholders'
-    symbolic fake tensors are propagated again, so passes see which dimensions vary."""
+    symbolic fake tensors are propagated again, so passes see which dimensions vary.
+
+    Data-dependent values (``.item()``, the size of ``x[x > 0]``) become unbacked symbols, as in
+    torch.export: the fake mode has a shape environment even for static inputs, which stay static.
+    """
     example_inputs = list(example_inputs)
     symbolic = _symbolic_placeholders(gm)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # Each propagation makes its own unbacked symbols; bindings to an earlier run's symbols (u0
+    # in both) would be taken for a stale memo and rejected, so they are recomputed from scratch.
+    for node in gm.graph.nodes:
+        node.meta.pop("unbacked_bindings", None)
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
     fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     with FlopCounterMode(display=False) as counter:
         _FakeAttrProp(gm, mode).propagate_dont_convert_inputs(*fake)
     if symbolic is not None:
         sym_mode, values = symbolic
+        for node in gm.graph.nodes:
+            node.meta.pop("unbacked_bindings", None)
         fake = [v if v is not None else x for v, x in zip(values, example_inputs)]
         _FakeAttrProp(gm, sym_mode).propagate_dont_convert_inputs(*fake)
-    return counter.get_total_flops()
+    return _known_flops(counter.get_total_flops())
+
+
+def _known_flops(total) -> int:
+    """FLOPs as an int. Work on data-dependent sizes (an expression in unbacked symbols such as
+    ``32*u0 + 96``) is unknown before running: it counts as 0, so the total is a lower bound."""
+    if isinstance(total, int):
+        return total
+    import sympy
+    expr = getattr(getattr(total, "node", None), "expr", total)
+    expr = sympy.sympify(expr)
+    return int(expr.subs({s: 0 for s in expr.free_symbols}))
 
 
 def _symbolic_placeholders(gm: fx.GraphModule):
@@ -128,7 +150,7 @@ class _FakeAttrProp(FakeTensorProp):
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
         if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
-            return self._mode.from_tensor(value)
+            return self._mode.from_tensor(value, static_shapes=True)  # weights never vary
         return value
 
 

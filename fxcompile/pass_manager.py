@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -10,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx
 
-from . import graph_utils
+from . import graph_utils, state
 from .errors import FxCompileError, PassError
 from .numerics import max_error
 from .registry import PassInfo, default_pipeline, get_pass, register_pass
@@ -83,15 +85,20 @@ def _check_order(infos: list[PassInfo]) -> None:
 
 
 def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: bool = False,
-                 progress: bool = False, data: Any = None) -> tuple[fx.GraphModule, list[PassRecord]]:
-    """Run the passes of ``spec`` over ``gm`` (in place where passes allow) and report each one."""
+                 progress: bool = False, data: Any = None,
+                 name: str = "graph") -> tuple[fx.GraphModule, list[PassRecord]]:
+    """Run the passes of ``spec`` over ``gm`` (in place where passes allow) and report each one.
+    ``name`` (the model's) names this run's folder under ``FXCOMPILE_DUMP``."""
     pipeline = resolve_pipeline(spec)
     ctx = PassContext(list(example_inputs), data)
-    dump = os.environ.get("FXCOMPILE_DUMP")
+    dump = _GraphDump.from_env(name)
     if dump:
-        _dump(gm, Path(dump), 0, "captured")
+        dump.write(gm, 0, "captured")
     flops = graph_utils.refresh_meta(gm, ctx.example_inputs)
     records = []
+    # Buffers the forward updates start every run from the compile-time state: check runs compare
+    # like with like, and passes that run the graph (calibration) don't advance what users see.
+    initial_state = state.buffer_values(gm)
     reference = _run(gm, ctx.example_inputs) if check else None
     from tqdm.auto import tqdm
     bar = tqdm(pipeline, desc="passes", unit="pass", disable=not progress, leave=False)
@@ -101,6 +108,7 @@ def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: 
         start = time.perf_counter()
         gm, rewrites = _apply(info, opts, gm, ctx)
         _chores(gm)
+        state.reset_buffers(gm, initial_state)
         seconds = time.perf_counter() - start
         try:
             new_flops = graph_utils.refresh_meta(gm, ctx.example_inputs)
@@ -120,7 +128,8 @@ def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: 
             reference = out
         records.append(record)
         if dump:
-            _dump(gm, Path(dump), index, info.name)
+            dump.write(gm, index, info.name)
+    gm._tracer_cls = state.GraphTracer  # so that a pickled graph keeps its buffer updates
     return gm, records
 
 
@@ -167,14 +176,68 @@ def _chores(gm: fx.GraphModule) -> None:
 
 
 def _run(gm: fx.GraphModule, inputs: list[Any]):
-    with torch.no_grad():
-        return gm(*inputs)
+    """The graph's outputs on ``inputs``; buffers it updates are left as they were."""
+    return state.trial_run(gm, inputs)
 
 
-def _dump(gm: fx.GraphModule, folder: Path, index: int, name: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{index:02d}_{name}.txt").write_text(str(gm.graph))
-    (folder / f"{index:02d}_{name}.py").write_text(gm.code)
+class _GraphDump:
+    """``FXCOMPILE_DUMP=<dir>``: the graph after every pass, as text and code, in a folder of its
+    own per pipeline run, ``<dir>/<NNN>-<model>/`` numbered in the order runs start, so later
+    compiles (in this process or another) never overwrite earlier ones. A debugging aid must not
+    break the compile: a path that can't be written costs one warning and no dump."""
+
+    def __init__(self, root: str, name: str):
+        self.root, self.folder = root, None
+        try:
+            self.folder = _new_numbered_folder(Path(root), name)
+        except OSError as e:
+            self._give_up(e)
+
+    @classmethod
+    def from_env(cls, name: str) -> "_GraphDump | None":
+        root = os.environ.get("FXCOMPILE_DUMP")
+        return cls(root, name) if root else None
+
+    def write(self, gm: fx.GraphModule, index: int, name: str) -> None:
+        if self.folder is None:
+            return
+        try:
+            (self.folder / f"{index:02d}_{name}.txt").write_text(str(gm.graph))
+            (self.folder / f"{index:02d}_{name}.py").write_text(gm.code)
+        except OSError as e:
+            self._give_up(e)
+
+    def _give_up(self, error: OSError) -> None:
+        self.folder = None
+        why = "it is a file" if os.path.isfile(self.root) else f"{type(error).__name__}: {error.strerror or error}"
+        warnings.warn(f"FXCOMPILE_DUMP={self.root}: cannot write there ({why}); no graphs are written "
+                      "for this compile. Point FXCOMPILE_DUMP at a writable folder, or unset it.",
+                      stacklevel=_callers_level())
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` (for a warning raised by the function calling this) of the first frame
+    outside fxcompile's own files, so the warning points at the user's compile call."""
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _new_numbered_folder(root: Path, name: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "graph"
+    taken = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"(\d+)-", p.name))]
+    number = max(taken, default=0) + 1
+    while True:
+        folder = root / f"{number:03d}-{safe}"
+        try:
+            folder.mkdir()  # atomic: a concurrent compile that took this number makes us try the next
+            return folder
+        except FileExistsError:
+            number += 1
 
 
 __all__ = ["PassContext", "register_pass", "resolve_pipeline", "run_pipeline", "LOSSLESS_TOLERANCE"]

@@ -14,11 +14,13 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import replace
 
 import torch
 from torch import fx
 
+from .capture import serialised
 from .errors import InputError, QuantizationError
 from .graph_utils import fetch_attr
 from .quant_state import (EPS, FQ_LEARNABLE_PER_CHANNEL, FQ_LEARNABLE_PER_TENSOR, FQ_PER_CHANNEL,
@@ -170,13 +172,13 @@ def freeze(gm: fx.GraphModule) -> int:
     return changed
 
 
+@serialised  # lowering traces with torch.export: one compile at a time (see capture.COMPILE_LOCK)
 def recompile(model, passes=("fold_fake_quant",), backend: str = "eager", check: bool = False,
               **options):
     """Run more passes over ``model``'s current graph (a copy) and lower it to ``backend``: a new
     CompiledModule taking the model's inputs. E.g. fold a calibrated or trained fake-quant graph
     and deploy it: ``recompile(compiled, ["fold_fake_quant"], backend="onnx")``."""
-    from .api import CompiledModule
-    from .numerics import max_error
+    from .api import DYNAMIC_BACKENDS, CompiledModule, check_backend
     from .pass_manager import run_pipeline
     from .quant_state import report_section
     from .registry import get_backend
@@ -185,22 +187,51 @@ def recompile(model, passes=("fold_fake_quant",), backend: str = "eager", check:
     if captured is None:
         raise InputError("recompile needs a CompiledModule or a TrainableModule (it keeps the model's "
                          "input structure); for a bare GraphModule use fxcompile.run_pipeline and a backend")
+    if gm is None:
+        raise InputError(f"recompile needs the graph, which a module loaded from a {model.backend} "
+                         "artifact does not have: compile the model again, or save and load it with "
+                         "backend='eager' (.pt2)")
     lower = get_backend(backend)
-    work = copy.deepcopy(gm)
+    with warnings.catch_warnings():  # copying a loaded .pt2 program unpickles torch's LeafSpec
+        warnings.filterwarnings("ignore", message=r".*\bLeafSpec\b", category=FutureWarning)
+        work = copy.deepcopy(gm)
     work.eval()
     for p in work.parameters():
         p.requires_grad_(False)
+    inputs = _example_data(captured.example_inputs, work)
+    captured = replace(captured, gm=work, example_inputs=inputs)
+    dynamic = captured.inputs.export_dynamic_shapes()
+    if dynamic is not None and backend in DYNAMIC_BACKENDS:
+        options.setdefault("dynamic_shapes", dynamic)  # the dims and ranges it was compiled for
     report = Report(model=captured.model_name, backend=backend)
-    work, report.passes = run_pipeline(work, list(passes), captured.example_inputs, check=check)
+    work, report.passes = run_pipeline(work, list(passes), inputs, check=check,
+                                       name=captured.model_name)
+    captured.gm = work
     start = time.perf_counter()
-    runner = lower(work, captured.example_inputs, options)
+    runner = lower(work, inputs, options)
     report.backend_seconds = time.perf_counter() - start
     report.extra.update(runner.describe())
     report.extra.update(report_section(work))
-    static = getattr(model, "_static_shapes", True)
-    compiled = CompiledModule(replace(captured, gm=work), runner, report, static_shapes=static)
+    compiled = CompiledModule(captured, runner, report)
     if check:
-        with torch.no_grad():
-            err = max_error(work(*captured.example_inputs), runner(*captured.example_inputs))
-        report.extra["backend max error"] = f"{err:.2e}"
+        check_backend(work, runner, inputs, report)
     return compiled
+
+
+def _example_data(examples: list, gm: fx.GraphModule) -> list:
+    """The example inputs, with data where a loaded module keeps only shapes and dtypes (meta
+    tensors): random floats, ones for integers and flags (valid ids, full attention masks), on
+    the graph's device. Passes and backends run the graph on them."""
+    if not any(isinstance(v, torch.Tensor) and v.is_meta for v in examples):
+        return list(examples)
+    device = next((t.device for t in [*gm.parameters(), *gm.buffers()] if not t.is_meta), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for v in examples:
+        if isinstance(v, torch.Tensor) and v.is_meta:
+            if v.is_floating_point():
+                v = torch.randn(v.shape, generator=gen).to(device=device, dtype=v.dtype)
+            else:
+                v = torch.ones(v.shape, dtype=v.dtype, device=device)
+        out.append(v)
+    return out

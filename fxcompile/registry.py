@@ -68,17 +68,25 @@ _loaded = False
 
 
 def register_pass(name: str | None = None, *, options: type | None = None, after=(), before=(),
-                  lossless: bool = True, default: bool = False):
+                  lossless: bool = True, default: bool = False, replace: bool = False):
     """Decorator: register ``fn(gm, opts)`` (optionally ``fn(gm, opts, ctx)``) as a pass.
 
     ``fn`` rewrites the GraphModule in place and returns the number of rewrites it made (or a new
     GraphModule, or ``(gm, count)``). The pass manager does the chores: lint, dead-code
     elimination, recompile, shape refresh, timing and the report.
+
+    A name that is taken raises PassError unless ``replace=True``; registering the same
+    definition again (the same function, or its module re-imported) just updates the entry.
     """
     def deco(fn: Callable) -> Callable:
         pass_name = name or fn.__name__
         if options is not None and not dataclasses.is_dataclass(options):
             raise PassError(f"options of pass '{pass_name}' must be a dataclass, got {options!r}")
+        taken = _PASSES.get(pass_name)
+        if taken is not None and not replace and not _same_definition(taken.fn, fn):
+            raise PassError(f"pass '{pass_name}' is already registered ({_where(taken.fn)}); "
+                            f"registering {_where(fn)} under the same name would replace it. Choose "
+                            f"another name, or pass replace=True to replace it on purpose.")
         params = inspect.signature(fn).parameters
         doc = (inspect.getdoc(fn) or "").strip().splitlines()
         _PASSES[pass_name] = PassInfo(pass_name, fn, options, tuple(after), tuple(before), lossless,
@@ -86,6 +94,19 @@ def register_pass(name: str | None = None, *, options: type | None = None, after
         fn.pass_info = _PASSES[pass_name]
         return fn
     return deco
+
+
+def _same_definition(old: Callable, new: Callable) -> bool:
+    """The same function, or the same ``def`` executed again (importlib.reload, a notebook cell)."""
+    if old is new:
+        return True
+    qualname = getattr(old, "__qualname__", None)
+    return (qualname is not None and qualname == getattr(new, "__qualname__", None)
+            and getattr(old, "__module__", None) == getattr(new, "__module__", None))
+
+
+def _where(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 def _load_builtin_and_plugins() -> None:
@@ -102,7 +123,11 @@ def _load_builtin_and_plugins() -> None:
             warnings.warn(f"fxcompile: could not load pass plugin '{ep.name}' ({ep.value}): {e}")
             continue
         if callable(obj) and not hasattr(obj, "pass_info") and not inspect.ismodule(obj):
-            register_pass(ep.name)(obj)
+            try:
+                register_pass(ep.name)(obj)
+            except PassError as e:  # e.g. a plugin named like a built-in pass: keep the built-in
+                import warnings
+                warnings.warn(f"fxcompile: skipped pass plugin '{ep.name}' ({ep.value}): {e}")
     for ep in entry_points(group="fxcompile.backends"):
         _BACKENDS.setdefault(ep.name, ep.value)
 

@@ -3,8 +3,11 @@
 ``save(path)`` has the backend write its artifact at ``path`` (.pt2 for eager, .onnx for onnx, a
 serialized engine for tensorrt) and writes ``path + ".fxcompile"`` beside it: the model's input
 and output structure, what the backend's loader needs (``Lowered.manifest()``), the report and
-the versions. ``load(path)`` reads both and returns a CompiledModule that takes and returns what
-the original model did, on the same backend, without the model's code or a recompilation.
+the versions, and a sha256 of every artifact file. ``load(path)`` reads both, refuses artifact
+files that changed since they were saved (a few overwritten bytes in a weight still load and
+run, with wrong answers), warns when the versions differ from the running ones, and returns a
+CompiledModule that takes and returns what the original model did, on the same backend, without
+the model's code or a recompilation.
 
 The sidecar is a pickle (via ``torch.save``): it holds pytree specs that name the model's output
 classes (e.g. transformers' ModelOutput types), which must be importable when loading. Load only
@@ -12,9 +15,12 @@ files you trust, as with ``torch.load``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import inspect
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -22,7 +28,7 @@ import torch
 from .errors import BackendError, InputError
 
 SUFFIX = ".fxcompile"
-FORMAT = 1
+FORMAT = 2  # 2: input dims and artifact checksums
 
 
 def sidecar_path(path: str) -> str:
@@ -52,7 +58,8 @@ def save(compiled, path: str) -> list[str]:
         "out_spec": captured.out_spec,
         "input_names": list(sig.names),
         "examples": [_meta(v) for v in sig.examples],
-        "static_shapes": compiled._static_shapes,
+        "dims": list(sig.dims),
+        "files": {os.path.relpath(f, os.path.dirname(os.path.abspath(path))): _sha256(f) for f in files},
         "report": _portable_report(compiled.report),
     }
     torch.save(state, sidecar_path(path))
@@ -73,28 +80,75 @@ def load(path: str, **options):
         raise InputError(f"fxcompile.load: {side} is missing; it is written by CompiledModule.save() "
                          f"beside the artifact and holds the model's input and output structure")
     try:
-        state = torch.load(side, weights_only=False)
+        with _quiet_torch_deprecations():
+            state = torch.load(side, weights_only=False)
     except Exception as e:
         raise InputError(f"fxcompile.load: {side} is not readable ({type(e).__name__}: {e}); "
                          "save the compiled model again") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InputError(f"fxcompile.load: {side} has format {state.get('format') if isinstance(state, dict) else '?'}"
                          f"; this fxcompile reads format {FORMAT}. Compile and save again.")
+    _verify_files(path, state["files"])
+    _warn_on_other_versions(path, state["versions"])
     backend = state["backend"]
     loader = get_loader(backend)
     try:
-        runner = loader(path, state["manifest"], options)
+        with _quiet_torch_deprecations():
+            runner = loader(path, state["manifest"], options)
     except BackendError:
         raise
     except Exception as e:
         raise BackendError(f"fxcompile.load: the {backend} backend could not load {path}: "
                            f"{type(e).__name__}: {e}") from e
-    sig = InputSignature(state["forward_sig"], state["in_spec"], state["input_names"], state["examples"])
+    sig = InputSignature(state["forward_sig"], state["in_spec"], state["input_names"], state["examples"],
+                         state["dims"])
     gm = getattr(runner, "graph_module", None)
     captured = Captured(gm, sig, state["out_spec"], state["examples"], state["model_name"])
     report = state["report"]
     report.extra["loaded from"] = path
-    return CompiledModule(captured, runner, report, static_shapes=state["static_shapes"])
+    return CompiledModule(captured, runner, report)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_files(path: str, digests: dict[str, str]) -> None:
+    """InputError unless every artifact file is there with the content it was saved with."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for name, expected in digests.items():
+        file = os.path.join(folder, name)
+        if not os.path.exists(file):
+            raise InputError(f"fxcompile.load: {file} is missing; it was saved with {path} and must "
+                             "stay beside it. Copy it along, or save the compiled model again.")
+        if _sha256(file) != expected:
+            raise InputError(f"fxcompile.load: {file} changed since it was saved (its sha256 differs "
+                             f"from the one in {sidecar_path(path)}): it may be corrupted or from "
+                             "another model. Copy it again from where it was saved, or save the "
+                             "compiled model again.")
+
+
+def _warn_on_other_versions(path: str, saved: dict[str, str]) -> None:
+    now = versions()
+    changed = [k for k in sorted(now) if saved.get(k) != now[k]]
+    if changed:
+        warnings.warn(f"fxcompile.load: {path} was saved with "
+                      f"{', '.join(f'{k} {saved.get(k)}' for k in changed)}; this is "
+                      f"{', '.join(f'{k} {now[k]}' for k in changed)}. It may load or run differently: "
+                      "compile and save it again with these versions.", UserWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def _quiet_torch_deprecations():
+    """Unpickling pytree specs (the sidecar's, a .pt2 program's) makes torch warn that LeafSpec
+    is deprecated, on every load: torch's own internals, nothing the user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*\bLeafSpec\b", category=FutureWarning)
+        yield
 
 
 def _meta(value: Any) -> Any:

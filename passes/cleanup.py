@@ -75,6 +75,17 @@ def _feeds_mutation(node: fx.Node) -> bool:
     return False
 
 
+def _shares_written_memory(node: fx.Node) -> bool:
+    """True if ``node`` is (a view of) a value that an in-place op writes, directly or through views."""
+    root = node
+    while root.op == "call_function" and isinstance(root.args[0] if root.args else None, fx.Node):
+        schema = getattr(root.target, "_schema", None)
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+            break
+        root = root.args[0]
+    return _feeds_mutation(root)
+
+
 @register_pass("remove_noops", default=True)
 def remove_noops(gm: fx.GraphModule) -> int:
     """Remove eval-mode no-ops: dropout, identity, clone, contiguous, same-shape views and casts."""
@@ -95,7 +106,9 @@ def remove_noops(gm: fx.GraphModule) -> int:
                 or (node.target in _SAME_SHAPE and graph_utils.same_shape(node, src)
                     and _permutation_is_identity(node)
                     and src.meta["val"].device == node.meta["val"].device))
-        if noop and not _feeds_mutation(node) and not graph_utils.is_mutating(node):
+        # a copy of a value that is updated in place later (``old = self.buf.clone()``) is no no-op
+        if (noop and not _feeds_mutation(node) and not _shares_written_memory(src)
+                and not graph_utils.is_mutating(node)):
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
             rewrites += 1

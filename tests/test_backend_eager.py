@@ -105,3 +105,66 @@ def test_channels_last_falls_back_when_the_graph_cannot_take_it():
     linear = torch.nn.Linear(4, 4).eval()
     with pytest.raises(BackendError, match="no 2-d convolution"):
         fxcompile.compile(linear, (torch.randn(2, 4),), channels_last=True)
+
+
+def test_eager_dynamic_batch_checks_the_other_dims(convbn):
+    """Only the batch is dynamic: another H/W must be refused, not run on a graph whose views
+    and means were specialised to 8x8."""
+    model, inputs = convbn
+    batch = torch.export.Dim("batch", min=1, max=64)
+    compiled = fxcompile.compile(model, inputs, dynamic_shapes={"x": {0: batch}})
+    x = torch.randn(5, 3, 8, 8)
+    assert_close(model(x), compiled(x))
+    with pytest.raises(fxcompile.InputError, match=r"'x' has shape \(2, 3, 10, 10\).*dim 2 is 10, compiled as static 8"):
+        compiled(torch.randn(2, 3, 10, 10))
+    with pytest.raises(fxcompile.InputError, match=r"dim 0 is 65, outside the range 1\.\.64"):
+        compiled(torch.randn(65, 3, 8, 8))
+
+
+class _ConstantOutputs(torch.nn.Module):
+    """Outputs that depend on weights only: folded to one tensor, or the parameter itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.w = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return self.fc(x), self.w * 2, self.w
+
+
+@pytest.mark.parametrize("passes", [None, []])
+def test_constant_outputs_are_fresh_tensors(tmp_path, passes):
+    torch.manual_seed(0)
+    model, x = _ConstantOutputs().eval(), torch.randn(2, 4)
+    with torch.no_grad():
+        ref = model(x)
+    compiled = fxcompile.compile(model, (x,), passes=passes)
+    loaded = fxcompile.load(compiled.save(tmp_path / "m.pt2")[0])
+    for c in (compiled, loaded):
+        for out in c(x):
+            out.add_(100)  # the caller owns what it gets back
+        assert_close(ref, c(x))
+    assert_close(ref, model(x))
+
+
+def test_check_fails_when_the_backend_differs():
+    from fxcompile.backend_api import Lowered
+
+    class OffByOne(Lowered):
+        backend = "off_by_one_test"
+
+        def __init__(self, gm):
+            super().__init__()
+            self.gm = gm
+
+        def forward(self, *flat):
+            return tuple(o + 1 for o in self.gm(*flat))
+
+    fxcompile.register_backend("off_by_one_test", lambda gm, inputs, options: OffByOne(gm))
+    model, x = torch.nn.Linear(4, 4).eval(), torch.randn(2, 4)
+    fxcompile.compile(model, (x,), backend="off_by_one_test")  # without check: no comparison
+    with pytest.raises(BackendError, match="off_by_one_test.*max error"):
+        fxcompile.compile(model, (x,), backend="off_by_one_test", check=True)
+    good = fxcompile.compile(model, (x,), check=True)
+    assert float(good.report.extra["backend max error"]) <= 1e-4

@@ -1,3 +1,6 @@
+import os
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -108,3 +111,224 @@ def test_capture_error_names_the_users_line():
         fxcompile.capture(DataDependent(), (torch.ones(3),))
     msg = str(info.value)
     assert "DataDependent" in msg and "test_capture.py" in msg and "what to do" in msg
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_concurrent_compiles_from_threads(backend):
+    import threading
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    xs = [torch.randn(3, 8) for _ in range(4)]
+    results: dict = {}
+    start = threading.Barrier(4)
+
+    def work(i):
+        start.wait()
+        try:
+            results[i] = fxcompile.compile(model, (xs[i],), backend=backend)(xs[i])
+        except Exception as e:  # collected and asserted below
+            results[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, x in enumerate(xs):
+        assert isinstance(results[i], torch.Tensor), f"thread {i}: {results[i]!r}"
+        with torch.no_grad():
+            assert_close(model(x), results[i])
+
+
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x).reshape(2, -1)  # only works for a batch of 2
+
+
+def test_dynamic_shape_failure_keeps_torchs_explanation():
+    from torch.export import Dim
+    with pytest.raises(CaptureError) as info:
+        fxcompile.compile(FixedBatch().eval(), (torch.randn(2, 4),),
+                          dynamic_shapes={"x": {0: Dim("batch", max=64)}})
+    msg = str(info.value)
+    assert "specialized it to be a constant (2)" in msg and "Suggested fixes" in msg
+    assert "batch = 2" in msg and "what to do" in msg
+    assert os.path.join("fxcompile", "capture.py") not in msg  # not the place to look
+
+
+class Positives(nn.Module):
+    """``h[h > 0]``: the output's size depends on the data (aten.nonzero inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(1, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        kept = h[h > 0] * 2
+        return self.out(kept.unsqueeze(1)), h.sum().item() * x
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+@pytest.mark.parametrize("passes", [[], None])
+def test_data_dependent_output_sizes(backend, passes):
+    torch.manual_seed(0)
+    model = Positives().eval()
+    x = torch.randn(3, 4)
+    compiled = fxcompile.compile(model, (x,), passes=passes, backend=backend)
+    sizes = set()
+    for inp in (x, -x, torch.randn(3, 4) * 3, torch.full((3, 4), -100.0)):
+        with torch.no_grad():
+            ref = model(inp)
+        out = compiled(inp)
+        assert out[0].shape == ref[0].shape
+        sizes.add(ref[0].shape[0])
+        assert_close(ref, out)
+    assert len(sizes) >= 3  # the number of kept elements really varied (including none)
+
+
+def _tiny_bart():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=2, decoder_attention_heads=2,
+                                  encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    model = transformers.BartModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    kwargs = {"input_ids": torch.randint(3, 64, (1, 7), generator=g),
+              "decoder_input_ids": torch.randint(3, 64, (1, 5), generator=g)}
+    return model, kwargs
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    """Every key/value tensor of a (possibly encoder-decoder) cache, in a fixed order."""
+    parts = [getattr(cache, n) for n in ("self_attention_cache", "cross_attention_cache") if hasattr(cache, n)]
+    return [t for part in (parts or [cache]) for layer in part.layers for t in (layer.keys, layer.values)]
+
+
+def test_seq2seq_default_cache_roundtrip():
+    model, kwargs = _tiny_bart()
+    with torch.no_grad():
+        ref = model(**kwargs)  # use_cache defaults to True: an EncoderDecoderCache in the output
+    compiled = fxcompile.compile(model, (), example_kwargs=kwargs)
+    out = compiled(**kwargs)
+    assert type(out) is type(ref) and list(out.keys()) == list(ref.keys())
+    ref_cache, out_cache = ref[1], out[1]
+    assert type(out_cache) is type(ref_cache)
+    for name in ("self_attention_cache", "cross_attention_cache"):
+        assert type(getattr(out_cache, name)) is type(getattr(ref_cache, name))
+    assert getattr(out_cache, "is_updated", None) == getattr(ref_cache, "is_updated", None)
+    ref_t, out_t = _cache_tensors(ref_cache), _cache_tensors(out_cache)
+    assert len(ref_t) == len(out_t) == 2 * 2 * 2  # (self, cross) x layers x (keys, values)
+    for a, b in zip(ref_t, out_t):
+        assert a.shape == b.shape
+        assert_close(a, b)
+    assert_close(ref.last_hidden_state, out.last_hidden_state)
+    assert_close(ref.encoder_last_hidden_state, out.encoder_last_hidden_state)
+
+
+class _Box:
+    def __init__(self, t):
+        self.t = t
+
+
+class ReturnsObject(nn.Module):
+    def forward(self, x):
+        return _Box(x * 2)
+
+
+def test_unsupported_output_message_points_at_the_model_not_generated_code():
+    with pytest.raises(CaptureError) as info:
+        fxcompile.capture(ReturnsObject(), (torch.ones(3),))
+    msg = str(info.value)
+    assert "<string>" not in msg and os.path.join("fxcompile", "capture.py") not in msg
+    assert "test_capture.py" in msg and "ReturnsObject" in msg
+
+
+# -- guards: non-tensor arguments, static dims and Dim bounds ----------------------------------
+class ScaleBy(nn.Module):
+    """Non-tensor arguments that change the answer: torch.export bakes their values in."""
+
+    def forward(self, x, k: float, mode: str = "mul", n: int = 1, flag: bool = False):
+        y = x * k if mode == "mul" else x + k
+        y = y * n
+        return y + 1 if flag else y
+
+
+@pytest.mark.parametrize("backend,suffix", [("eager", ".pt2"), ("onnx", ".onnx")])
+def test_non_tensor_arguments_are_guarded(tmp_path, backend, suffix):
+    model, x = ScaleBy(), torch.randn(3)
+    kwargs = {"mode": "mul", "n": 3, "flag": False}
+    compiled = fxcompile.compile(model, (x, 2.0), example_kwargs=kwargs, backend=backend)
+    loaded = fxcompile.load(compiled.save(tmp_path / f"m{suffix}")[0])
+    for c in (compiled, loaded):
+        for _ in range(2):  # the same values pass, on every call
+            assert_close(model(x, 2.0, **kwargs), c(x, 2.0, **kwargs))
+        for name, value, shown in (("k", 5.0, "5.0"), ("mode", "add", "'add'"), ("n", 4, "4"),
+                                   ("flag", True, "True")):
+            call = {"k": 2.0, **kwargs, name: value}
+            with pytest.raises(InputError, match=rf"'{name}' is {re.escape(shown)}.*compiled for"):
+                c(x, **call)
+        with pytest.raises(InputError, match=r"'n' is 3\.0.*compiled for 3"):  # same value, other type
+            c(x, 2.0, mode="mul", n=3.0, flag=False)
+
+
+class WithFlags(nn.Module):
+    """Hugging Face style flags that change the output structure."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, output_attentions: bool = False, use_cache: bool = True):
+        h = self.fc(x)
+        return {"h": h, "attentions": h.softmax(-1) if output_attentions else None,
+                "cache": (h * 2,) if use_cache else None}
+
+
+def test_flags_that_change_the_output_are_guarded():
+    torch.manual_seed(0)
+    model, x = WithFlags().eval(), torch.randn(2, 4)
+    compiled = fxcompile.compile(model, example_kwargs={"x": x, "output_attentions": False, "use_cache": False})
+    assert_close(model(x, use_cache=False), compiled(x, output_attentions=False, use_cache=False))
+    with pytest.raises(InputError, match="'output_attentions' is True.*compiled for False"):
+        compiled(x, output_attentions=True, use_cache=False)
+    with pytest.raises(InputError, match="'use_cache'"):  # left to its default (True)
+        compiled(x, output_attentions=False)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, bias):
+        return self.conv(x).mean((2, 3)) + bias
+
+
+@pytest.mark.parametrize("backend,suffix", [("eager", ".pt2"), ("onnx", ".onnx")])
+def test_static_dims_and_dim_bounds_are_checked(tmp_path, backend, suffix):
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    batch = torch.export.Dim("b", min=2, max=4)
+    example, dims = {"x": torch.randn(2, 3, 8, 8), "bias": torch.randn(2, 4)}, {"x": {0: batch}, "bias": {0: batch}}
+    compiled = fxcompile.compile(model, example_kwargs=example, dynamic_shapes=dims, backend=backend)
+    loaded = fxcompile.load(compiled.save(tmp_path / f"m{suffix}")[0])
+    for c in (compiled, loaded):
+        x, bias = torch.randn(3, 3, 8, 8), torch.randn(3, 4)
+        assert_close(model(x, bias), c(x, bias))
+        for n in (1, 8):  # outside Dim("b", min=2, max=4)
+            outside = rf"'x' has shape \({n}, 3, 8, 8\).*dim 0 is {n}, outside the range 2\.\.4"
+            with pytest.raises(InputError, match=outside):
+                c(torch.randn(n, 3, 8, 8), torch.randn(n, 4))
+        with pytest.raises(InputError, match=r"'x' has shape \(3, 3, 10, 8\).*dim 2 is 10, compiled as static 8"):
+            c(torch.randn(3, 3, 10, 8), torch.randn(3, 4))
+        with pytest.raises(InputError, match=r"'bias' has shape \(2, 4\).*dim 0 is 2, but input 'x' dim 0 is 3"):
+            c(x, torch.randn(2, 4))  # one Dim: the two must agree
+        with pytest.raises(InputError, match=r"input 'x' has shape \(3, 8, 8\).*3 dims instead of 4"):
+            c(torch.randn(3, 8, 8), bias)

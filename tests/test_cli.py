@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -247,6 +248,7 @@ def test_compile_int8_dynamic_and_static_to_onnx(tmp_path, capsys):
     (["--int8", "static"], "--int8 static needs --calibration FILE"),
     (["--int8", "static", "--calibration", "nope.pt"], "no such file: nope.pt"),
     (["--int8", "dynamic", "--calibration", "x.pt"], "takes no --calibration"),
+    (["--int8", "dynamic", "--calibration-method", "mse"], "takes no --calibration or --calibration-method"),
     (["--int8", "dynamic", "--passes", "none"], "--int8 runs its own pipeline"),
     (["--int8", "dynamic", "-b", "tensorrt"], "activations='dynamic' is for target 'onnxruntime'"),
 ])
@@ -260,3 +262,93 @@ def test_compile_int8_calibration_file_must_hold_a_list(tmp_path, capsys):
     torch.save(torch.randn(2, 3, 16, 16), path)
     assert cli.main(["compile", "tests.helpers:small_convnet", "--int8", "static", "--calibration", str(path)]) == 2
     assert "holds a Tensor; --calibration takes a list of batches" in capsys.readouterr().err
+
+
+# -- mistakes in the arguments are reported before the model is imported and captured ----------
+# The target 'tests.helpers:raises' fails as soon as it is loaded: an error about the arguments
+# instead of "raised RuntimeError" shows that the arguments were checked first.
+@pytest.mark.parametrize("extra, message", [
+    (["-b", "onnx", "-O", "threads=abc"], "backend 'onnx': threads must be"),
+    (["-b", "onnx", "-O", "graph_optimization_level=fast"], "graph_optimization_level must be one of"),
+    (["-b", "eager", "-O", "channels_last=maybe"], "channels_last must be 'auto', True or False"),
+    (["--calibration", "batches.pt"], "--calibration is for --int8 static"),
+    (["--calibration-method", "mse"], "--calibration-method is for --int8 static"),
+    (["-b", "onnx", "-o", "model.pt2"], "the onnx backend writes .onnx files; name the output model.onnx"),
+    (["-b", "eager", "-o", "model.onnx"], "the eager backend writes .pt2 files; name the output model.pt2"),
+    (["-b", "onnx", "-o", "model"], "the onnx backend writes .onnx files; name the output model.onnx"),
+])
+def test_argument_mistakes_fail_before_capture(extra, message, capsys):
+    torch_level = logging.getLogger("torch").level
+    assert cli.main(["compile", "tests.helpers:raises", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert "weights file missing" not in err
+    assert logging.getLogger("torch").level == torch_level  # main() leaves logging as it was
+
+
+def _unwritable_paths(tmp_path: Path, suffix: str) -> list[tuple[Path, str]]:
+    """Paths (ending in ``suffix``) that cannot be written, with the reason the error must give."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    a_dir = tmp_path / f"a_dir{suffix}"
+    a_dir.mkdir()
+    cases = [(a_file / f"out{suffix}", "is not a folder"), (a_file / "deeper" / f"out{suffix}", "is not a folder"),
+             (a_dir, "is a folder")]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked / f"out{suffix}", "is not writable"))
+    return cases
+
+
+@pytest.mark.parametrize("flag, suffix", [("-o", ".onnx"), ("--report-json", ".json")])
+def test_unwritable_output_paths_fail_before_capture(flag, suffix, tmp_path, capsys):
+    for path, reason in _unwritable_paths(tmp_path, suffix):
+        argv = ["compile", "tests.helpers:raises", "-b", "onnx", flag, str(path)]
+        assert cli.main(argv) == 2, path
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot write {flag} {path}: ") and reason in err, err
+        assert "weights file missing" not in err
+
+
+def test_output_into_new_folders_still_works(tmp_path, capsys):
+    out, report = tmp_path / "new" / "deeper" / "model.pt2", tmp_path / "other" / "report.json"
+    assert cli.main(["compile", "tests.helpers:small_convnet", "--passes", "none", "-o", str(out),
+                     "--report-json", str(report)]) == 0
+    assert out.is_file() and json.loads(report.read_text())["model"] == "SmallConvNet"
+    model, (x,) = helpers.small_convnet()
+    with torch.no_grad():
+        assert max_error(model(x), fxcompile.load(str(out))(x)) <= 1e-4
+
+
+_DATA_DEPENDENT = '''
+import torch
+
+class Branchy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.sum() > 0:  # data-dependent control flow: torch.export refuses it
+            return y * 2
+        return y
+
+def branchy():
+    return Branchy().eval(), (torch.randn(2, 4),)
+'''
+
+
+def test_capture_failure_shows_only_the_message(tmp_path):
+    source = tmp_path / "branchy.py"
+    source.write_text(_DATA_DEPENDENT)
+    result = run("compile", f"{source}:branchy", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    err = result.stderr
+    assert err.startswith("error: torch.export could not capture Branchy"), err
+    assert f'File "{source}", line 11' in err  # the user's line is named
+    assert "def forward" not in err and "torch.ops.aten" not in err, err  # no traced graph
+    assert "Traceback" not in err
+    verbose = run("compile", f"{source}:branchy", "--verbose", cwd=tmp_path)
+    assert verbose.returncode == 2 and "torch.ops.aten.sum.default" in verbose.stderr

@@ -67,9 +67,9 @@ def test_eager_backend_freezes_state_and_matches_eager(convbn):
     model, (x,) = convbn
     runners = []
     compiled = torch.compile(model, backend=spying_backend(runners, passes=["remove_noops"]))
-    with torch.no_grad():
-        ref = model(x)
-    assert_close(ref, compiled(x))
+    with torch.no_grad():  # inference: the frozen path (with grad, AOTAutograd's training path)
+        ref, out = model(x), compiled(x)
+    assert_close(ref, out)
     assert len(runners) == 1 and len(runners[0].compiled) == 1
     (entry,) = runners[0].compiled.values()
     gm = entry[0].graph_module
@@ -88,9 +88,9 @@ def test_default_pipeline_on_dynamo_graph_matches_eager(convbn):
     model, (x,) = convbn
     runners = []
     compiled = torch.compile(model, backend=spying_backend(runners))
-    with torch.no_grad():
-        ref = model(x)
-    assert_close(ref, compiled(x))
+    with torch.no_grad():  # inference: the frozen path (with grad, AOTAutograd's training path)
+        ref, out = model(x), compiled(x)
+    assert_close(ref, out)
     (report,) = runners[0].reports
     import fxcompile
     assert [r.name for r in report.passes] == fxcompile.default_pipeline()
@@ -102,9 +102,9 @@ def test_onnx_backend_with_passes_and_backend_options_matches_eager(convbn):
     compiled = torch.compile(model, backend=spying_backend(
         runners, backend="onnx", passes=["remove_noops", "fold_constants"],
         backend_options={"threads": 1}))
-    with torch.no_grad():
-        ref = model(x)
-    assert_close(ref, compiled(x))
+    with torch.no_grad():  # inference: the frozen path (with grad, AOTAutograd's training path)
+        ref, out = model(x), compiled(x)
+    assert_close(ref, out)
     (report,) = runners[0].reports
     assert report.backend == "onnx" and [r.name for r in report.passes] == ["remove_noops", "fold_constants"]
     assert report.passes[0].rewrites == 3  # dropout, clone, same-shape view
@@ -121,9 +121,9 @@ def test_graph_breaks_compile_every_graph_and_both_branches_match():
     signs = set()
     for x in (x, -x * 10):
         with torch.no_grad():
-            ref = model(x)
+            ref, out = model(x), compiled(x)
             signs.add(bool(model.bn(model.fc1(x)).sum() > 0))
-        assert_close(ref, compiled(x))
+        assert_close(ref, out)
     assert signs == {True, False}  # both branches ran
     # Graphs: up to the print, from there to the .item(), and one tail per branch taken.
     assert len(runners) == 4 and all(len(r.compiled) == 1 for r in runners)
@@ -136,8 +136,7 @@ def test_new_batch_size_recompiles_and_matches():
     for batch in (1, 4, 1):
         _, (ids, mask) = bert_style(batch=batch, seed=batch)
         with torch.no_grad():
-            ref = model(ids, mask)
-        out = compiled(ids, mask)
+            ref, out = model(ids, mask), compiled(ids, mask)
         assert out[0].shape[0] == batch
         assert_close(ref, out)
     # batch 1 and batch 4 each compiled once; the second batch-1 call reused a compiled graph
@@ -167,8 +166,7 @@ def test_size_outputs_of_dynamic_graphs_on_onnx():
     for batch in (2, 3):  # the second call makes dynamo recompile with a dynamic batch dim
         x = torch.randn(batch, 8)
         with torch.no_grad():
-            ref = model(x)
-        out = compiled(x)
+            ref, out = model(x), compiled(x)
         assert out[1] == batch and isinstance(out[1], int)
         assert_close(ref, out)
     # The dynamic graph that returns the size left it out of the ONNX model and returned it itself.
@@ -182,8 +180,7 @@ def test_dynamic_sizes_and_int_inputs_are_specialized_per_signature():
     for batch, k in ((2, 2), (3, 2), (5, 3), (5, 7), (2, 2)):
         x = torch.randn(batch, 8).abs() + 0.5
         with torch.no_grad():
-            ref = model(x, k)
-        out = compiled(x, k)
+            ref, out = model(x, k), compiled(x, k)
         assert out[1] == batch and isinstance(out[1], int)
         assert_close(ref, out)
     # Some graph got sizes or k as SymInt placeholders and was compiled for several signatures.
@@ -193,12 +190,12 @@ def test_dynamic_sizes_and_int_inputs_are_specialized_per_signature():
 def test_changed_weights_are_picked_up(convbn):
     model, (x,) = convbn
     compiled = torch.compile(model, backend="fxcompile")
-    assert_close(model(x), compiled(x))
-    with torch.no_grad():
+    with torch.no_grad():  # the frozen (inference) path, which snapshots the weights
+        assert_close(model(x), compiled(x))
         model.fc.weight.mul_(-2.0)  # in place, like an optimizer step
-    assert_close(model(x), compiled(x))
-    model.fc.bias = nn.Parameter(torch.randn(4))  # replaced
-    assert_close(model(x), compiled(x))
+        assert_close(model(x), compiled(x))
+        model.fc.bias = nn.Parameter(torch.randn(4))  # replaced
+        assert_close(model(x), compiled(x))
 
 
 def test_backend_called_directly_with_non_tuple_output():
@@ -258,3 +255,121 @@ def test_found_through_entry_point_without_import(tmp_path):
     values = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("compiles", "max_error")))
     assert int(values["compiles"]) == 2  # batch 1 and batch 4
     assert float(values["max_error"]) <= 1e-4
+
+
+class ItemAndFloat(nn.Module):
+    """``.item()`` (a graph break) and a float argument: after the second call dynamo passes
+    such numbers into the graph as symbolic inputs instead of constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, scale: float):
+        h = self.fc(x)
+        total = h.sum().item()
+        return h * scale + total
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_item_and_a_float_that_changes_every_call_match_eager(backend):
+    torch.manual_seed(0)
+    model = ItemAndFloat().eval()
+    compiled = torch.compile(model, backend="fxcompile", options={"backend": backend})
+    for call in range(3):
+        x, scale = torch.randn(2, 4), 0.5 + 1.25 * call
+        with torch.no_grad():
+            ref = model(x, scale)
+            out = compiled(x, scale)
+        assert_close(ref, out)
+
+
+class TrainNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _sgd_step(model: nn.Module, lr: float = 0.1) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+            p.grad = None
+
+
+@pytest.mark.parametrize("extra_term", [False, True])
+def test_training_through_torch_compile_matches_eager(extra_term):
+    """Gradients flow through the compiled graphs (and batch-norm statistics update) exactly as
+    in eager PyTorch; with a second loss term outside the model, the model still trains."""
+    import copy
+    torch.manual_seed(0)
+    ref_model = TrainNet().train()
+    model = copy.deepcopy(ref_model)
+    compiled = torch.compile(model, backend="fxcompile")
+    bias = torch.zeros(3, requires_grad=True)
+    for step in range(3):
+        x = torch.randn(2, 3, 8, 8)
+        losses = []
+        for m, run in ((ref_model, ref_model), (model, compiled)):
+            loss = run(x).square().mean()
+            if extra_term:
+                loss = loss + (bias ** 2).sum()
+            loss.backward()
+            losses.append(loss.detach())
+        assert_close(losses[0], losses[1])
+        for (name, p), q in zip(ref_model.named_parameters(), model.parameters()):
+            assert q.grad is not None, f"no gradient for {name} at step {step}"
+            assert_close(p.grad, q.grad)
+        assert_close(ref_model.bn.running_mean, model.bn.running_mean)
+        _sgd_step(ref_model)
+        _sgd_step(model)
+        bias.grad = None
+
+
+def test_training_with_an_inference_only_backend_runs_eager_and_says_so(caplog):
+    import copy
+    torch.manual_seed(0)
+    ref_model = TrainNet().train()
+    model = copy.deepcopy(ref_model)
+    compiled = torch.compile(model, backend="fxcompile", options={"backend": "onnx"})
+    x = torch.randn(2, 3, 8, 8)
+    with caplog.at_level("WARNING", logger="fxcompile.dynamo"):
+        compiled(x).sum().backward()
+    ref_model(x).sum().backward()
+    assert "needs gradients" in caplog.text and "torch.no_grad()" in caplog.text
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert q.grad is not None
+        assert_close(p.grad, q.grad)
+
+
+def test_concurrent_first_calls_from_threads():
+    import threading
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    compiled = torch.compile(model, backend="fxcompile")
+    xs = [torch.randn(2 + i, 8) for i in range(4)]  # each thread a new shape: a compile each
+    results: dict = {}
+    start = threading.Barrier(4)
+
+    def first_call(i):
+        start.wait()
+        try:
+            with torch.no_grad():
+                results[i] = compiled(xs[i])
+        except Exception as e:  # collected and asserted below
+            results[i] = e
+
+    threads = [threading.Thread(target=first_call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, x in enumerate(xs):
+        assert isinstance(results[i], torch.Tensor), f"thread {i}: {results[i]!r}"
+        with torch.no_grad():
+            assert_close(model(x), results[i])

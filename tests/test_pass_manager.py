@@ -104,11 +104,38 @@ def test_dump_writes_graph_after_every_pass(convbn, tmp_path, monkeypatch):
     model, inputs = convbn
     monkeypatch.setenv("FXCOMPILE_DUMP", str(tmp_path))
     fxcompile.compile(model, inputs, passes=["remove_noops", "fold_constants"])
-    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["001-ConvBN"]  # one folder per compile
+    folder = tmp_path / "001-ConvBN"
+    names = sorted(p.name for p in folder.iterdir())
     assert names == ["00_captured.py", "00_captured.txt", "01_remove_noops.py", "01_remove_noops.txt",
                      "02_fold_constants.py", "02_fold_constants.txt"]
-    assert "dropout" in (tmp_path / "00_captured.txt").read_text()
-    assert "dropout" not in (tmp_path / "01_remove_noops.txt").read_text()
+    assert "dropout" in (folder / "00_captured.txt").read_text()
+    assert "dropout" not in (folder / "01_remove_noops.txt").read_text()
+
+
+def test_dump_keeps_every_compile_of_a_process(convbn, tmp_path, monkeypatch):
+    model, inputs = convbn
+    monkeypatch.setenv("FXCOMPILE_DUMP", str(tmp_path))
+    fxcompile.compile(model, inputs, passes=["remove_noops"])
+    fxcompile.compile(model, inputs, passes=["fold_constants"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["001-ConvBN", "002-ConvBN"]
+    assert sorted(p.name for p in (tmp_path / "001-ConvBN").glob("*.txt")) == ["00_captured.txt",
+                                                                              "01_remove_noops.txt"]
+    assert sorted(p.name for p in (tmp_path / "002-ConvBN").glob("*.txt")) == ["00_captured.txt",
+                                                                              "01_fold_constants.txt"]
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/below"])
+def test_dump_to_a_bad_path_warns_once_and_compiles(where, convbn, tmp_path, monkeypatch):
+    model, inputs = convbn
+    (tmp_path / "a_file").write_text("keep me")
+    monkeypatch.setenv("FXCOMPILE_DUMP", str(tmp_path / where))
+    with pytest.warns(UserWarning) as record:
+        compiled = fxcompile.compile(model, inputs, passes=["remove_noops", "fold_constants"])
+    dump_warnings = [w for w in record if "FXCOMPILE_DUMP" in str(w.message)]
+    assert len(dump_warnings) == 1 and "no graphs are written" in str(dump_warnings[0].message)
+    assert (tmp_path / "a_file").read_text() == "keep me"
+    assert_close(model(*inputs), compiled(*inputs))
 
 
 def test_default_pipeline_respects_constraints():
@@ -149,3 +176,106 @@ def test_bad_pass_name_is_reported_before_capture():
     # capture of this model would fail; the pass name is checked first, so that error shows
     with pytest.raises(PassError, match="unknown pass"):
         fxcompile.compile(DataDependent(), (torch.ones(3),), passes=["no_such_pass"])
+
+
+class CountsCalls(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x) + self.calls
+
+
+def test_check_runs_start_from_the_same_buffer_state():
+    # every check run starts from the compile-time state, so a buffer the forward updates is not
+    # taken for a lossless pass changing the outputs; nor do check runs or passes that run the
+    # graph (calibration) advance the state the compiled model starts from
+    torch.manual_seed(0)
+    model, x = CountsCalls().eval(), torch.randn(2, 3)
+
+    def runs_the_graph(gm):
+        for _ in range(3):
+            gm(x)
+
+    compiled = fxcompile.compile(model, (x,), passes=None, check=True)
+    assert all(r.max_error is not None and r.max_error <= 1e-6 for r in compiled.report.passes)
+    assert compiled.graph_module.calls.item() == model.calls.item() == 0
+    compiled = fxcompile.compile(model, (x,), passes=[runs_the_graph, "remove_noops"], check=True)
+    assert compiled.graph_module.calls.item() == 0
+    fresh = CountsCalls().eval()
+    fresh.load_state_dict(model.state_dict())
+    for _ in range(3):
+        assert_close(fresh(x), compiled(x))
+
+
+# -- registering a pass under a name that is taken ---------------------------------------------
+def _first_pass(gm):
+    """The first pass registered under a test name."""
+    return 0
+
+
+def _second_pass(gm):
+    """Another function under the same name."""
+    return 0
+
+
+def test_register_pass_refuses_a_taken_name_unless_replace():
+    name = "test_taken_name"
+    try:
+        fxcompile.register_pass(name)(_first_pass)
+        fxcompile.register_pass(name)(_first_pass)  # the same function again: harmless, silent
+        with pytest.raises(PassError, match=rf"pass '{name}' is already registered.*_first_pass.*replace=True"):
+            fxcompile.register_pass(name)(_second_pass)
+        assert fxcompile.get_pass(name).fn is _first_pass  # the first one still runs
+        fxcompile.register_pass(name, replace=True)(_second_pass)
+        assert fxcompile.get_pass(name).fn is _second_pass
+        # a built-in pass is not replaced by accident either
+        with pytest.raises(PassError, match="pass 'cse' is already registered"):
+            fxcompile.register_pass("cse")(_second_pass)
+        assert fxcompile.get_pass("cse").fn.__module__ == "fxcompile.passes.cleanup"
+    finally:
+        registry._PASSES.pop(name, None)
+
+
+def test_reimporting_a_module_that_registers_passes_works(tmp_path, monkeypatch):
+    """importlib.reload (or a notebook cell run again) defines the same pass once more."""
+    import importlib
+    (tmp_path / "reloaded_passes.py").write_text(
+        "import fxcompile\n"
+        "@fxcompile.register_pass('test_reloaded_pass')\n"
+        "def reloaded(gm):\n"
+        "    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = importlib.import_module("reloaded_passes")
+        first = module.reloaded
+        module = importlib.reload(module)
+        assert module.reloaded is not first and fxcompile.get_pass("test_reloaded_pass").fn is module.reloaded
+    finally:
+        registry._PASSES.pop("test_reloaded_pass", None)
+        sys.modules.pop("reloaded_passes", None)
+
+
+def test_plugin_with_a_taken_name_is_skipped_with_a_warning(tmp_path, monkeypatch, convbn):
+    (tmp_path / "clashing_plugin.py").write_text(
+        "def cse(gm):\n"
+        "    '''A plugin pass that happens to be called cse.'''\n"
+        "    raise AssertionError('the plugin replaced the built-in pass')\n")
+    dist = tmp_path / "clashing_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clashing-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[fxcompile.passes]\ncse = clashing_plugin:cse\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setitem(registry._PASSES, "cse", registry._PASSES["cse"])  # restored afterwards
+    try:
+        with pytest.warns(UserWarning, match="pass plugin 'cse'.*already registered"):
+            info = fxcompile.get_pass("cse")
+        assert info.fn.__module__ == "fxcompile.passes.cleanup"
+        model, inputs = convbn
+        assert_close(model(*inputs), fxcompile.compile(model, inputs, passes=["cse"])(*inputs))
+    finally:
+        sys.modules.pop("clashing_plugin", None)

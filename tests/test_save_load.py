@@ -1,7 +1,9 @@
 """CompiledModule.save + fxcompile.load round trips on every CPU backend (tensorrt: its own file)."""
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -79,15 +81,21 @@ def test_int8_round_trip(tmp_path, backend, suffix):
     assert_close(int8(x), loaded(x), tol=1e-6)
 
 
-def test_dynamic_shapes_survive(tmp_path):
+@pytest.mark.parametrize("backend,suffix", [("eager", ".pt2"), ("onnx", ".onnx")])
+def test_dynamic_shapes_survive(tmp_path, backend, suffix):
     model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU()).eval()
     batch = torch.export.Dim("batch", min=1, max=64)
     compiled = fxcompile.compile(model, example_kwargs={"input": torch.randn(2, 6)},
-                                 dynamic_shapes={"input": {0: batch}}, backend="onnx")
-    compiled.save(tmp_path / "d.onnx")
-    loaded = fxcompile.load(tmp_path / "d.onnx")
-    x = torch.randn(5, 6)
-    assert_close(model(x), loaded(input=x))
+                                 dynamic_shapes={"input": {0: batch}}, backend=backend)
+    compiled.save(tmp_path / f"d{suffix}")
+    loaded = fxcompile.load(tmp_path / f"d{suffix}")
+    again = fxcompile.load(loaded.save(tmp_path / f"again{suffix}")[0])
+    for c in (loaded, again):
+        for n in (1, 5, 64):
+            x = torch.randn(n, 6)
+            assert_close(model(x), c(input=x))
+        with pytest.raises(InputError, match=r"'input' has shape \(65, 6\).*dim 0 is 65, outside the range 1\.\.64"):
+            c(input=torch.randn(65, 6))
 
 
 def test_load_errors(convbn, tmp_path):
@@ -163,3 +171,55 @@ def test_call_plan_fast_path_still_checks(dictout):
         compiled(args[0].double(), **kwargs)
     x2 = torch.randn(2, 6)
     assert_close(model(x2, **kwargs), compiled(x2, **kwargs))
+
+
+@pytest.mark.parametrize("backend,suffix", [("eager", ".pt2"), ("onnx", ".onnx")])
+def test_changed_artifacts_are_refused(convbn, tmp_path, backend, suffix):
+    """A few overwritten bytes in the artifact must not load and run with wrong weights."""
+    model, inputs = convbn
+    path = tmp_path / f"m{suffix}"
+    fxcompile.compile(model, inputs, backend=backend).save(path)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(16)
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=rf"m{re.escape(suffix)} changed since it was saved"):
+        fxcompile.load(path)
+
+
+def test_version_mismatch_warns(convbn, tmp_path):
+    model, inputs = convbn
+    path = tmp_path / "m.pt2"
+    fxcompile.compile(model, inputs).save(path)
+    side = tmp_path / "m.pt2.fxcompile"
+    state = torch.load(side, weights_only=False)
+    state["versions"]["torch"] = "1.0.0"
+    torch.save(state, side)
+    with pytest.warns(UserWarning, match=r"saved with torch 1\.0\.0.*this is torch"):
+        loaded = fxcompile.load(path)
+    assert_close(model(*inputs), loaded(*inputs))
+
+
+@pytest.mark.parametrize("backend,suffix", [("eager", ".pt2"), ("onnx", ".onnx")])
+def test_load_emits_no_future_warning(convbn, tmp_path, backend, suffix):
+    model, inputs = convbn
+    fxcompile.compile(model, inputs, backend=backend).save(tmp_path / f"m{suffix}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxcompile.load(tmp_path / f"m{suffix}")
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], \
+        [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "eager"])
+def test_recompile_a_loaded_eager_module(convbn, tmp_path, backend):
+    model, inputs = convbn
+    batch = torch.export.Dim("batch", min=1, max=16)
+    compiled = fxcompile.compile(model, inputs, dynamic_shapes={"x": {0: batch}})
+    loaded = fxcompile.load(compiled.save(tmp_path / "m.pt2")[0])
+    again = fxcompile.recompile(loaded, [], backend=backend, check=True)
+    for n in (1, 3, 16):  # still dynamic, same bounds
+        x = torch.randn(n, 3, 8, 8)
+        assert_close(model(x), again(x))
+    with pytest.raises(InputError, match=r"dim 0 is 17, outside the range 1\.\.16"):
+        again(torch.randn(17, 3, 8, 8))

@@ -1,0 +1,241 @@
+"""The onnx backend's runtime side: an exported ONNX model run by onnxruntime as a module.
+
+Also what ONNX-consuming backends share to explain a failure: ``onnx_node_origin`` maps an ONNX
+node back to the FX node and the user's source line it came from (torch.onnx records both in the
+node's ``metadata_props``).
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import types
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxcompile.backend_api import Lowered
+from fxcompile.errors import BackendError, describe_node, user_frame
+
+
+class OnnxRunner(Lowered):
+    """Runs an ONNX model with onnxruntime; takes and returns torch tensors.
+
+    State the forward mutates (buffers it updates in place) is carried: the model takes each such
+    buffer as an extra input (``state``: {input name: value at compile time}) after the graph's and
+    returns its new value as an extra output after the graph's; the runner keeps the values
+    between calls. Pickled or copied, the runner holds the serialized model, the state reached
+    and the options, and starts a new session.
+    """
+
+    backend = "onnx"
+
+    def __init__(self, model_proto, input_names: list[str], n_outputs: int, options: dict,
+                 constant_outputs: dict[int, Any] | None = None,
+                 state: dict[str, torch.Tensor] | None = None, gm: fx.GraphModule | None = None):
+        super().__init__()
+        self.model_proto = model_proto
+        self.options = options
+        self._input_names = list(input_names)
+        # Outputs that are Python values in the graph (e.g. a size) are not ONNX outputs.
+        self._constant_outputs = dict(constant_outputs or {})
+        self._n_outputs = n_outputs
+        self._state_names = list(state or {})
+        self._state = [v.detach().cpu().clone().contiguous() for v in (state or {}).values()]
+        self._start_session(gm)
+
+    def _start_session(self, gm: fx.GraphModule | None = None) -> None:
+        """Load the model into onnxruntime; ``gm`` (when known) names FX nodes in errors."""
+        import onnxruntime as ort
+
+        from .onnx import _ORT_LEVELS
+        self.session, self._tmp, self._feed = None, None, []
+        tensor_outputs = self._n_outputs - len(self._constant_outputs)
+        if tensor_outputs == 0 and not self._state:
+            return  # nothing for onnxruntime to compute: every output is a Python value
+        options = self.options
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options["threads"] or torch.get_num_threads()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                              _ORT_LEVELS[options["graph_optimization_level"]])
+        providers = options["providers"] or ["CPUExecutionProvider"]
+        if self.model_proto.ByteSize() < options["external_data_threshold"]:
+            source = self.model_proto.SerializeToString()
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fxcompile-onnx-")
+            source = os.path.join(self._tmp.name, "model.onnx")
+            save_proto(self.model_proto, source, external=True)
+        try:
+            self.session = ort.InferenceSession(source, so, providers=providers)
+        except Exception as e:
+            raise BackendError(explain_onnxruntime_error(self.model_proto, e, gm, "load")) from e
+        feeds = {i.name for i in self.session.get_inputs()}
+        # Placeholders that the exporter dropped (non-tensor or unused inputs) are not fed.
+        self._feed = [(i, name) for i, name in enumerate(self._input_names) if name in feeds]
+        got = len(self.session.get_outputs()) - len(self._state)
+        if got != tensor_outputs:
+            raise BackendError(f"the ONNX model has {got + len(self._constant_outputs)} outputs where "
+                               f"the graph has {self._n_outputs}")
+
+    def forward(self, *flat):
+        if self.session is None:
+            return tuple(self._constant_outputs[i] for i in range(self._n_outputs))
+        feed = {name: _to_numpy(flat[i]) for i, name in self._feed}
+        feed.update((name, t.numpy()) for name, t in zip(self._state_names, self._state))
+        try:
+            outs = self.session.run(None, feed)
+        except Exception as e:
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise BackendError(explain_onnxruntime_error(self.model_proto, e, None, "run")) from e
+        if self._state:
+            for tensor, new in zip(self._state, outs[-len(self._state):]):
+                tensor.copy_(torch.from_numpy(new))
+            outs = outs[:-len(self._state)]
+        device = next((t.device for t in flat if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        tensors = iter(torch.from_numpy(o).to(device) for o in outs)
+        return tuple(self._constant_outputs[i] if i in self._constant_outputs else next(tensors)
+                     for i in range(self._n_outputs))
+
+    def carried_state(self) -> list[torch.Tensor]:
+        """The state tensors this runner updates in place on every call (see fxcompile.state)."""
+        return list(self._state)
+
+    def save(self, path: str) -> list[str]:
+        """Write the .onnx file (weights in ``<path>.data`` beside it when the model is large).
+        Carried state is saved as it is now, as the initial values of the state inputs."""
+        external = self.model_proto.ByteSize() >= self.options["external_data_threshold"]
+        with _state_as_initializers(self.model_proto, dict(zip(self._state_names, self._state))):
+            save_proto(self.model_proto, path, external)
+        return [path, path + ".data"] if external else [path]
+
+    def manifest(self) -> dict[str, Any]:
+        return {"input_names": self._input_names, "n_outputs": self._n_outputs,
+                "constant_outputs": self._constant_outputs, "state_names": self._state_names,
+                "options": {k: v for k, v in self.options.items() if k != "dynamic_shapes"}}
+
+    def describe(self) -> dict[str, Any]:
+        providers = self.session.get_providers() if self.session is not None else []
+        out = {"onnx nodes": len(self.model_proto.graph.node), "providers": ",".join(providers)}
+        if self._state_names:
+            out["onnx carried state"] = len(self._state_names)
+        return out
+
+    # pickle and copy.deepcopy: an onnxruntime session cannot be copied; the model can
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("session", None)
+        state.pop("_tmp", None)
+        try:
+            state["model_proto"] = self.model_proto.SerializeToString()
+        except ValueError as e:  # protobuf refuses messages over 2 GB
+            raise BackendError("this onnx model is too large to pickle or copy (over 2 GB): save it with "
+                               ".save(path) and bring it back with fxcompile.load(path)") from e
+        return state
+
+    def __setstate__(self, state):
+        import onnx
+        proto = onnx.ModelProto()
+        proto.ParseFromString(state["model_proto"])
+        super().__setstate__({**state, "model_proto": proto})
+        self._start_session()
+
+
+def _to_numpy(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().contiguous().numpy()
+    return x
+
+
+def save_proto(proto, path: str, external: bool) -> None:
+    import onnx
+    if external:  # onnx.save_model moves the weights out of the proto it is given: save a copy
+        proto, original = onnx.ModelProto(), proto
+        proto.CopyFrom(original)
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, path)
+
+
+class _state_as_initializers:
+    """Within the block, the model's state inputs have initializers holding ``values``: ONNX's way
+    of giving an input a default, so a saved model holds the state it continues from."""
+
+    def __init__(self, proto, values: dict[str, torch.Tensor]):
+        self.proto, self.values = proto, values
+
+    def __enter__(self):
+        from onnx import numpy_helper
+        self.added = [numpy_helper.from_array(v.numpy(), name) for name, v in self.values.items()]
+        self.proto.graph.initializer.extend(self.added)
+
+    def __exit__(self, *exc):
+        if self.added:
+            del self.proto.graph.initializer[-len(self.added):]
+
+
+def take_state_initializers(proto, names: list[str]) -> dict[str, torch.Tensor]:
+    """Remove the initializers of the state inputs ``names`` from ``proto`` (a saved model, see
+    ``_state_as_initializers``) and return their values: the runner feeds the state itself."""
+    from onnx import numpy_helper
+    found = {init.name: init for init in proto.graph.initializer if init.name in names}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise BackendError(f"the saved ONNX model has no initial value for its state input '{missing[0]}': "
+                           "the file is not the one that was saved with it. Save the compiled model again.")
+    values = {n: torch.from_numpy(numpy_helper.to_array(found[n]).copy()) for n in names}
+    kept = [init for init in proto.graph.initializer if init.name not in names]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    return values
+
+
+# -- explaining failures ----------------------------------------------------------------------
+def onnx_node_origin(onnx_model, node_index_or_name, gm: fx.GraphModule | None):
+    """(index, ONNX node, where it came from) for an ONNX node given by index or name; the node is
+    None when none matches. Where it came from: the FX node described with the user's source
+    line (``describe_node``) when ``gm`` has it, else what the node's metadata records."""
+    nodes = list(onnx_model.graph.node)
+    index, node = -1, None
+    if isinstance(node_index_or_name, str) and node_index_or_name:
+        index, node = next(((i, n) for i, n in enumerate(nodes) if n.name == node_index_or_name), (-1, None))
+    elif isinstance(node_index_or_name, int) and 0 <= node_index_or_name < len(nodes):
+        index, node = node_index_or_name, nodes[node_index_or_name]
+    if node is None:
+        return index, None, ""
+    meta = {p.key: p.value for p in getattr(node, "metadata_props", ())}
+    m = re.match(r"\s*%([\w.]+)\s*:", meta.get("pkg.torch.onnx.fx_node", ""))
+    fx_name = m.group(1) if m else None
+    fx_node = None
+    if gm is not None and fx_name:
+        fx_node = next((n for n in gm.graph.nodes if n.name == fx_name), None)
+    if fx_node is not None:
+        return index, node, describe_node(fx_node)
+    frame = user_frame(types.SimpleNamespace(meta={"stack_trace": meta.get("pkg.torch.onnx.stack_trace")}))
+    origin = (f"node %{fx_name}" if fx_name else "no FX node (added during export)") + (
+        f", from {frame}" if frame else "")
+    return index, node, origin
+
+
+def explain_onnxruntime_error(onnx_model, e: Exception, gm: fx.GraphModule | None, stage: str) -> str:
+    """onnxruntime's error on loading ("load") or running ("run") the model, as a message naming
+    the ONNX node, the FX node and the user's source line, and what to do."""
+    text = str(e).strip()
+    first = next((ln for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    names = {n.name for n in onnx_model.graph.node}
+    # onnxruntime quotes node names as 'name', (name) or "name" depending on the message
+    quoted = re.findall(r"'([^']+)'|\(([^()]+)\)|\"([^\"]+)\"", text)
+    name = next((q for groups in quoted for q in groups if q in names), None)
+    where = ""
+    if name is not None:
+        index, node, origin = onnx_node_origin(onnx_model, name, gm)
+        where = f"\n  at ONNX node '{node.name}' ({node.op_type}, node #{index} of the graph)\n  from {origin}"
+    kernel = any(s in text for s in ("NOT_IMPLEMENTED", "implementation for", "Type Error", "bfloat16",
+                                     "tensor(double)"))
+    todo = ("onnxruntime implements few ops in bfloat16 or float64 (and some only in float32) on "
+            "this provider: compile the model in float32 (model.float() and float32 inputs), or use "
+            "backend='eager'." if kernel else
+            "use backend='eager' for this model, or report it with the onnx backend's options.")
+    return f"onnxruntime could not {stage} the exported model: {first}{where}\n  what to do: {todo}"
