@@ -91,7 +91,7 @@ def _no_grad(model, kwargs):
 
 def _error(reference, out) -> float:
     if isinstance(out, tuple) and not isinstance(reference, tuple):  # onnxruntime: flat outputs
-        from fxcompile.capture import encode_outputs
+        from fxcompile.outputs import encode_outputs
         reference = tuple(pytree.tree_leaves(encode_outputs(reference)))[:len(out)]
     return max_error(reference, out)
 

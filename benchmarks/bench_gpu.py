@@ -97,7 +97,7 @@ def _build(key: str, model: torch.nn.Module, kwargs: dict, args) -> Callable[[],
 
 
 def _flat(out: Any) -> tuple:
-    from fxcompile.capture import encode_outputs
+    from fxcompile.outputs import encode_outputs
     return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                  for t in pytree.tree_leaves(encode_outputs(out)))
 

@@ -97,7 +97,7 @@ def _build_ort(model: torch.nn.Module, kwargs: dict, threads: int) -> Callable[[
 def _error_vs(reference: Any, out: Any) -> float:
     """Relative max error; a flat tuple (onnxruntime) is compared with the reference's leaves."""
     if isinstance(out, tuple) and not isinstance(reference, tuple):
-        from fxcompile.capture import encode_outputs
+        from fxcompile.outputs import encode_outputs
         reference = tuple(pytree.tree_leaves(encode_outputs(reference)))
     return max_error(reference, out)
 

@@ -182,7 +182,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
 
 def _flat(out):
     import torch.utils._pytree as pytree
-    from fxcompile.capture import encode_outputs
+    from fxcompile.outputs import encode_outputs
     return tuple(pytree.tree_leaves(encode_outputs(out)))
 
 

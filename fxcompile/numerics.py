@@ -8,7 +8,7 @@ import torch.utils._pytree as pytree
 
 
 def _leaves(x: Any) -> list:
-    from .capture import encode_outputs
+    from .outputs import encode_outputs
     return pytree.tree_leaves(encode_outputs(x))
 
 

@@ -55,3 +55,25 @@ def assert_close(ref, out, tol=1e-4):
     err = max_error(ref, out)
     assert err <= tol, f"max error {err:.3g} relative to output scale exceeds {tol}"
     return err
+
+
+def run_together(fn, n: int = 4) -> list:
+    """``fn(i)`` for i in range(n) in n threads released at once; each result or the exception
+    it raised, in order (the caller asserts on them)."""
+    import threading
+    results: list = [None] * n
+    start = threading.Barrier(n)
+
+    def work(i):
+        start.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as e:  # collected for the caller's assertions
+            results[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

@@ -102,7 +102,7 @@ def masked_reference(model, args, kwargs, report):
 
 def oracle_error(model, args, kwargs, compiled) -> tuple[float, bool]:
     """(max abs error of ``compiled`` against the oracle, whether the masked oracle was used)."""
-    from fxcompile.capture import encode_outputs
+    from fxcompile.outputs import encode_outputs
     import torch.utils._pytree as pytree
     report = compiled.report.extra["prune"]
     inexact = any(not g.exact and g.removed for g in report.groups)

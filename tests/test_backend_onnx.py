@@ -7,6 +7,7 @@ import fxcompile
 from fxcompile.errors import BackendError
 
 from .conftest import assert_close
+from .test_state import Counter
 
 
 def test_onnx_parity_save_and_reload(convbn, tmp_path):
@@ -196,15 +197,6 @@ def test_onnx_compiled_module_pickles_and_deep_copies(convbn):
 
 
 # -- state a forward mutates ----------------------------------------------------------------------
-class Counter(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(3, 3)
-        self.register_buffer("calls", torch.zeros(()))
-
-    def forward(self, x):
-        self.calls += 1
-        return self.fc(x) + self.calls
 
 
 def test_onnx_carries_mutated_buffers_through_save_and_pickle(tmp_path):
@@ -235,4 +227,4 @@ def test_export_onnx_refuses_state_it_cannot_carry():
         export_onnx(gm, (x,), {"opset": None, "optimize": True, "dynamic_shapes": None})
     msg = str(info.value)
     assert "'calls'" in msg and "%add_" in msg and "self.calls += 1" in msg
-    assert "test_backend_onnx.py" in msg and "backend='eager'" in msg
+    assert "test_state.py" in msg and "backend='eager'" in msg

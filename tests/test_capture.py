@@ -8,7 +8,7 @@ import torch.nn as nn
 import fxcompile
 from fxcompile.errors import CaptureError, InputError
 
-from .conftest import assert_close
+from .conftest import assert_close, run_together
 
 
 def test_capture_is_flat_unlifted_eval(convbn):
@@ -115,25 +115,10 @@ def test_capture_error_names_the_users_line():
 
 @pytest.mark.parametrize("backend", ["eager", "onnx"])
 def test_concurrent_compiles_from_threads(backend):
-    import threading
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).eval()
     xs = [torch.randn(3, 8) for _ in range(4)]
-    results: dict = {}
-    start = threading.Barrier(4)
-
-    def work(i):
-        start.wait()
-        try:
-            results[i] = fxcompile.compile(model, (xs[i],), backend=backend)(xs[i])
-        except Exception as e:  # collected and asserted below
-            results[i] = e
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_together(lambda i: fxcompile.compile(model, (xs[i],), backend=backend)(xs[i]))
     for i, x in enumerate(xs):
         assert isinstance(results[i], torch.Tensor), f"thread {i}: {results[i]!r}"
         with torch.no_grad():

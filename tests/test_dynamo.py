@@ -14,7 +14,7 @@ from fxcompile import dynamo as fxdynamo
 from fxcompile.graph_utils import op_list
 from fxcompile.models import bert_style
 
-from .conftest import assert_close
+from .conftest import assert_close, run_together
 
 
 @pytest.fixture(autouse=True)
@@ -348,27 +348,16 @@ def test_training_with_an_inference_only_backend_runs_eager_and_says_so(caplog):
 
 
 def test_concurrent_first_calls_from_threads():
-    import threading
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).eval()
     compiled = torch.compile(model, backend="fxcompile")
     xs = [torch.randn(2 + i, 8) for i in range(4)]  # each thread a new shape: a compile each
-    results: dict = {}
-    start = threading.Barrier(4)
 
     def first_call(i):
-        start.wait()
-        try:
-            with torch.no_grad():
-                results[i] = compiled(xs[i])
-        except Exception as e:  # collected and asserted below
-            results[i] = e
+        with torch.no_grad():
+            return compiled(xs[i])
 
-    threads = [threading.Thread(target=first_call, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_together(first_call)
     for i, x in enumerate(xs):
         assert isinstance(results[i], torch.Tensor), f"thread {i}: {results[i]!r}"
         with torch.no_grad():
