@@ -92,7 +92,7 @@ class LoadedEagerRunner(EagerRunner):
 def load(path: str, manifest: dict, options: dict) -> LoadedEagerRunner:
     """The .pt2 program written by ``EagerRunner.save``, as a module over the flat inputs."""
     check_options("eager", options, DEFAULTS)
-    importlib.import_module("fxcompile.quant_ops")  # registers the ops that saved graphs may use
+    importlib.import_module("fxcompile.passes.quantize.ops")  # registers the ops that saved graphs may use
     return LoadedEagerRunner(torch.export.load(path).module(), path, manifest.get("channels_last_inputs", ()))
 
 

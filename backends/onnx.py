@@ -18,6 +18,7 @@ from fxcompile.backend_api import check_options
 from fxcompile.errors import BackendError, describe_node
 from fxcompile.graph_utils import fetch_attr
 
+from .onnx_quant_ops import TRANSLATIONS as QUANT_TRANSLATIONS
 from .onnx_runner import OnnxRunner, take_state_initializers
 
 aten = torch.ops.aten
@@ -31,7 +32,7 @@ DEFAULTS = {
     "dynamic_shapes": None,   # passed to torch.onnx.export (see torch.export's dynamic_shapes)
 }
 # Translations for ops the exporter has none for (DESIGN §4): {op overload: onnxscript function}.
-# The module that defines such an op adds its entry (fxcompile.quant_ops: quantize/dequantize).
+# fxcompile's own quantization ops are translated in onnx_quant_ops, added below.
 CUSTOM_TRANSLATIONS: dict = {}
 _ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -209,6 +210,7 @@ def onnx_ir():
 # The exporter has a translation for sdpa, but a worse one (see _sdpa): fuse_attention produces
 # sdpa from attention that would otherwise export to the compact form.
 CUSTOM_TRANSLATIONS[aten.scaled_dot_product_attention.default] = _sdpa
+CUSTOM_TRANSLATIONS.update(QUANT_TRANSLATIONS)
 
 
 @contextlib.contextmanager

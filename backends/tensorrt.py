@@ -116,8 +116,8 @@ def _device_index(device) -> int | None:
 def quantized_kind(gm: fx.GraphModule) -> str | None:
     """'int8' when the graph holds signed Q/DQ pairs (or fake-quant nodes), 'uint8' when any
     quantizes to unsigned integers (onnxruntime's activations), None without quantization."""
-    from fxcompile.quant_ops import DEQUANTIZE, DYNAMIC_FAKE_QUANT, DYNAMIC_QUANTIZED_MATMUL, QUANTIZE
-    from fxcompile.quant_state import FAKE_QUANT_OPS, FQ_LEARNABLE_PER_CHANNEL, FQ_PER_CHANNEL
+    from fxcompile.passes.quantize.ops import (DEQUANTIZE, DYNAMIC_FAKE_QUANT, DYNAMIC_QUANTIZED_MATMUL,
+                                               FAKE_QUANT_OPS, QUANTIZE, FakeQuantArgs)
     kinds = set()
     for n in gm.graph.nodes:
         if n.op != "call_function":
@@ -127,7 +127,7 @@ def quantized_kind(gm: fx.GraphModule) -> str | None:
         elif n.target is QUANTIZE:
             kinds.add("uint8" if n.args[3] >= 0 else "int8")
         elif n.target in FAKE_QUANT_OPS:
-            qmin = n.args[4] if n.target in (FQ_PER_CHANNEL, FQ_LEARNABLE_PER_CHANNEL) else n.args[3]
+            qmin = FakeQuantArgs.of(n).quant_min
             kinds.add("uint8" if isinstance(qmin, int) and qmin >= 0 else "int8")
         elif n.target is DEQUANTIZE:
             kinds.add("int8")

@@ -5,7 +5,7 @@ onnx backends, next to plain torch.onnx.export + onnxruntime of the original mod
     python benchmarks/bench_fusion.py --models resnet,mobilenet_v2,efficientnet,bert,vit \
         --seq 128 --runs 60 --budget 60 --out benchmarks/results/fusion.md
 
-Models are built at size "base" where fxcompile.zoo has one (resnet, mobilenet_v2, bert, vit),
+Models are built at size "base" where fxcompile.testing.zoo has one (resnet, mobilenet_v2, bert, vit),
 else "small"; bert and vit with attn_implementation="eager" (attention written out, what
 fuse_attention rewrites); batch 1. Every contender is checked against eager PyTorch, warmed up,
 then timed in interleaved rounds (one call of each per round, in a random order), so drift and
@@ -36,7 +36,7 @@ from fxcompile.report import load_average, machine_line
 import torch.utils._pytree as pytree
 
 import fxcompile
-import fxcompile.zoo as zoo
+import fxcompile.testing.zoo as zoo
 from fxcompile.numerics import max_error
 from fxcompile.report import format_table
 

@@ -9,7 +9,7 @@ For every zoo model and batch size each contender is built once (its build time 
 checked against eager fp32 (max error relative to output scale and cosine similarity, from
 fxcompile.numerics), warmed up, then timed: every call is bracketed by torch.cuda.synchronize(),
 so a time is the whole call on the GPU. Timing is interleaved: --runs rounds, each running every
-contender once in a random order (fxcompile.benchmarking); the median and the min over all runs are reported, with
+contender once in a random order (fxcompile.testing.benchmarking); the median and the min over all runs are reported, with
 eager_fp32_ms / contender_ms from the medians (> 1: faster than eager fp32). int8 is calibrated
 on --calib random batches (fine for timing; not an accuracy measurement). A contender that
 fails is reported as 'failed: <reason>' and the run goes on; one that cannot run on this machine
@@ -31,9 +31,9 @@ import torch
 import torch.utils._pytree as pytree
 
 import fxcompile
-import fxcompile.zoo as zoo
-from fxcompile.benchmarking import Contender, split_selection, time_interleaved, write_report
-from fxcompile.benchmarking import short_error as _short
+import fxcompile.testing.zoo as zoo
+from fxcompile.testing.benchmarking import Contender, split_selection, time_interleaved, write_report
+from fxcompile.testing.benchmarking import short_error as _short
 from fxcompile.numerics import cosine, max_error
 from fxcompile.report import format_table, machine_line
 

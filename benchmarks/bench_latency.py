@@ -7,7 +7,7 @@ torch.onnx.export + onnxruntime, and fxcompile's eager and onnx backends (defaul
 For every zoo model and batch size each contender is built once (its compile/export time is
 recorded), checked against eager PyTorch (max error relative to output scale, fxcompile.numerics),
 warmed up, then timed. Timing is interleaved: --runs rounds, each running every contender once in
-a random order (fxcompile.benchmarking), so drift on a shared machine hits all contenders alike; the median and the min
+a random order (fxcompile.testing.benchmarking), so drift on a shared machine hits all contenders alike; the median and the min
 over all runs are reported, with eager_ms / contender_ms from the medians (> 1: faster than
 eager). Absolute times drift between runs on shared machines: compare the ratios of one run
 (DESIGN §6). The share of CPU time that other processes took while timing ran is printed under
@@ -32,9 +32,9 @@ from fxcompile.report import load_average, machine_line
 import torch.utils._pytree as pytree
 
 import fxcompile
-import fxcompile.zoo as zoo
-from fxcompile.benchmarking import Contender, split_selection, time_interleaved, write_report
-from fxcompile.benchmarking import short_error as _short
+import fxcompile.testing.zoo as zoo
+from fxcompile.testing.benchmarking import Contender, split_selection, time_interleaved, write_report
+from fxcompile.testing.benchmarking import short_error as _short
 from fxcompile.numerics import max_error
 from fxcompile.report import format_table
 

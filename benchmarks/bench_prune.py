@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxcompile
-from fxcompile import zoo
+from fxcompile.testing import zoo
 from fxcompile.report import format_table, load_average, machine_line
 
 THREADS = 2

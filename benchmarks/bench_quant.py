@@ -42,9 +42,9 @@ from fxcompile.report import load_average, machine_line
 import torch.nn as nn
 
 import fxcompile
-import fxcompile.zoo as zoo
-from fxcompile.benchmarking import Contender, split_selection, time_interleaved, write_report
-from fxcompile.benchmarking import short_error as _short
+import fxcompile.testing.zoo as zoo
+from fxcompile.testing.benchmarking import Contender, split_selection, time_interleaved, write_report
+from fxcompile.testing.benchmarking import short_error as _short
 from fxcompile.numerics import cosine
 from fxcompile.report import format_table
 
@@ -113,7 +113,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
             if c.key in ("fp32", "fx_int8", "fx_int8_noadd", "fx_dynamic"):
                 ops = {}
                 if c.key == "fx_int8_noadd":
-                    from fxcompile.passes.quant_placement import DEFAULT_OPS
+                    from fxcompile.passes.quantize.placement import DEFAULT_OPS
                     ops = {"ops": tuple(op for op in DEFAULT_OPS["onnxruntime"] if op != "add")}
                 if c.key == "fx_dynamic":
                     ops = {"activations": "dynamic"}
@@ -327,7 +327,7 @@ def bench_zoo(args, tmp: str, log) -> list[tuple]:
 
 
 def _points(compiled) -> int:
-    from fxcompile.quant_state import get_state
+    from fxcompile.passes.quantize.state import get_state
     state = get_state(compiled.graph_module)
     return len(state.points) if state is not None else 0
 

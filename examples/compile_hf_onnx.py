@@ -4,7 +4,7 @@ import sys
 import torch
 
 import fxcompile
-from fxcompile.zoo import build
+from fxcompile.testing.zoo import build
 
 if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 else "bert"

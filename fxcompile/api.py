@@ -1,7 +1,12 @@
-"""``fxcompile.compile``: capture -> passes -> backend, and the CompiledModule it returns."""
+"""``fxcompile.compile``: capture -> passes -> backend, and the CompiledModule it returns;
+``fxcompile.recompile``: more passes over a compiled graph, lowered again. Both lower through
+``lower_captured``, the one lowering path (calibrate's re-lowering shares its ``relower``)."""
 from __future__ import annotations
 
+import copy
 import time
+import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -10,7 +15,7 @@ from torch import fx
 
 from .backend_api import Lowered
 from .capture import Captured, capture, serialised
-from .errors import BackendError
+from .errors import BackendError, InputError
 from .pass_manager import resolve_pipeline, run_pipeline
 from .registry import get_backend
 from .report import Report
@@ -74,31 +79,111 @@ def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backe
     quantization passes to calibrate on (insert_fake_quant does). The user's model is never modified.
     """
     report = Report(model=type(model).__name__, backend=backend)
-    lower = get_backend(backend)  # fail on bad names before any slow work
+    get_backend(backend)  # fail on bad names before any slow work
     passes = resolve_pipeline(passes)
     start = time.perf_counter()
     captured = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     report.capture_seconds = time.perf_counter() - start
     data = None
     if calibration_data is not None:
-        from .calibrate import FlatBatches
+        from .passes.quantize.calibrate import FlatBatches
         data = FlatBatches(calibration_data, captured.inputs)
-    gm, report.passes = run_pipeline(captured.gm, passes, captured.example_inputs, check=check,
-                                     progress=progress, data=data, name=captured.model_name)
-    captured.gm = gm
-    from .quant_state import report_section
-    report.extra.update(report_section(gm))
+    captured.gm, report.passes = run_pipeline(captured.gm, passes, captured.example_inputs, check=check,
+                                              progress=progress, data=data, name=captured.model_name)
     if dynamic_shapes is not None and backend in DYNAMIC_BACKENDS:
         options.setdefault("dynamic_shapes", _flat_dynamic_shapes(dynamic_shapes, captured))
+    return lower_captured(captured, backend, options, report, check)
+
+
+@serialised  # lowering traces with torch.export: one compile at a time (see capture.COMPILE_LOCK)
+def recompile(model, passes=("fold_fake_quant",), backend: str = "eager", check: bool = False,
+              **options) -> CompiledModule:
+    """Run more passes over ``model``'s current graph (a copy) and lower it to ``backend``: a new
+    CompiledModule taking the model's inputs. E.g. fold a calibrated or trained fake-quant graph
+    and deploy it: ``recompile(compiled, ["fold_fake_quant"], backend="onnx")``. ``model``: a
+    CompiledModule or the TrainableModule of fxcompile.trainable."""
+    gm, captured = graph_and_capture(model)
+    if captured is None:
+        raise InputError("recompile needs a CompiledModule or a TrainableModule (it keeps the model's "
+                         "input structure); for a bare GraphModule use fxcompile.run_pipeline and a backend")
+    if gm is None:
+        raise InputError(f"recompile needs the graph, which a module loaded from a {model.backend} "
+                         "artifact does not have: compile the model again, or save and load it with "
+                         "backend='eager' (.pt2)")
+    get_backend(backend)  # fail on bad names before any work
+    with warnings.catch_warnings():  # copying a loaded .pt2 program unpickles torch's LeafSpec
+        warnings.filterwarnings("ignore", message=r".*\bLeafSpec\b", category=FutureWarning)
+        work = copy.deepcopy(gm)
+    work.eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    inputs = _example_data(captured.example_inputs, work)
+    captured = replace(captured, gm=work, example_inputs=inputs)
+    dynamic = captured.inputs.export_dynamic_shapes()
+    if dynamic is not None and backend in DYNAMIC_BACKENDS:
+        options.setdefault("dynamic_shapes", dynamic)  # the dims and ranges it was compiled for
+    report = Report(model=captured.model_name, backend=backend)
+    captured.gm, report.passes = run_pipeline(work, list(passes), inputs, check=check,
+                                              name=captured.model_name)
+    return lower_captured(captured, backend, options, report, check)
+
+
+def lower_captured(captured: Captured, backend: str, options: dict, report: Report,
+                   check: bool) -> CompiledModule:
+    """The lowering path of compile and recompile: ``captured.gm`` to ``backend`` (relower), the
+    CompiledModule, and with ``check`` the backend's outputs compared to the graph's."""
+    gm, inputs = captured.gm, captured.example_inputs
+    runner = relower(gm, inputs, backend, options, report)
+    compiled = CompiledModule(captured, runner, report)
+    if check:
+        check_backend(gm, runner, inputs, report)
+    return compiled
+
+
+def relower(gm: fx.GraphModule, inputs: list, backend: str, options: dict, report: Report) -> Lowered:
+    """Lower ``gm`` to ``backend`` and record it in ``report``: the lowering time, what the backend
+    and the passes report (quantization, prune). Also how calibrate brings a compiled module's
+    backend up to date with new scales."""
+    from .passes.quantize.state import report_section
+    report.extra.update(report_section(gm))
+    lower = get_backend(backend)
     start = time.perf_counter()
-    runner = lower(gm, captured.example_inputs, options)
+    runner = lower(gm, inputs, options)
     report.backend_seconds = time.perf_counter() - start
     report.extra.update(runner.describe())
     report.extra.update(gm.meta.get("report_extra", {}))  # what passes chose to report (e.g. prune)
-    compiled = CompiledModule(captured, runner, report)
-    if check:
-        check_backend(gm, runner, captured.example_inputs, report)
-    return compiled
+    return runner
+
+
+def graph_and_capture(model) -> tuple[fx.GraphModule | None, Captured | None]:
+    """The graph of ``model`` and what it was captured from: a CompiledModule or fxcompile.trainable's
+    TrainableModule (both keep the model's Captured, so they take the model's inputs), or a bare
+    GraphModule (no Captured)."""
+    if isinstance(model, fx.GraphModule):
+        return model, None
+    captured = getattr(model, "_captured", None)
+    if isinstance(model, torch.nn.Module) and isinstance(captured, Captured):
+        return model.graph_module, captured
+    raise InputError(f"expected a CompiledModule, a TrainableModule or a GraphModule, got {type(model).__name__}")
+
+
+def _example_data(examples: list, gm: fx.GraphModule) -> list:
+    """The example inputs, with data where a loaded module keeps only shapes and dtypes (meta
+    tensors): random floats, ones for integers and flags (valid ids, full attention masks), on
+    the graph's device. Passes and backends run the graph on them."""
+    if not any(isinstance(v, torch.Tensor) and v.is_meta for v in examples):
+        return list(examples)
+    device = next((t.device for t in [*gm.parameters(), *gm.buffers()] if not t.is_meta), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for v in examples:
+        if isinstance(v, torch.Tensor) and v.is_meta:
+            if v.is_floating_point():
+                v = torch.randn(v.shape, generator=gen).to(device=device, dtype=v.dtype)
+            else:
+                v = torch.ones(v.shape, dtype=v.dtype, device=device)
+        out.append(v)
+    return out
 
 
 # The built-in backends that take torch.export's dynamic_shapes (over the flat inputs) as an option.

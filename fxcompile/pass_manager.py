@@ -1,4 +1,7 @@
-"""The pass manager: runs a pipeline of passes over the IR and does the chores between them."""
+"""The pass manager: runs a pipeline of passes over the IR and does the chores between them.
+
+Every pass is called the same way, ``info.run(gm, opts, ctx) -> PassResult(gm, rewrites)``
+(fxcompile.registry adapts each pass function to that once, when it is registered)."""
 from __future__ import annotations
 
 import os
@@ -14,7 +17,7 @@ from torch import fx
 from . import graph_utils, state
 from .errors import FxCompileError, PassError
 from .numerics import max_error
-from .registry import PassInfo, default_pipeline, get_pass, register_pass
+from .registry import PassInfo, PassResult, check_order, default_pipeline, get_pass, register_pass
 from .report import PassRecord
 
 LOSSLESS_TOLERANCE = 1e-4  # max abs error relative to output scale, fp32 (DESIGN §6)
@@ -36,8 +39,8 @@ def resolve_pipeline(spec: PipelineSpec | str | None) -> list[tuple[PassInfo, An
     """Turn a pipeline spec into (PassInfo, options) pairs; raise PassError on anything unknown.
 
     A spec is a list of pass names, ``(name, options_dict)`` pairs, registered functions or plain
-    callables ``fn(gm)``; a string is a comma-separated list of names; ``None`` is the default
-    pipeline; ``[]`` runs no pass.
+    callables ``fn(gm)`` (adapted to the pass contract here, once); a string is a comma-separated
+    list of names; ``None`` is the default pipeline; ``[]`` runs no pass.
     """
     if spec is None:
         spec = default_pipeline()
@@ -66,21 +69,8 @@ def resolve_pipeline(spec: PipelineSpec | str | None) -> list[tuple[PassInfo, An
         else:
             raise PassError(f"cannot use {item!r} as a pass: give a name, a (name, options) pair or a callable")
         resolved.append((info, info.make_options(opts)))
-    _check_order([info for info, _ in resolved])
+    check_order([info for info, _ in resolved])
     return resolved
-
-
-def _check_order(infos: list[PassInfo]) -> None:
-    pos = {}
-    for i, info in enumerate(infos):
-        pos.setdefault(info.name, i)
-    for i, info in enumerate(infos):
-        for a in info.after:
-            if a in pos and pos[a] > i:
-                raise PassError(f"pass '{info.name}' must run after '{a}'; reorder the pipeline")
-        for b in info.before:
-            if b in pos and pos[b] < i:
-                raise PassError(f"pass '{info.name}' must run before '{b}'; reorder the pipeline")
 
 
 def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: bool = False,
@@ -132,36 +122,13 @@ def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: 
     return gm, records
 
 
-def _apply(info: PassInfo, opts, gm: fx.GraphModule, ctx: PassContext):
-    args = [gm] if info.options is None and not info.wants_context and _arity(info.fn) == 1 else [gm, opts]
-    kwargs = {"ctx": ctx} if info.wants_context else {}
+def _apply(info: PassInfo, opts, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     try:
-        result = info.fn(*args, **kwargs)
+        return info.run(gm, opts, ctx)
     except FxCompileError:
         raise
     except Exception as e:
         raise PassError(f"pass '{info.name}' failed: {type(e).__name__}: {e}") from e
-    rewrites = None
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], fx.GraphModule):
-        result, rewrites = result
-    if isinstance(result, fx.GraphModule):
-        gm = result
-    elif isinstance(result, int) and not isinstance(result, bool):
-        rewrites = result
-    elif result is not None:
-        raise PassError(f"pass '{info.name}' returned {type(result).__name__}; a pass returns the number "
-                        "of rewrites (int), a GraphModule, (GraphModule, int) or None")
-    return gm, rewrites
-
-
-def _arity(fn: Callable) -> int:
-    import inspect
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return 2
-    return sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-               for p in params) or 1
 
 
 def _chores(gm: fx.GraphModule) -> None:
@@ -200,8 +167,11 @@ class _GraphDump:
     def write(self, gm: fx.GraphModule, index: int, name: str) -> None:
         if self.folder is None:
             return
+        # why the pass's rewrite rules declined (fxcompile.rewrite), after the graph they left
+        declined = gm.meta.pop("rewrite_declined", None) or []
+        text = str(gm.graph) + "".join(f"\n# declined: {reason}" for reason in declined)
         try:
-            (self.folder / f"{index:02d}_{name}.txt").write_text(str(gm.graph))
+            (self.folder / f"{index:02d}_{name}.txt").write_text(text)
             (self.folder / f"{index:02d}_{name}.py").write_text(gm.code)
         except OSError as e:
             self._give_up(e)
@@ -239,4 +209,5 @@ def _new_numbered_folder(root: Path, name: str) -> Path:
             number += 1
 
 
-__all__ = ["PassContext", "register_pass", "resolve_pipeline", "run_pipeline", "LOSSLESS_TOLERANCE"]
+__all__ = ["PassContext", "PassResult", "register_pass", "resolve_pipeline", "run_pipeline",
+           "LOSSLESS_TOLERANCE"]

@@ -1,5 +1,11 @@
 """Registries of passes and backends, filled by decorators and the entry-point groups
-``fxcompile.passes`` and ``fxcompile.backends``."""
+``fxcompile.passes`` and ``fxcompile.backends``.
+
+The pass contract: every pass is run as ``info.run(gm, opts, ctx) -> PassResult(gm, rewrites)``.
+A pass's own function may be shorter (``fn(gm)``, ``fn(gm, opts)``, ``fn(gm, opts, ctx)``,
+returning the rewrite count): it is adapted to the contract once, when it is registered (or put in
+a pipeline as a plain callable), from its signature; the pass manager never guesses per call.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,14 +13,82 @@ import importlib
 import inspect
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
+
+from torch import fx
 
 from .errors import BackendError, PassError, suggest
 
 
+class PassResult(NamedTuple):
+    """What every pass gives back: the graph (``gm`` rewritten in place, or a new GraphModule) and
+    how many rewrites it made (None: the pass does not count them; the report shows "-")."""
+
+    gm: fx.GraphModule
+    rewrites: int | None = None
+
+
+def adapt(name: str, fn: Callable, options: type | None = None) -> Callable[..., PassResult]:
+    """``fn`` as ``run(gm, opts, ctx) -> PassResult``, deciding from its signature, here and once,
+    which of the three arguments it takes: ``fn(gm)`` (a pass without options), ``fn(gm, opts)``,
+    ``fn(gm, opts, ctx)``, or ``ctx`` by keyword when it has a parameter called ``ctx``.
+    ``fn`` returns the number of rewrites (int), a new GraphModule, a PassResult, or None."""
+    positional, ctx_by_keyword = _calling_convention(name, fn, options)
+
+    def run(gm: fx.GraphModule, opts: Any = None, ctx: Any = None) -> PassResult:
+        given = (gm, opts, ctx)[:positional]
+        result = fn(*given, ctx=ctx) if ctx_by_keyword else fn(*given)
+        return _as_result(name, gm, result)
+
+    run.__name__ = run.__qualname__ = f"run_{name}"
+    return run
+
+
+# How a pass function may be called, in the order tried: (arguments by position, ctx by keyword).
+_CALLS = ((1, False), (2, False), (3, False))   # fn(gm), fn(gm, opts), fn(gm, opts, ctx)
+_CALLS_CTX_BY_KEYWORD = ((2, True), (1, True))  # fn(gm, opts, ctx=ctx), fn(gm, ctx=ctx)
+
+
+def _calling_convention(name: str, fn: Callable, options: type | None) -> tuple[int, bool]:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (a builtin): the two-argument form
+        return 2, False
+    ctx = signature.parameters.get("ctx")
+    keyword_ctx = ctx is not None and ctx.kind in (ctx.POSITIONAL_OR_KEYWORD, ctx.KEYWORD_ONLY)
+    for positional, ctx_by_keyword in _CALLS_CTX_BY_KEYWORD if keyword_ctx else _CALLS:
+        if options is not None and positional < 2:
+            continue  # a pass with options must take them
+        try:
+            signature.bind(*("gm", "opts", "ctx")[:positional], **({"ctx": None} if ctx_by_keyword else {}))
+        except TypeError:
+            continue
+        return positional, ctx_by_keyword
+    forms = "fn(gm, opts) or fn(gm, opts, ctx)" if options is not None else \
+        "fn(gm), fn(gm, opts) or fn(gm, opts, ctx)"
+    why = f"has options ({options.__name__}), but" if options is not None else "cannot run:"
+    raise PassError(f"pass '{name}' {why} {_where(fn)}{signature} cannot be called as {forms}. "
+                    "Define it with one of these signatures.")
+
+
+def _as_result(name: str, gm: fx.GraphModule, result: Any) -> PassResult:
+    if result is None:
+        return PassResult(gm, None)
+    if isinstance(result, fx.GraphModule):
+        return PassResult(result, None)
+    if isinstance(result, int) and not isinstance(result, bool):
+        return PassResult(gm, result)
+    if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], fx.GraphModule)
+            and (result[1] is None or (isinstance(result[1], int) and not isinstance(result[1], bool)))):
+        return PassResult(*result)
+    raise PassError(f"pass '{name}' returned {type(result).__name__}; a pass returns the number of rewrites "
+                    "it made (int), a new GraphModule, PassResult(gm, rewrites), or None (not counted)")
+
+
 @dataclass
 class PassInfo:
-    """A registered pass: the function and what the pass manager needs to know about it."""
+    """A registered pass: its function, ``run`` (the function adapted to the pass contract when the
+    PassInfo is made) and what the pass manager needs to know about it."""
 
     name: str
     fn: Callable
@@ -24,7 +98,10 @@ class PassInfo:
     lossless: bool = True
     default: bool = False
     doc: str = ""
-    wants_context: bool = field(default=False, repr=False)
+    run: Callable[..., PassResult] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.run = adapt(self.name, self.fn, self.options)
 
     def make_options(self, given: dict | Any | None):
         """Build the options dataclass from a dict, checking names and types."""
@@ -69,11 +146,13 @@ _loaded = False
 
 def register_pass(name: str | None = None, *, options: type | None = None, after=(), before=(),
                   lossless: bool = True, default: bool = False, replace: bool = False):
-    """Decorator: register ``fn(gm, opts)`` (optionally ``fn(gm, opts, ctx)``) as a pass.
+    """Decorator: register ``fn(gm)``, ``fn(gm, opts)`` or ``fn(gm, opts, ctx)`` as a pass.
 
     ``fn`` rewrites the GraphModule in place and returns the number of rewrites it made (or a new
-    GraphModule, or ``(gm, count)``). The pass manager does the chores: lint, dead-code
-    elimination, recompile, shape refresh, timing and the report.
+    GraphModule, or ``PassResult(gm, rewrites)``); it is adapted once, here, to the contract the
+    pass manager calls (``PassInfo.run``). The pass manager does the chores: lint, dead-code
+    elimination, recompile, shape refresh, timing and the report. ``default=True`` adds it to the
+    default pipeline, placed by its ``after``/``before`` constraints.
 
     A name that is taken raises PassError unless ``replace=True``; registering the same
     definition again (the same function, or its module re-imported) just updates the entry.
@@ -87,11 +166,10 @@ def register_pass(name: str | None = None, *, options: type | None = None, after
             raise PassError(f"pass '{pass_name}' is already registered ({_where(taken.fn)}); "
                             f"registering {_where(fn)} under the same name would replace it. Choose "
                             f"another name, or pass replace=True to replace it on purpose.")
-        params = inspect.signature(fn).parameters
         doc = (inspect.getdoc(fn) or "").strip().splitlines()
-        _PASSES[pass_name] = PassInfo(pass_name, fn, options, tuple(after), tuple(before), lossless,
-                                      default, doc[0] if doc else "", "ctx" in params)
-        fn.pass_info = _PASSES[pass_name]
+        info = PassInfo(pass_name, fn, options, tuple(after), tuple(before), lossless, default,
+                        doc[0] if doc else "")
+        _PASSES[pass_name] = fn.pass_info = info
         return fn
     return deco
 
@@ -146,25 +224,48 @@ def list_passes() -> list[PassInfo]:
 
 
 def default_pipeline() -> list[str]:
-    """Passes marked default, in an order that satisfies every after/before constraint."""
-    import networkx as nx
+    """The built-in default pipeline (``fxcompile.passes.DEFAULT_PIPELINE``, checked against every
+    after/before constraint), then each other pass registered with ``default=True`` (plugins), in
+    registration order, slotted in as late as its constraints allow."""
     _load_builtin_and_plugins()
-    g = nx.DiGraph()
-    names = [p.name for p in _PASSES.values() if p.default]
-    g.add_nodes_from(names)
-    for p in _PASSES.values():
-        for a in p.after:
-            if a in g and p.name in g:
-                g.add_edge(a, p.name)
-        for b in p.before:
-            if b in g and p.name in g:
-                g.add_edge(p.name, b)
-    order = {n: i for i, n in enumerate(names)}
+    from fxcompile.passes import DEFAULT_PIPELINE
+    order = list(DEFAULT_PIPELINE)
     try:
-        return list(nx.lexicographical_topological_sort(g, key=order.__getitem__))
-    except nx.NetworkXUnfeasible:
-        raise PassError(f"the after/before constraints of the default passes form a cycle: "
-                        f"{nx.find_cycle(g)}") from None
+        check_order([get_pass(name) for name in order])
+    except PassError as e:
+        raise PassError(f"fxcompile.passes.DEFAULT_PIPELINE is out of order: {e}") from None
+    for info in _PASSES.values():
+        if info.default and info.name not in order:
+            order.insert(_slot(info, order), info.name)
+    return order
+
+
+def check_order(infos: list[PassInfo]) -> None:
+    """Raise PassError if a pass in ``infos`` runs before one its after/before says it follows."""
+    pos: dict[str, int] = {}
+    for i, info in enumerate(infos):
+        pos.setdefault(info.name, i)
+    for i, info in enumerate(infos):
+        for a in info.after:
+            if a in pos and pos[a] > i:
+                raise PassError(f"pass '{info.name}' must run after '{a}'; reorder the pipeline")
+        for b in info.before:
+            if b in pos and pos[b] < i:
+                raise PassError(f"pass '{info.name}' must run before '{b}'; reorder the pipeline")
+
+
+def _slot(info: PassInfo, order: list[str]) -> int:
+    """The latest index in ``order`` where ``info`` runs after and before what the constraints
+    (its own and those of the passes already in ``order``) say."""
+    after = [i for i, name in enumerate(order) if name in info.after or info.name in _PASSES[name].before]
+    before = [i for i, name in enumerate(order) if name in info.before or info.name in _PASSES[name].after]
+    lo, hi = max(after, default=-1) + 1, min(before, default=len(order))
+    if lo > hi:
+        raise PassError(f"default pass '{info.name}' cannot be placed: it must run after "
+                        f"'{order[lo - 1]}' and before '{order[hi]}', but the default pipeline runs "
+                        f"'{order[hi]}' first. Change its after/before, or register it without "
+                        f"default=True and name it in passes=[...].")
+    return hi
 
 
 def register_backend(name: str, lower: Callable | str, load: Callable | str | None = None) -> None:

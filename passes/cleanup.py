@@ -18,6 +18,7 @@ def dead_code_elimination(gm: fx.GraphModule) -> int:
     """Remove nodes whose results nothing uses, and the parameters only they read."""
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
+    graph_utils.drop_unused_attrs(gm)
     return before - len(gm.graph.nodes)
 
 

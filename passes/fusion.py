@@ -3,7 +3,9 @@ to them, and parallel linears (or 1x1 convs) on one input merged into one wider 
 
 All three only ever create new constants (``graph_utils.add_constant``): a weight may be shared
 with other nodes (tied embeddings, reused modules), so it is never changed in place. The folding
-arithmetic runs in float64 and is rounded once to the weight's dtype.
+arithmetic runs in float64 and is rounded once to the weight's dtype. The two folds are rewrite
+rules (fxcompile.rewrite), whose guards say why a batch norm or scale was left in place; merging
+walks groups of nodes, so it edits the graph itself.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch import fx
 
 from fxcompile import graph_utils as gu
 from fxcompile.registry import register_pass
+from fxcompile.rewrite import Op, Rule, RuleSet, Var
 
 aten = torch.ops.aten
 
@@ -105,20 +108,29 @@ def _hint(node: fx.Node, suffix: str) -> str:
 
 
 # -- fold_batch_norm -------------------------------------------------------------------------
-def _bn_affine(gm: fx.GraphModule, bn: fx.Node):
-    """Eval-mode batch norm as y = x * scale + shift per channel (float64), or None."""
+_BN = aten.batch_norm.default
+_WEIGHTED = {aten.linear.default, aten.convolution.default} | _CONV | _CONV_T
+_NOT_CONSTANT = "the layer's weight or bias is not a constant float tensor (or its groups not static)"
+
+
+def _bn_unfoldable(gm: fx.GraphModule, bn: fx.Node) -> str | None:
+    """Why the batch norm is not a constant per-channel affine map, or None if it is."""
     if gu.get_arg(bn, "training"):
-        return None
+        return "the batch norm normalises with batch statistics (training mode)"
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        arg = gu.get_arg(bn, name)
+        if (arg is not None or name.startswith("running")) and gu.constant(gm, arg) is None:
+            return f"the batch norm's {name} is not a constant"
+    return None
+
+
+def _bn_affine(gm: fx.GraphModule, bn: fx.Node):
+    """Eval-mode batch norm as y = x * scale + shift per channel (float64)."""
     mean = gu.constant(gm, gu.get_arg(bn, "running_mean"))
     var = gu.constant(gm, gu.get_arg(bn, "running_var"))
-    if mean is None or var is None:
-        return None
     params = []
     for name, fill in (("weight", 1.0), ("bias", 0.0)):
-        arg = gu.get_arg(bn, name)
-        value = gu.constant(gm, arg)
-        if arg is not None and value is None:
-            return None
+        value = gu.constant(gm, gu.get_arg(bn, name))
         params.append(torch.full_like(mean, fill, dtype=torch.float64) if value is None else value.double())
     gamma, beta = params
     scale = gamma / torch.sqrt(var.double() + gu.get_arg(bn, "eps"))
@@ -130,65 +142,95 @@ def _same_dtype(a: fx.Node, b: fx.Node) -> bool:
     return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dtype == vb.dtype
 
 
-def _fold_into_producer(gm: fx.GraphModule, bn: fx.Node, scale, shift) -> bool:
-    """conv/linear -> bn  ==>  conv/linear with scaled weight and shifted bias."""
-    op = _weighted(gm, bn.args[0])
+def _producer_folds(m) -> str | None:
+    """conv/linear -> bn: the producer's output feeds nothing else and has the bn's channels."""
+    bn = m.anchor
+    why = _bn_unfoldable(m.gm, bn)
+    if why is not None:
+        return why
+    op = _weighted(m.gm, m.layer)
+    if op is None:
+        return _NOT_CONSTANT
     # The producer's other users need its unfolded value: then there is nothing to gain.
-    if op is None or len(gu.real_users(op.node)) != 1 or not _same_dtype(op.node, bn):
-        return False
+    if len(gu.real_users(op.node)) != 1:
+        return f"the {op.kind}'s output has other users, which need it unnormalised"
+    if not _same_dtype(op.node, bn):
+        return f"the {op.kind} and the batch norm compute in different dtypes"
     if op.kind == "linear" and op.node.meta["val"].dim() != 2:
-        return False  # batch norm normalises dim 1: the linear's features only for (N, C) inputs
-    if op.out_channels != scale.numel():
-        return False
-    op.replace_params(gm, op.scaled_weight(scale), op.bias64() * scale + shift, _hint(op.node, "bn"))
-    bn.replace_all_uses_with(op.node)
-    gm.graph.erase_node(bn)
-    return True
+        return "batch norm normalises dim 1: the linear's features only for (N, C) inputs"
+    m.scale, m.shift = _bn_affine(m.gm, bn)
+    if op.out_channels != m.scale.numel():
+        return f"the {op.kind} has {op.out_channels} output channels, the batch norm {m.scale.numel()}"
+    m.op = op
+    return None
 
 
-def _fold_into_consumer(gm: fx.GraphModule, bn: fx.Node, scale, shift) -> bool:
-    """bn -> conv/linear  ==>  conv/linear with per-input-channel scaled weight and a bias that
-    absorbs the shift. Exact only where the conv never reads padding: the shift of a padded
+def _fold_into_producer(m) -> fx.Node:
+    """conv/linear -> bn  ==>  conv/linear with scaled weight and shifted bias."""
+    op = m.op
+    op.replace_params(m.gm, op.scaled_weight(m.scale), op.bias64() * m.scale + m.shift,
+                      _hint(op.node, "bn"))
+    return op.node
+
+
+def _consumer_folds(m) -> str | None:
+    """bn -> conv/linear: exact only where the conv never reads padding: the shift of a padded
     border would be zero in the original and not in the folded conv, so padded convs are left."""
-    users = gu.real_users(bn)
-    if len(users) != 1:
-        return False
-    op = _weighted(gm, users[0])
-    if op is None or op.kind == "conv_t" or op.node.args[0] is not bn or not _same_dtype(op.node, bn):
-        return False
-    if bn in op.node.args[1:] or bn in op.node.kwargs.values():
-        return False
-    x = bn.args[0]
+    bn, layer = m.bn, m.anchor
+    why = _bn_unfoldable(m.gm, bn)
+    if why is not None:
+        return why
+    if len(gu.real_users(bn)) != 1:
+        return "the batch norm's output has other users"
+    op = _weighted(m.gm, layer)
+    if op is None:
+        return _NOT_CONSTANT
+    if op.kind == "conv_t":
+        return "folding into a transposed conv's input channels is not supported"
+    if not _same_dtype(layer, bn):
+        return f"the batch norm and the {op.kind} compute in different dtypes"
+    if bn in layer.args[1:] or bn in layer.kwargs.values():
+        return "the batch norm also feeds the layer's weight or bias"
     if op.kind == "conv":
-        padding = gu.get_arg(op.node, "padding")
+        padding = gu.get_arg(layer, "padding")
         if padding != "valid" and (isinstance(padding, str) or any(p != 0 for p in padding)):
-            return False
-    elif x.meta["val"].dim() != 2:
-        return False
+            return "the conv pads its input: the padded border would see the shift after folding"
+    elif m.x.meta["val"].dim() != 2:
+        return "batch norm normalises dim 1: the linear's features only for (N, C) inputs"
+    m.scale, m.shift = _bn_affine(m.gm, bn)
+    channels = op.weight.shape[1] * op.groups
+    if channels != m.scale.numel():
+        return f"the {op.kind} reads {channels} channels, the batch norm has {m.scale.numel()}"
+    m.op = op
+    return None
+
+
+def _fold_into_consumer(m) -> fx.Node:
+    """bn -> conv/linear  ==>  conv/linear with per-input-channel scaled weight and a bias that
+    absorbs the shift; the layer is edited in place and reads the batch norm's input."""
+    op, scale, shift = m.op, m.scale, m.shift
     w, g = op.weight, op.groups
-    if w.shape[1] * g != scale.numel():
-        return False
     cout = w.shape[0]
     w64 = w.double().reshape(g, cout // g, w.shape[1], -1)  # (groups, out/groups, in/groups, taps)
     new_w = (w64 * scale.reshape(g, 1, -1, 1)).reshape(w.shape).to(w.dtype)
     bias = (w64 * shift.reshape(g, 1, -1, 1)).sum((2, 3)).reshape(cout) + op.bias64()
-    op.replace_params(gm, new_w, bias, _hint(op.node, "bn_in"))
-    op.node.replace_input_with(bn, x)
-    gu.drop_asserts(bn)
-    gm.graph.erase_node(bn)
-    return True
+    op.replace_params(m.gm, new_w, bias, _hint(op.node, "bn_in"))
+    op.node.replace_input_with(m.bn, m.x)
+    return op.node
+
+
+_BN_RULES = RuleSet([
+    Rule("bn_into_producer", Op(_BN, Op(_WEIGHTED, name="layer")),
+         guard=_producer_folds, replace=_fold_into_producer),
+    Rule("bn_into_consumer", Op(_WEIGHTED, Op(_BN, Var("x"), name="bn")),
+         guard=_consumer_folds, replace=_fold_into_consumer),
+])
 
 
 @register_pass("fold_batch_norm", after=("fold_constants", "simplify_layout"), default=True)
 def fold_batch_norm(gm: fx.GraphModule) -> int:
     """Fold eval-mode batch norm into the conv/linear before it, or after it where exact."""
-    rewrites = 0
-    for bn in list(gm.graph.find_nodes(op="call_function", target=aten.batch_norm.default)):
-        affine = _bn_affine(gm, bn)
-        if affine is not None and (_fold_into_producer(gm, bn, *affine)
-                                   or _fold_into_consumer(gm, bn, *affine)):
-            rewrites += 1
-    return rewrites
+    return _BN_RULES.apply(gm)
 
 
 # -- fold_linear_scale -----------------------------------------------------------------------
@@ -216,44 +258,53 @@ def _per_channel(gm: fx.GraphModule, arg, op: _Weighted) -> torch.Tensor | None:
     return const.double().reshape(-1).expand(channels).clone()
 
 
-def _fold_scale_once(gm: fx.GraphModule, node: fx.Node) -> bool:
-    op = _weighted(gm, node)
-    users = gu.real_users(node)
-    if op is None or len(users) != 1:
-        return False
-    user = users[0]
+def _scale_folds(m) -> str | None:
+    """y = layer(x) then y * c, c * y, y / c, y + c, c + y or y - c, for a per-channel constant c."""
+    user, node = m.anchor, m.layer
+    op = _weighted(m.gm, node)
+    if op is None:
+        return _NOT_CONSTANT
+    if len(gu.real_users(node)) != 1:
+        return f"the {op.kind}'s output has other users, which need it unscaled"
     out, res = node.meta.get("val"), user.meta.get("val")
     if not isinstance(res, torch.Tensor) or res.shape != out.shape or res.dtype != out.dtype:
-        return False
+        return f"the result's shape or dtype differs from the {op.kind}'s output (it broadcasts)"
     if len(user.args) != 2 or set(user.kwargs) - {"alpha"}:
-        return False
-    a, b = user.args
-    if user.target in _MUL or user.target in _ADD:
-        other = b if a is node else a if b is node else None
-    elif user.target in _DIV or user.target in _SUB:
-        other = b if a is node else None
-    else:
-        return False
-    if other is None or other is node:
-        return False
-    vec = _per_channel(gm, other, op)
+        return "it has arguments besides its two operands and alpha"
+    if m.other is node:
+        return f"both operands are the {op.kind}'s output"
+    vec = _per_channel(m.gm, m.other, op)
     alpha = user.kwargs.get("alpha", 1)
-    if vec is None or not isinstance(alpha, (int, float)) or (alpha != 1 and a is not node):
-        return False  # c + alpha * y scales y: not a shift
-    hint = _hint(node, "scaled")
-    if user.target in _MUL or user.target in _DIV:
-        if user.target in _DIV:
-            if (vec == 0).any():
-                return False
-            vec = 1.0 / vec
-        op.replace_params(gm, op.scaled_weight(vec), None if op.bias is None else op.bias64() * vec, hint)
+    if vec is None:
+        return "the other operand is not a scalar or a constant that varies only along the channels"
+    if not isinstance(alpha, (int, float)) or (alpha != 1 and user.args[0] is not node):
+        return "c + alpha * y scales y: not a shift"
+    if user.target in _DIV:
+        if (vec == 0).any():
+            return "it divides by zero in some channel"
+        vec = 1.0 / vec
+    m.op, m.vec, m.alpha = op, vec, alpha
+    return None
+
+
+def _fold_scale(m) -> fx.Node:
+    """The layer with the scale or shift in its weight and bias; it replaces the arithmetic."""
+    op, vec, user = m.op, m.vec, m.anchor
+    hint = _hint(op.node, "scaled")
+    if user.target in _MUL or user.target in _DIV:  # a divisor is already inverted
+        op.replace_params(m.gm, op.scaled_weight(vec), None if op.bias is None else op.bias64() * vec, hint)
     else:
         sign = 1.0 if user.target in _ADD else -1.0
-        op.replace_params(gm, op.weight, op.bias64() + sign * alpha * vec, hint)
-    user.replace_all_uses_with(node)
-    gu.drop_asserts(user)
-    gm.graph.erase_node(user)
-    return True
+        op.replace_params(m.gm, op.weight, op.bias64() + sign * m.alpha * vec, hint)
+    return op.node
+
+
+_SCALE_RULES = RuleSet([
+    Rule("scale_after_layer", Op(_MUL | _ADD, Op(_WEIGHTED, name="layer"), Var("other"), commutative=True),
+         guard=_scale_folds, replace=_fold_scale),
+    Rule("divide_or_subtract_after_layer", Op(_DIV | _SUB, Op(_WEIGHTED, name="layer"), Var("other")),
+         guard=_scale_folds, replace=_fold_scale),
+])
 
 
 @register_pass("fold_linear_scale", after=("fold_batch_norm",), default=True)
@@ -262,11 +313,7 @@ def fold_linear_scale(gm: fx.GraphModule) -> int:
 
     Scalars (multiply, divide, add, subtract), or constants that vary only along the output
     channels (per-channel scales such as ConvNeXt's layer scale)."""
-    rewrites = 0
-    for node in list(gm.graph.nodes):
-        while _kind(node) is not None and _fold_scale_once(gm, node):
-            rewrites += 1
-    return rewrites
+    return _SCALE_RULES.apply(gm)
 
 
 # -- merge_parallel_linears ------------------------------------------------------------------

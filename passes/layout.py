@@ -1,5 +1,6 @@
 """simplify_layout: fewer layout ops. Permute/transpose pairs are composed into one permute (or
-none), chains of reshapes into one reshape, and zero padding into the next conv's padding."""
+none), chains of reshapes into one reshape, and zero padding into the next conv's padding: three
+rewrite rules (fxcompile.rewrite), whose guards say why a node was left as it was."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ from torch import fx
 
 from fxcompile import graph_utils as gu
 from fxcompile.registry import register_pass
+from fxcompile.rewrite import Op, Rule, RuleSet, Var
 
 aten = torch.ops.aten
 
@@ -17,6 +19,7 @@ _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
              aten.squeeze.default, aten.unsqueeze.default}
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
           aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
+_PADS = {aten.pad.default, aten.constant_pad_nd.default}
 
 
 def _val(node) -> torch.Tensor | None:
@@ -46,27 +49,24 @@ def _feeds_mutation(node: fx.Node) -> bool:
     return feeds(node)
 
 
-def _compose_permutes(gm: fx.GraphModule, node: fx.Node) -> bool:
-    inner = node.args[0]
-    if not (isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target in _PERMUTES):
-        return False
-    outer_perm, inner_perm = _permutation(node), _permutation(inner)
-    if outer_perm is None or inner_perm is None or _feeds_mutation(node):
-        return False
-    perm = [inner_perm[d] for d in outer_perm]
-    src = inner.args[0]
-    if perm == list(range(len(perm))):
-        node.replace_all_uses_with(src)
-    else:
-        with gm.graph.inserting_before(node):
-            new = gu.copy_origin(gm.graph.call_function(aten.permute.default, (src, perm)), node)
-        new.meta["val"] = node.meta.get("val")  # same shape: later matches in this pass read it
-        node.replace_all_uses_with(new)
-    gu.drop_asserts(node)
-    gm.graph.erase_node(node)
-    return True
+# -- permute(permute(x)) -> one permute of x, or x itself -----------------------------------
+def _permutes_compose(m) -> str | None:
+    outer, inner = _permutation(m.anchor), _permutation(m.inner)
+    if outer is None or inner is None:
+        return "the input's rank is unknown (no meta['val'])"
+    if _feeds_mutation(m.anchor):
+        return "an in-place op writes through the result: it must stay a view of its own"
+    m.perm = [inner[d] for d in outer]
+    return None
 
 
+def _composed_permute(m) -> fx.Node:
+    if m.perm == list(range(len(m.perm))):
+        return m.src
+    return m.call(aten.permute.default, m.src, m.perm)
+
+
+# -- reshape(reshape(x)) -> one reshape of x, or x itself -----------------------------------
 def _static_shape(node: fx.Node) -> list[int] | None:
     val = _val(node)
     if val is None or not all(isinstance(d, int) for d in val.shape):
@@ -74,35 +74,31 @@ def _static_shape(node: fx.Node) -> list[int] | None:
     return list(val.shape)
 
 
-def _collapse_reshapes(gm: fx.GraphModule, node: fx.Node) -> bool:
-    inner = node.args[0]
-    if not (isinstance(inner, fx.Node) and inner.op == "call_function" and inner.target in _RESHAPES):
-        return False
-    src = inner.args[0]
-    src_val = _val(src)
-    if src_val is None or _feeds_mutation(node):
-        return False
-    if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-        shape = node.args[1]  # sizes relative to the element count, which the chain keeps
+def _reshapes_collapse(m) -> str | None:
+    if _val(m.src) is None:
+        return "the input's shape is unknown (no meta['val'])"
+    if _feeds_mutation(m.anchor):
+        return "an in-place op writes through the result: it must stay a view of its own"
+    if m.anchor.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        m.shape = m.anchor.args[1]  # sizes relative to the element count, which the chain keeps
     else:
-        shape = _static_shape(node)
-        if shape is None:
-            return False
-    if _static_shape(src) == _static_shape(node) and _static_shape(node) is not None:
-        node.replace_all_uses_with(src)
-    else:
-        # Any reshape of a contiguous tensor is a view (what reshape returns for it anyway).
-        target = aten.view.default if src_val.is_contiguous() else aten.reshape.default
-        with gm.graph.inserting_before(node):
-            new = gu.copy_origin(gm.graph.call_function(target, (src, list(shape))), node)
-        new.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(new)
-    gu.drop_asserts(node)
-    gm.graph.erase_node(node)
-    return True
+        m.shape = _static_shape(m.anchor)
+        if m.shape is None:
+            return "its result has dynamic dims and it gives no target shape to reuse"
+    return None
 
 
-def _zero_pad(gm: fx.GraphModule, node: fx.Node) -> list[int] | None:
+def _collapsed_reshape(m) -> fx.Node:
+    shape = _static_shape(m.anchor)
+    if shape is not None and _static_shape(m.src) == shape:
+        return m.src
+    # Any reshape of a contiguous tensor is a view (what reshape returns for it anyway).
+    target = aten.view.default if _val(m.src).is_contiguous() else aten.reshape.default
+    return m.call(target, m.src, list(m.shape))
+
+
+# -- conv(pad(x, zeros)) -> conv(x) with more padding ---------------------------------------
+def _zero_pad(node: fx.Node) -> list[int] | None:
     """The pad amounts of a constant zero pad, else None."""
     if node.target is aten.constant_pad_nd.default:
         value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
@@ -117,54 +113,70 @@ def _zero_pad(gm: fx.GraphModule, node: fx.Node) -> list[int] | None:
     return list(node.args[1])
 
 
-def _fold_pad(gm: fx.GraphModule, pad: fx.Node) -> bool:
-    amounts = _zero_pad(gm, pad)
-    users = gu.real_users(pad)
-    if amounts is None or len(users) != 1 or not all(isinstance(a, int) for a in amounts):
-        return False
-    conv = users[0]
-    if conv.target not in _CONVS or conv.args[0] is not pad or pad in conv.args[1:]:
-        return False
-    spatial = _val(conv.args[1]).dim() - 2 if _val(conv.args[1]) is not None else 0
+def _pad_pairs(pad: fx.Node, spatial: int) -> list[tuple[int, int]] | str:
+    """The (before, after) amounts per spatial dim of a zero pad, or why it can't move into a conv."""
+    amounts = _zero_pad(pad)
+    if amounts is None:
+        return "the pad is not a constant zero pad"
+    if not all(isinstance(a, int) for a in amounts):
+        return "the pad amounts are not static"
     if len(amounts) % 2 or len(amounts) > 2 * spatial:
-        return False
+        return "it pads the batch or channel dims"
     # pad lists (left, right) pairs from the last dim backwards
     pairs = [(amounts[i], amounts[i + 1]) for i in range(0, len(amounts), 2)][::-1]
     pairs = [(0, 0)] * (spatial - len(pairs)) + pairs
     if any(lo != hi or lo < 0 for lo, hi in pairs):
-        return False
+        return "the padding is asymmetric or negative (a conv pads both sides alike)"
+    return pairs
+
+
+def _pad_folds(m) -> str | None:
+    conv, pad = m.anchor, m.pad
+    if len(gu.real_users(pad)) != 1:
+        return "the padded tensor has other users"
+    if pad in conv.args[1:]:
+        return "the padded tensor is also the conv's weight or bias"
+    spatial = _val(conv.args[1]).dim() - 2 if _val(conv.args[1]) is not None else 0
+    pairs = _pad_pairs(pad, spatial)
+    if isinstance(pairs, str):
+        return pairs
     padding = gu.get_arg(conv, "padding")
     if padding == "valid":
         padding = [0] * spatial
     if isinstance(padding, str) or len(padding) not in (1, spatial):
-        return False
+        return f"the conv's padding is {padding!r}"
     padding = list(padding) * (spatial if len(padding) == 1 else 1)
-    new_padding = [p + lo for p, (lo, _) in zip(padding, pairs)]
-    if conv.target in (aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding):
-        target = {aten.conv1d.padding: aten.conv1d.default, aten.conv2d.padding: aten.conv2d.default,
-                  aten.conv3d.padding: aten.conv3d.default}[conv.target]
+    m.padding = [p + lo for p, (lo, _) in zip(padding, pairs)]
+    return None
+
+
+_BY_PADDING = {aten.conv1d.padding: aten.conv1d.default, aten.conv2d.padding: aten.conv2d.default,
+               aten.conv3d.padding: aten.conv3d.default}
+
+
+def _conv_with_padding(m) -> fx.Node:
+    """The conv itself, edited in place: its padding grows by the pad's, its input is the pad's."""
+    conv = m.anchor
+    if conv.target in _BY_PADDING:  # padding given as a string: the int-list overload takes numbers
         args = [gu.get_arg(conv, name) for name in ("input", "weight", "bias", "stride", "padding",
                                                      "dilation", "groups")]
-        conv.target, conv.args, conv.kwargs = target, tuple(args), {}
-    gu.set_arg(conv, "padding", new_padding)
-    conv.replace_input_with(pad, pad.args[0])
-    gu.drop_asserts(pad)
-    if not pad.users:
-        gm.graph.erase_node(pad)
-    return True
+        conv.target, conv.args, conv.kwargs = _BY_PADDING[conv.target], tuple(args), {}
+    gu.set_arg(conv, "padding", m.padding)
+    conv.replace_input_with(m.pad, m.x)
+    return conv
+
+
+_RULES = RuleSet([
+    Rule("compose_permutes", Op(_PERMUTES, Op(_PERMUTES, Var("src"), name="inner")),
+         guard=_permutes_compose, replace=_composed_permute),
+    Rule("collapse_reshapes", Op(_RESHAPES, Op(_RESHAPES, Var("src"))),
+         guard=_reshapes_collapse, replace=_collapsed_reshape),
+    Rule("fold_pad_into_conv", Op(_CONVS, Op(_PADS, Var("x"), name="pad")),
+         guard=_pad_folds, replace=_conv_with_padding),
+])
 
 
 @register_pass("simplify_layout", after=("fold_constants",), default=True)
 def simplify_layout(gm: fx.GraphModule) -> int:
     """Compose permute/transpose pairs, collapse reshape chains, fold zero padding into convs."""
-    rewrites = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in _PERMUTES:
-            rewrites += _compose_permutes(gm, node)
-        elif node.target in _RESHAPES:
-            rewrites += _collapse_reshapes(gm, node)
-        elif node.target in (aten.pad.default, aten.constant_pad_nd.default):
-            rewrites += _fold_pad(gm, node)
-    return rewrites
+    return _RULES.apply(gm)

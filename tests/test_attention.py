@@ -186,7 +186,7 @@ def test_multihead_attention():
 # -- zoo models with Hugging Face's eager attention ------------------------------------------
 def _zoo(name, options=None, backend="eager"):
     pytest.importorskip("transformers")
-    from fxcompile.zoo import build
+    from fxcompile.testing.zoo import build
     model, kwargs = build(name, attn_implementation="eager")
     with torch.no_grad():
         ref = model(**kwargs)

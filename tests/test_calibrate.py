@@ -11,8 +11,8 @@ import fxcompile
 from fxcompile.errors import CalibrationError, QuantizationError
 from fxcompile.graph_utils import fetch_attr
 from fxcompile.numerics import max_error
-from fxcompile.observers import Observer
-from fxcompile.quant_state import qparams
+from fxcompile.passes.quantize.observers import Observer
+from fxcompile.passes.quantize.state import qparams
 
 from .quant_models import mixed, single_thread  # noqa: F401 (fixture)
 

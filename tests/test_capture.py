@@ -43,7 +43,7 @@ def test_model_output_and_dynamic_cache_roundtrip():
     pytest.importorskip("transformers")
     from transformers.cache_utils import DynamicCache
 
-    from fxcompile.zoo import build
+    from fxcompile.testing.zoo import build
     model, kwargs = build("gpt2")
     ref = model(**kwargs)
     compiled = fxcompile.compile(model, (), example_kwargs=kwargs)

@@ -103,6 +103,30 @@ def test_dead_code_elimination():
     assert op_list(compiled.graph_module) == ["aten.linear.default"]
     assert "unused.weight" not in compiled.graph_module.state_dict()
 
+    # The pass manager eliminates dead code after every pass, so the compile above would pass with
+    # an empty pass: run the pass itself on a graph with dead nodes and a parameter only they read.
+    torch.manual_seed(0)
+    model, x = nn.Linear(3, 3).eval(), torch.randn(2, 3)
+    gm = fxcompile.capture(model, (x,)).gm
+    gm.register_parameter("orphan", nn.Parameter(torch.randn(3)))
+    graph = gm.graph
+    inp = next(iter(graph.find_nodes(op="placeholder")))
+    with graph.inserting_after(inp):
+        orphan = graph.get_attr("orphan")
+    with graph.inserting_after(orphan):
+        scaled = graph.call_function(torch.ops.aten.mul.Tensor, (inp, orphan))
+    with graph.inserting_after(scaled):
+        graph.call_function(torch.ops.aten.relu.default, (scaled,))
+    gm.recompile()
+    assert op_list(gm) == ["aten.mul.Tensor", "aten.relu.default", "aten.linear.default"]
+    result = fxcompile.get_pass("dead_code_elimination").run(gm, None, None)
+    assert result.rewrites == 3  # get_attr, mul, relu
+    assert op_list(result.gm) == ["aten.linear.default"]
+    assert "orphan" not in dict(result.gm.named_parameters())
+    assert sorted(result.gm.state_dict()) == ["bias", "weight"]
+    result.gm.recompile()  # the pass manager's chore after a pass
+    assert_close(model(x), result.gm(x))
+
 
 def test_default_pipeline_on_convbn(convbn):
     model, inputs = convbn

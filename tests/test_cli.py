@@ -19,6 +19,8 @@ import torch
 
 import fxcompile
 from fxcompile import cli
+from fxcompile.cli.common import parse_backend_options
+from fxcompile.cli.listing import field_default
 from fxcompile.numerics import max_error
 
 from . import helpers
@@ -78,7 +80,7 @@ def test_passes_lists_every_pass_with_its_pipeline_position():
         assert lossless == ("yes" if info.lossless else "no") and doc == (info.doc or "-")
         if info.options is not None:
             fields = dataclasses.fields(info.options)
-            assert options == ", ".join(f"{f.name}={cli._field_default(f)}" for f in fields)
+            assert options == ", ".join(f"{f.name}={field_default(f)}" for f in fields)
 
 
 def test_backends_reports_availability_with_reason():
@@ -199,10 +201,10 @@ def test_unknown_backend_and_backend_option(capsys):
 
 
 def test_backend_options_are_parsed_as_literals():
-    assert cli._parse_backend_options(["threads=1", "providers=['CPUExecutionProvider']", "level=all"]) == {
+    assert parse_backend_options(["threads=1", "providers=['CPUExecutionProvider']", "level=all"]) == {
         "threads": 1, "providers": ["CPUExecutionProvider"], "level": "all"}
     with pytest.raises(fxcompile.InputError):
-        cli._parse_backend_options(["novalue"])
+        parse_backend_options(["novalue"])
 
 
 @fxcompile.register_pass("test_cli_perturb_outputs", lossless=False)

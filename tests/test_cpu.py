@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import fxcompile
 from fxcompile import cpu
+from fxcompile.passes.quantize.state import u8s8_saturates
 from fxcompile.report import machine_line
 
 AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma"})
@@ -32,13 +33,13 @@ def test_the_flags_are_read_from_this_machine():
 
 def test_vnni_decides_whether_u8s8_kernels_saturate(flags):
     flags(AVX2_ONLY)
-    assert fxcompile.quant_state.u8s8_saturates()
+    assert u8s8_saturates()
     assert "without VNNI (avx2)" in cpu.int8_kernel_note()
     flags(AVX512_VNNI)
-    assert not fxcompile.quant_state.u8s8_saturates()
+    assert not u8s8_saturates()
     assert "with VNNI (avx512_vnni)" in cpu.int8_kernel_note()
     flags(frozenset({"avx2", "avx_vnni"}))
-    assert not fxcompile.quant_state.u8s8_saturates()
+    assert not u8s8_saturates()
 
 
 def test_int8_weights_follow_the_detected_cpu_and_the_report_says_which(flags):

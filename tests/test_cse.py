@@ -138,7 +138,7 @@ def test_cse_on_llama():
     """Coverage: a Llama decoder through cse keeps the model's outputs (how many nodes merge
     depends on the transformers release, so only parity is asserted)."""
     pytest.importorskip("transformers")
-    from fxcompile.zoo import build
+    from fxcompile.testing.zoo import build
     model, kwargs = build("llama")
     compiled = fxcompile.compile(model, (), example_kwargs=kwargs,
                                  passes=["remove_noops", "fold_constants", "cse"], check=True)

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 from fxcompile import FxCompileError
-from fxcompile import dynamo as fxdynamo
+from fxcompile.integrations import dynamo as fxdynamo
 from fxcompile.graph_utils import op_list
-from fxcompile.models import bert_style
+from fxcompile.testing.models import bert_style
 
 from .conftest import assert_close, run_together
 
@@ -246,8 +246,8 @@ def test_found_through_entry_point_without_import(tmp_path):
                 ref = model(x)
             out = compiled(x)
             worst = max(worst, ((ref - out).abs().max() / ref.abs().max()).item())
-        import fxcompile.dynamo
-        print("compiles", fxcompile.dynamo.stats["compiles"])
+        import fxcompile.integrations.dynamo
+        print("compiles", fxcompile.integrations.dynamo.stats["compiles"])
         print("max_error", worst)
     """))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
@@ -338,7 +338,7 @@ def test_training_with_an_inference_only_backend_runs_eager_and_says_so(caplog):
     model = copy.deepcopy(ref_model)
     compiled = torch.compile(model, backend="fxcompile", options={"backend": "onnx"})
     x = torch.randn(2, 3, 8, 8)
-    with caplog.at_level("WARNING", logger="fxcompile.dynamo"):
+    with caplog.at_level("WARNING", logger="fxcompile.integrations.dynamo"):
         compiled(x).sum().backward()
     ref_model(x).sum().backward()
     assert "needs gradients" in caplog.text and "torch.no_grad()" in caplog.text

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import fxcompile
-from fxcompile.graph_utils import count_ops, get_arg
+from fxcompile.graph_utils import count_ops, get_arg, op_list
 
 from .conftest import assert_close
 
@@ -330,7 +330,7 @@ def _trained_looking(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "efficientnet"])
 def test_zoo_cnns_lose_every_batch_norm(name):
     pytest.importorskip("transformers")
-    from fxcompile.zoo import build
+    from fxcompile.testing.zoo import build
     model, kwargs = build(name)
     model = _trained_looking(model)
     with torch.no_grad():
@@ -340,3 +340,34 @@ def test_zoo_cnns_lose_every_batch_norm(name):
     assert BN not in count_ops(compiled.graph_module)
     assert next(r for r in compiled.report.passes if r.name == "fold_batch_norm").rewrites > 0
     assert_close(ref, compiled(**kwargs))
+
+
+# -- the folds together, and why they decline ----------------------------------------------------
+class BnConvBnScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.conv = _trained_bn(nn.BatchNorm2d(3)), nn.Conv2d(3, 4, 3)
+        self.bn2 = _trained_bn(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return (self.bn2(self.conv(self.bn1(x))) * 0.5 + 1.0).relu()
+
+
+def test_folds_op_sequence():
+    model, inputs = BnConvBnScale(), (torch.randn(2, 3, 8, 8),)
+    assert op_list(fxcompile.capture(model.eval(), inputs).gm) == [
+        BN, "aten.conv2d.default", BN, "aten.mul.Tensor", "aten.add.Tensor", "aten.relu.default"]
+    _, _, compiled = _compile(model, inputs, ["fold_batch_norm", "fold_linear_scale"])
+    assert op_list(compiled.graph_module) == ["aten.conv2d.default", "aten.relu.default"]
+    assert [r.rewrites for r in compiled.report.passes] == [2, 2]
+
+
+def test_fold_batch_norm_says_why_it_declined():
+    from fxcompile.passes.fusion import fold_batch_norm
+    cases = [(BnThenConv(1), (torch.randn(2, 4, 9, 9),), "bn_into_consumer: the conv pads its input"),
+             (SharedConvOutput(), (torch.randn(1, 3, 8, 8),),
+              "bn_into_producer: the conv's output has other users")]
+    for model, inputs, reason in cases:
+        gm = fxcompile.capture(model.eval(), inputs).gm
+        assert fold_batch_norm(gm) == 0
+        assert any(d.startswith(reason) for d in gm.meta["rewrite_declined"]), gm.meta["rewrite_declined"]

@@ -1,13 +1,15 @@
 """simplify_layout: permute pairs, reshape chains, zero padding into convs. Op lists before and
 after, and parity with eager PyTorch (1e-6: layout changes do no arithmetic; a conv with other
 padding may round differently)."""
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fxcompile
-from fxcompile.graph_utils import count_ops
+from fxcompile.graph_utils import count_ops, get_arg, op_list
 
 from .conftest import assert_close
 from .test_fusion import _trained_looking
@@ -113,7 +115,7 @@ def test_pad_not_folded(kwargs):
 
 def test_mobilenet_loses_its_symmetric_pads():
     pytest.importorskip("transformers")
-    from fxcompile.zoo import build
+    from fxcompile.testing.zoo import build
     model, kwargs = build("mobilenet_v2")
     model = _trained_looking(model)  # else its outputs are ~1e-25 and parity could not fail
     gm = fxcompile.capture(model, (), kwargs).gm
@@ -124,3 +126,37 @@ def test_mobilenet_loses_its_symmetric_pads():
     assert count_ops(compiled.graph_module).get(PAD, 0) == asymmetric
     with torch.no_grad():
         assert_close(model(**kwargs), compiled(**kwargs))
+
+
+class AllThree(nn.Module):
+    """A cancelling permute pair, a zero pad before a conv, a reshape chain and a transpose pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(F.pad(x.permute(0, 2, 3, 1).permute(0, 3, 1, 2), (1, 1, 1, 1)))
+        return y.flatten(2).view(2, 4, 4, 16).transpose(1, 2).transpose(2, 3).relu()
+
+
+def test_simplify_layout_op_sequence():
+    model, x = AllThree(), torch.randn(2, 3, 8, 8)
+    assert op_list(fxcompile.capture(model.eval(), (x,)).gm) == [
+        "aten.permute.default", "aten.permute.default", "aten.pad.default", "aten.conv2d.default",
+        "aten.flatten.using_ints", "aten.view.default", "aten.transpose.int", "aten.transpose.int",
+        "aten.relu.default"]
+    _, _, compiled = _compile(model, (x,))
+    gm = compiled.graph_module
+    assert op_list(gm) == ["aten.conv2d.default", "aten.view.default", "aten.permute.default",
+                           "aten.relu.default"]
+    conv = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert list(get_arg(conv, "padding")) == [1, 1] and conv.args[0].op == "placeholder"
+    assert compiled.report.passes[0].rewrites == 4
+
+
+def test_simplify_layout_says_why_a_pad_stays(caplog):
+    with caplog.at_level(logging.DEBUG, logger="fxcompile.rewrite"):
+        _, after, compiled = _compile(PadConv((0, 1, 0, 1)), (torch.randn(2, 3, 8, 8),))
+    assert after[PAD] == 1 and compiled.report.passes[0].rewrites == 0
+    assert "fold_pad_into_conv: the padding is asymmetric" in caplog.text

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fxcompile.models import BertStyle, ResNetStyle, bert_style, resnet_style
+from fxcompile.testing.models import BertStyle, ResNetStyle, bert_style, resnet_style
 
 
 def test_factories_are_seeded_and_leave_the_global_rng_alone():

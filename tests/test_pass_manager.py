@@ -279,3 +279,169 @@ def test_plugin_with_a_taken_name_is_skipped_with_a_warning(tmp_path, monkeypatc
         assert_close(model(*inputs), fxcompile.compile(model, inputs, passes=["cse"])(*inputs))
     finally:
         sys.modules.pop("clashing_plugin", None)
+
+
+# -- one pass contract: run(gm, opts, ctx) -> PassResult(gm, rewrites), adapted at registration --
+def _tiny_graph():
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval(), torch.randn(2, 4)
+    return model, x, fxcompile.capture(model, (x,)).gm
+
+
+def test_every_pass_is_run_the_same_way_and_returns_a_pass_result():
+    from fxcompile.pass_manager import PassContext
+    from fxcompile.registry import PassInfo, PassResult
+    model, x, gm = _tiny_graph()
+    ctx = PassContext([x])
+    for info in fxcompile.list_passes():  # built-ins and this module's passes
+        assert callable(info.run), info.name
+    result = fxcompile.get_pass("test_relu_to_clamp").run(gm, ReluToClampOptions(), ctx)
+    assert isinstance(result, PassResult) and result.gm is gm and result.rewrites == 1
+    assert op_list(gm) == ["aten.linear.default", "aten.clamp_min.default"]
+
+    other = fxcompile.capture(model, (x,)).gm
+    seen = {}
+
+    def counted(gm):
+        return 7
+
+    def replaced(gm):
+        return other
+
+    def uncounted(gm):
+        seen["gm"] = gm
+
+    def with_context(gm, opts, context):  # the third parameter need not be called ctx
+        seen["context"] = context
+        return 0
+
+    def already_a_result(gm, opts, ctx):
+        return PassResult(gm, 2)
+
+    expected = {counted: (gm, 7), replaced: (other, None), uncounted: (gm, None),
+                with_context: (gm, 0), already_a_result: (gm, 2)}
+    for fn, (want_gm, want_rewrites) in expected.items():
+        result = PassInfo(fn.__name__, fn).run(gm, None, ctx)
+        assert isinstance(result, PassResult), fn.__name__
+        assert result.gm is want_gm and result.rewrites == want_rewrites, fn.__name__
+    assert seen == {"gm": gm, "context": ctx}
+
+
+class _CountsSignatureLookups:
+    """A callable pass that counts how often its signature is inspected."""
+
+    lookups = 0
+    __name__ = "counts_signature_lookups"
+
+    @property
+    def __signature__(self):
+        import inspect
+        type(self).lookups += 1
+        return inspect.Signature([inspect.Parameter("gm", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
+
+    def __call__(self, gm):
+        return 0
+
+
+def test_a_plain_callable_is_adapted_once_not_per_call(convbn):
+    model, inputs = convbn
+    name = "test_counts_signature_lookups"
+    try:
+        fxcompile.register_pass(name)(_CountsSignatureLookups())
+        at_registration = _CountsSignatureLookups.lookups
+        assert at_registration >= 1
+        for _ in range(2):
+            compiled = fxcompile.compile(model, inputs, passes=["remove_noops", name])
+            assert [r.rewrites for r in compiled.report.passes][-1] == 0
+        assert _CountsSignatureLookups.lookups == at_registration
+    finally:
+        registry._PASSES.pop(name, None)
+
+
+def test_a_pass_whose_signature_cannot_take_its_options_is_refused_at_registration():
+    def ignores_options(gm):
+        return 0
+
+    with pytest.raises(PassError, match="'test_ignores_options'.*options.*fn\\(gm, opts\\)"):
+        fxcompile.register_pass("test_ignores_options", options=ReluToClampOptions)(ignores_options)
+    assert "test_ignores_options" not in registry._PASSES
+
+    def takes_nothing():
+        return 0
+
+    with pytest.raises(PassError, match="takes_nothing"):
+        fxcompile.compile(torch.nn.ReLU(), (torch.randn(2),), passes=[takes_nothing])
+
+
+@pytest.mark.parametrize("value", ["3", 2.0, True, [0], ("gm", 1)])
+def test_a_wrong_return_type_names_the_pass(value, convbn):
+    model, inputs = convbn
+
+    def returns_wrong_type(gm):
+        return value
+
+    with pytest.raises(PassError, match=f"pass 'returns_wrong_type' returned {type(value).__name__}"):
+        fxcompile.compile(model, inputs, passes=[returns_wrong_type])
+
+
+# -- the default pipeline: an explicit list; after/before validate it and place plugins --------
+def test_the_default_pipeline_is_the_explicit_list_and_satisfies_every_constraint():
+    from fxcompile.passes import DEFAULT_PIPELINE
+    from fxcompile.registry import check_order
+    assert fxcompile.default_pipeline() == list(DEFAULT_PIPELINE)
+    infos = [fxcompile.get_pass(name) for name in DEFAULT_PIPELINE]
+    assert all(info.fn.__module__.startswith("fxcompile.passes.") for info in infos)
+    check_order(infos)  # raises PassError naming the first pass out of order
+    position = {name: i for i, name in enumerate(DEFAULT_PIPELINE)}
+    for info in fxcompile.list_passes():  # every constraint between two default passes holds
+        for a in info.after:
+            if info.name in position and a in position:
+                assert position[a] < position[info.name], (a, info.name)
+        for b in info.before:
+            if info.name in position and b in position:
+                assert position[info.name] < position[b], (info.name, b)
+    # a built-in pass marked default is in the list (the list is the one place to read the order)
+    builtin_defaults = {p.name for p in fxcompile.list_passes()
+                        if p.default and p.fn.__module__.startswith("fxcompile.passes.")}
+    assert builtin_defaults <= set(DEFAULT_PIPELINE)
+
+
+def test_a_list_out_of_order_is_refused(monkeypatch):
+    from fxcompile import passes
+    swapped = list(passes.DEFAULT_PIPELINE)
+    i, j = swapped.index("remove_noops"), swapped.index("fold_constants")
+    swapped[i], swapped[j] = swapped[j], swapped[i]
+    monkeypatch.setattr(passes, "DEFAULT_PIPELINE", tuple(swapped))
+    with pytest.raises(PassError, match="'fold_constants' must run after 'remove_noops'"):
+        fxcompile.default_pipeline()
+
+
+def test_default_plugins_are_placed_by_their_constraints():
+    from fxcompile.passes import DEFAULT_PIPELINE
+    names = ["test_plugin_free", "test_plugin_between", "test_plugin_before_plugin"]
+
+    def noop(gm):
+        return 0
+
+    try:
+        fxcompile.register_pass(names[0], default=True)(noop)
+        fxcompile.register_pass(names[1], default=True, after=("fold_batch_norm",),
+                                before=("fuse_attention",))(noop)
+        fxcompile.register_pass(names[2], default=True, before=(names[1],))(noop)
+        order = fxcompile.default_pipeline()
+        assert [n for n in order if n not in names] == list(DEFAULT_PIPELINE)  # built-ins keep their order
+        assert order[-1] == names[0]  # no constraint: after the built-ins
+        assert order.index("fold_batch_norm") < order.index(names[2]) < order.index(names[1]) \
+            < order.index("fuse_attention")
+        fxcompile.register_pass("test_plugin_impossible", default=True, after=("cse",),
+                                before=("remove_noops",))(noop)
+        with pytest.raises(PassError, match="test_plugin_impossible.*after 'cse'.*before 'remove_noops'"):
+            fxcompile.default_pipeline()
+    finally:
+        for name in names + ["test_plugin_impossible"]:
+            registry._PASSES.pop(name, None)
+
+
+def test_the_default_pipeline_needs_no_networkx(monkeypatch):
+    monkeypatch.setitem(sys.modules, "networkx", None)  # `import networkx` raises ImportError
+    assert fxcompile.default_pipeline()[0] == "remove_noops"

@@ -22,6 +22,16 @@ def _prune(name, backend="eager", **opts):
     return model, inputs, compiled, compiled.report.extra["prune"]
 
 
+def test_recompile_keeps_the_prune_report():
+    """recompile lowers on compile's lowering path, so the recompiled model's report still says what
+    prune did (and the model still answers like the pruned one)."""
+    model, inputs, compiled, report = _prune("small_cnn")
+    again = fxcompile.recompile(compiled, [], backend="onnx")
+    assert again.report.extra["prune"].params_after == report.params_after < report.params_before
+    with torch.no_grad():
+        assert (again(*inputs) - compiled(*inputs)).abs().max() <= TOL
+
+
 def _shape(compiled, key):
     return tuple(compiled.graph_module.state_dict()[key].shape)
 
@@ -263,7 +273,7 @@ def test_prune_with_dynamic_batch_and_sequence_matches_static_and_oracle():
 
 def test_prune_bert_with_dynamic_batch_and_sequence():
     """The zoo's BERT (coverage: a real Hugging Face encoder) at two sequence lengths."""
-    from fxcompile.zoo import build as build_zoo
+    from fxcompile.testing.zoo import build as build_zoo
     model, inputs = build_zoo("bert", batch=2, seq=8)
     b, s = torch.export.Dim("b", max=8), torch.export.Dim("s", max=64)
     dims = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}}

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 import fxcompile  # noqa: E402
-from fxcompile.zoo import ZOO, build  # noqa: E402
+from fxcompile.testing.zoo import ZOO, build  # noqa: E402
 
 from .prune_oracle import oracle_error  # noqa: E402
 

@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 
 import fxcompile  # noqa: E402
 from fxcompile.numerics import cosine  # noqa: E402
-from fxcompile.zoo import CNNS, ZOO, build  # noqa: E402
+from fxcompile.testing.zoo import CNNS, ZOO, build  # noqa: E402
 
 from .quant_models import FLOAT_KERNELS, optimized_ops  # noqa: E402
 

@@ -13,6 +13,7 @@ import fxcompile
 from fxcompile.errors import FxCompileError, QuantizationError
 from fxcompile.graph_utils import count_ops, fetch_attr
 from fxcompile.numerics import max_error
+from fxcompile.passes.quantize.state import u8s8_saturates
 
 from .quant_models import (DQ, FLOAT_KERNELS, FQ_CHANNEL, FQ_TENSOR, INT8_KERNELS, Q, Wide, mixed,
                            optimized_ops, ort_outputs, single_thread)  # noqa: F401 (fixture)
@@ -27,7 +28,7 @@ def _fq(model, x, data, target="onnxruntime", **options):
 
 def _quantized_ops(gm):
     """The conv/linear/matmul nodes whose tensor operands all come from fake-quant or dequantize."""
-    from fxcompile.passes.quant_placement import WEIGHTED, family_of
+    from fxcompile.passes.quantize.placement import WEIGHTED, family_of
     return [n for n in gm.graph.nodes if family_of(n) in WEIGHTED
             and all(str(a.target) in (FQ_TENSOR, FQ_CHANNEL, DQ) for a in n.args[:2])]
 
@@ -162,7 +163,7 @@ def test_onnxruntime_runs_every_quantized_op_as_int8(tmp_path):
     assert not FLOAT_KERNELS & set(ops), ops
     # onnxruntime's int8 kernels compute what the eager fake-quant graph does: exactly here with
     # 7-bit weights (no int16 saturation on CPUs without VNNI), up to rounding steps elsewhere
-    assert max_error(fq(x), onx(x)) <= (1e-6 if fxcompile.quant_state.u8s8_saturates() else 0.02)
+    assert max_error(fq(x), onx(x)) <= (1e-6 if u8s8_saturates() else 0.02)
     assert cosine_ok(model(x), onx(x), 0.998)
 
 
@@ -472,7 +473,7 @@ def test_onnxruntime_default_residual_convnet_matches_quantize_static(tmp_path):
 
 
 def test_onnxruntime_default_small_bert_int8_kernels(tmp_path):
-    import fxcompile.zoo as zoo
+    import fxcompile.testing.zoo as zoo
     model, kwargs = zoo.build("bert", size="small", seq=16)
     g = torch.Generator().manual_seed(1)
 
@@ -553,7 +554,7 @@ def test_onnxruntime_adds_of_float_operands_stay_float():
 
 # -- weights that can't saturate onnxruntime's U8S8 kernels ------------------------------------
 def test_pair_limited_weight_scales():
-    from fxcompile.quant_state import weight_qparams
+    from fxcompile.passes.quantize.state import weight_qparams
     w = torch.tensor([[1.0, 1.0, -0.5, 0.25],     # a same-sign pair adding up to 2
                       [1.0, -1.0, 1.0, -1.0],     # opposite signs: 8 bits
                       [0.5, 0.0, 0.0, -0.25]])
@@ -587,13 +588,13 @@ def test_pair_limited_weights_agree_with_onnxruntime(tmp_path):
     for rr in ("auto", False):
         fq = _fq(model, x, data, ops=("linear",), reduce_range=rr)
         point = next(p for p in fq.graph_module.meta["fxcompile.quant"].points.values() if p.kind == "weight")
-        assert point.pair_limited == (rr == "auto" and fxcompile.quant_state.u8s8_saturates())
+        assert point.pair_limited == (rr == "auto" and u8s8_saturates())
         onx = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
         errors[rr] = max_error(fq(x), onx(x))
         if point.pair_limited:
             assert "pair-limited" in str(onx.report)
     assert errors["auto"] <= 0.01, errors  # up to a requantization rounding step
-    if fxcompile.quant_state.u8s8_saturates():
+    if u8s8_saturates():
         assert errors[False] > 0.05, errors  # the test does exercise saturation
 
 
@@ -629,7 +630,7 @@ def test_addmm_is_quantized_like_linear(tmp_path):
 
 
 def test_pair_limited_conv_weights_agree_with_onnxruntime(tmp_path):
-    from fxcompile.quant_state import weight_qparams
+    from fxcompile.passes.quantize.state import weight_qparams
     w = torch.tensor([[[[1.0, -1.0]], [[1.0, -1.0]]]])  # [1, 2, 1, 2]: signs alternate along kw
     scale, _ = weight_qparams(w, 0, pair_axis="hwio")  # but not along C_in, where the pairs are
     assert torch.allclose(scale, torch.tensor([2.0]) / 127)
@@ -649,7 +650,7 @@ def test_pair_limited_conv_weights_agree_with_onnxruntime(tmp_path):
         fq = _fq(model, x, data, ops=("conv",), reduce_range=rr)
         points = {p.source: p for p in fq.graph_module.meta["fxcompile.quant"].points.values() if p.kind == "weight"}
         limited = {k for k, p in points.items() if p.pair_limited}
-        expected = {"0.weight", "1.weight"} if rr == "auto" and fxcompile.quant_state.u8s8_saturates() else set()
+        expected = {"0.weight", "1.weight"} if rr == "auto" and u8s8_saturates() else set()
         assert limited == expected, points  # depthwise (one input channel) never pairs
         onx = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
         errors[rr] = max_error(fq(x), onx(x))
@@ -661,9 +662,9 @@ def test_pair_limited_conv_weights_agree_with_onnxruntime(tmp_path):
     fq = _fq(relu_net, x, [x], ops=("conv",))
     points = {p.source: p.pair_limited for p in fq.graph_module.meta["fxcompile.quant"].points.values()
               if p.kind == "weight"}
-    saturates = fxcompile.quant_state.u8s8_saturates()
+    saturates = u8s8_saturates()
     assert points == {"0.weight": saturates, "3.weight": False, "5.weight": saturates}, points
-    if fxcompile.quant_state.u8s8_saturates():
+    if u8s8_saturates():
         assert errors[False] > 0.1, errors  # the test does exercise saturation
 
 
@@ -683,3 +684,65 @@ def test_relu6_is_taken_into_the_conv_unit(tmp_path):
     assert max_error(fq(x), int8(x)) <= 0.01
     ops = optimized_ops(int8.save(str(tmp_path / "int8.onnx"))[0], tmp_path)
     assert ops["QLinearConv"] == 2 and "Clip" not in ops and ops["QuantizeLinear"] == 1, ops
+
+
+# -- the package: one decoder for the fake-quant ops, imports one way ------------------------------
+def test_fake_quant_args_read_every_fake_quant_op():
+    from fxcompile.passes.quantize.ops import (DYNAMIC_FAKE_QUANT, FAKE_QUANT_OPS, FQ_LEARNABLE_PER_CHANNEL,
+                                               FQ_LEARNABLE_PER_TENSOR, FQ_PER_CHANNEL, FQ_PER_TENSOR,
+                                               FakeQuantArgs)
+    g = torch.fx.Graph()
+    x, s, z = (g.placeholder(name) for name in ("x", "s", "z"))
+    cases = {
+        FQ_PER_TENSOR: ((x, s, z, 0, 255), FakeQuantArgs(x, s, z, 0, 255)),
+        torch.ops.aten.fake_quantize_per_tensor_affine.default: ((x, 0.1, 3, 0, 255),
+                                                                 FakeQuantArgs(x, 0.1, 3, 0, 255)),
+        FQ_PER_CHANNEL: ((x, s, z, 1, -128, 127), FakeQuantArgs(x, s, z, -128, 127, axis=1)),
+        FQ_LEARNABLE_PER_TENSOR: ((x, s, z, -128, 127, 0.5), FakeQuantArgs(x, s, z, -128, 127, grad_factor=0.5)),
+        FQ_LEARNABLE_PER_CHANNEL: ((x, s, z, 0, -128, 127, 0.25),
+                                   FakeQuantArgs(x, s, z, -128, 127, axis=0, grad_factor=0.25)),
+        DYNAMIC_FAKE_QUANT: ((x, 0, 255), FakeQuantArgs(x, None, None, 0, 255)),
+    }
+    assert set(cases) == FAKE_QUANT_OPS
+    for target, (args, expected) in cases.items():
+        node = g.call_function(target, args)
+        assert FakeQuantArgs.of(node) == expected, target
+        if target is not DYNAMIC_FAKE_QUANT:
+            assert expected.args_for(target) == args, target
+    with pytest.raises(ValueError, match="not a fake-quant node"):
+        FakeQuantArgs.of(g.call_function(torch.ops.aten.relu.default, (x,)))
+
+
+def test_quantization_imports_no_backend():
+    """A pass never reaches into a backend, not even lazily: the onnx backend registers the
+    translations of the quantization ops itself."""
+    import ast
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[1] / "passes" / "quantize"
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}:{node.lineno} {n}" for n in names if "backends" in n.split(".")]
+    assert len(list(folder.glob("*.py"))) >= 8 and not found, found
+    from fxcompile.backends.onnx import CUSTOM_TRANSLATIONS
+    from fxcompile.passes.quantize.ops import DEQUANTIZE, DYNAMIC_FAKE_QUANT, DYNAMIC_QUANTIZED_MATMUL, QUANTIZE
+    assert {QUANTIZE, DEQUANTIZE, DYNAMIC_FAKE_QUANT, DYNAMIC_QUANTIZED_MATMUL} <= set(CUSTOM_TRANSLATIONS)
+
+
+def test_import_fxcompile_imports_no_pass_and_quantization_names_resolve_on_use():
+    import subprocess
+    import sys
+    code = ("import sys, fxcompile\n"
+            "early = sorted(m for m in sys.modules if m.startswith(('fxcompile.passes', 'fxcompile.backends')))\n"
+            "assert not early, early\n"
+            "from fxcompile.passes import quantize\n"
+            "assert fxcompile.calibrate is quantize.calibrate and fxcompile.trainable is quantize.trainable\n"
+            "assert fxcompile.TrainableModule is quantize.TrainableModule\n"
+            "assert fxcompile.quantize_passes is quantize.quantize_passes\n"
+            "assert set(fxcompile.__all__) <= set(dir(fxcompile))\n"
+            "try:\n    fxcompile.no_such_name\nexcept AttributeError:\n    pass\n"
+            "else:\n    raise AssertionError('no AttributeError')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -14,8 +14,8 @@ import fxcompile
 from fxcompile.errors import FxCompileError, QuantizationError
 from fxcompile.graph_utils import count_ops, fetch_attr
 from fxcompile.numerics import cosine, max_error
-from fxcompile.quant_ops import DYNAMIC_FAKE_QUANT
-from fxcompile.quant_state import get_state
+from fxcompile.passes.quantize.ops import DYNAMIC_FAKE_QUANT
+from fxcompile.passes.quantize.state import get_state
 
 from .quant_models import FQ_CHANNEL, FQ_TENSOR, optimized_ops, ort_outputs, single_thread  # noqa: F401
 
@@ -136,7 +136,7 @@ def _ort_quantize_dynamic(fp32, tmp_path) -> str:
 
 
 def test_small_bert_dynamic_int8_kernels_and_accuracy_vs_quantize_dynamic(tmp_path):
-    import fxcompile.zoo as zoo
+    import fxcompile.testing.zoo as zoo
     model, kwargs = zoo.build("bert", size="small", seq=16)
     g = torch.Generator().manual_seed(1)
     held_out = [{**kwargs, "input_ids": torch.randint(0, 1000, kwargs["input_ids"].shape, generator=g)}
@@ -225,7 +225,7 @@ def test_dynamic_on_a_conv_net_warns_that_convs_stay_float(classifier):
 def test_dynamic_on_transformers_gives_no_conv_warning():
     """Transformers (a conv among many linears: the Text model here, the zoo ViT's patch conv)
     are what dynamic activations are for: no warning."""
-    import fxcompile.zoo as zoo
+    import fxcompile.testing.zoo as zoo
     for model, example in (_text(), zoo.build("vit")):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxcompile
-import fxcompile.zoo as zoo
+import fxcompile.testing.zoo as zoo
 from fxcompile.errors import BackendError, InputError
 
 from .conftest import assert_close

@@ -6,7 +6,7 @@ pytest.importorskip("transformers")
 
 import fxcompile  # noqa: E402
 from fxcompile.numerics import max_error  # noqa: E402
-from fxcompile.zoo import ZOO, build  # noqa: E402
+from fxcompile.testing.zoo import ZOO, build  # noqa: E402
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnx"])

@@ -22,7 +22,7 @@ def main() -> None:
 
     modules = [m.name for m in pkgutil.walk_packages(fxcompile.__path__, "fxcompile.")]
     for name in modules:
-        if name == "fxcompile.zoo" or name.endswith("__main__"):
+        if name == "fxcompile.testing.zoo" or name.endswith("__main__"):
             continue  # zoo needs transformers (only the [dev] extra installs it); __main__ runs the CLI
         importlib.import_module(name)
     for family in ("fxcompile.passes.prune", "fxcompile.passes.quantize", "fxcompile.backends.onnx",

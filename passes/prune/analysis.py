@@ -149,7 +149,10 @@ class Analysis:
 
     # -- driver -------------------------------------------------------------------------
     def run(self) -> None:
-        from .rules import RULES
+        # The rule modules import this one (size helpers), so they are imported here; importing
+        # them fills the table.
+        from . import rules, rules_shape  # noqa: F401
+        from .rule_table import RULES
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 v = node.meta.get("val")

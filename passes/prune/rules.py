@@ -1,47 +1,19 @@
 """Per-op channel rules: how each ATen op couples its inputs' dimensions to its outputs'.
-This module: the table, elementwise ops, contractions, normalisations, reductions; rules_shape.py:
+This module: elementwise ops, contractions, normalisations, reductions; rules_shape.py:
 views, slicing, concatenation, factories, pixel and channel shuffles.
 
 A rule reads the input axes (``A.dims(node.args[i])``), unions the ones that must lose the same
 channels, refines the ones that an op splits or factors, and sets the output axes. A dimension a
-rule cannot follow is blocked with the reason. Ops missing from ``RULES`` block everything they
-touch (analysis.py), so a new op is never pruned through silently. The constants these rules
+rule cannot follow is blocked with the reason. Ops missing from the table (rule_table.py) block
+everything they touch (analysis.py), so a new op is never pruned through silently. The constants these rules
 depend on (view sizes, split sizes, groups, ...) are rewritten by rewrite.py.
 """
 from __future__ import annotations
 
-
-import torch
 from torch import fx
 
 from .axes import Conflict
-
-aten = torch.ops.aten
-RULES: dict = {}
-
-
-def rule(*ops):
-    def deco(fn):
-        for op in ops:
-            if op is not None:
-                RULES[op] = fn
-        return fn
-    return deco
-
-
-def _op(name: str, overload: str = "default"):
-    packet = getattr(aten, name, None)
-    return getattr(packet, overload, None) if packet is not None else None
-
-
-def _nd(d: int, n: int) -> int:
-    return d % n if n else 0
-
-
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+from .rule_table import aten, aten_op, node_arg, rule, wrap_dim
 
 
 # -- identity and elementwise ------------------------------------------------------------
@@ -112,7 +84,7 @@ def _linear(A, node):
     x, w = A.dims(node.args[0]), A.dims(node.args[1])
     A.union(x[-1], w[1])
     A.mark_input_side(node.args[1], 1)
-    b = A.dims(_arg(node, 2, "bias"))
+    b = A.dims(node_arg(node, 2, "bias"))
     if b is not None:
         A.union(b[0], w[0])
     A.set(node, list(x[:-1]) + [w[0]])
@@ -149,15 +121,15 @@ def _matmul(A, node):
     A.set(node, out + [a[-2], b[-1]])
 
 
-_CONV = [aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, _op("conv1d", "padding"),
-         aten.conv2d.padding, _op("conv3d", "padding")]
+_CONV = [aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten_op("conv1d", "padding"),
+         aten.conv2d.padding, aten_op("conv3d", "padding")]
 
 
 @rule(*_CONV)
 def _conv(A, node):
     x, w = A.dims(node.args[0]), A.dims(node.args[1])
     xs, ws = A.shape(node.args[0]), A.shape(node.args[1])
-    groups = _arg(node, 6, "groups", 1)
+    groups = node_arg(node, 6, "groups", 1)
     for a in w[2:]:
         A.ax.block(a, A.why(node, "kernel dim"))
     why = A.why(node, "spatial size set by the convolution")
@@ -174,7 +146,7 @@ def _conv(A, node):
         A.union(gx[0], gw[0])
         A.union(gx[1], w[1])
         A.extra[node] = {"groups": gx[0]}
-    b = A.dims(_arg(node, 2, "bias"))
+    b = A.dims(node_arg(node, 2, "bias"))
     if b is not None:
         A.union(b[0], w[0])
     A.set(node, [x[0], w[0]] + spatial)
@@ -183,7 +155,7 @@ def _conv(A, node):
 @rule(aten.conv_transpose2d.input, aten.conv_transpose1d.default)
 def _conv_transpose(A, node):
     x, w = A.dims(node.args[0]), A.dims(node.args[1])
-    if _arg(node, 6, "groups", 1) != 1:
+    if node_arg(node, 6, "groups", 1) != 1:
         raise Conflict("grouped transposed convolution")
     for a in w[2:]:
         A.ax.block(a, A.why(node, "kernel dim"))
@@ -191,7 +163,7 @@ def _conv_transpose(A, node):
         A.ax.block(a, A.why(node, "spatial size"))
     A.union(x[1], w[0])
     A.mark_input_side(node.args[1], 0)
-    b = A.dims(_arg(node, 2, "bias"))
+    b = A.dims(node_arg(node, 2, "bias"))
     if b is not None:
         A.union(b[0], w[1])
     A.set(node, [x[0], w[1]] + A.fresh(A.shape(node)[2:], A.why(node, "spatial size")))
@@ -222,7 +194,7 @@ def _sdpa(A, node):
         A.union(q[d], k[d])
         A.union(k[d], v[d])
     out = list(q[:-1]) + [v[-1]]
-    mask = _arg(node, 3, "attn_mask")
+    mask = node_arg(node, 3, "attn_mask")
     if A.dims(mask) is not None:
         target = list(qs[:-1]) + [ks[-2]]
         tdims = list(q[:-1]) + [k[-2]]
@@ -250,13 +222,13 @@ def _batch_norm(A, node):
     A.set(node, list(x))
 
 
-@rule(aten.layer_norm.default, _op("rms_norm"))
+@rule(aten.layer_norm.default, aten_op("rms_norm"))
 def _layer_norm(A, node):
     x = A.dims(node.args[0])
     k = len(node.args[1])
-    params = [A.dims(_arg(node, 2, "weight"))]
+    params = [A.dims(node_arg(node, 2, "weight"))]
     if node.target is aten.layer_norm.default:
-        params.append(A.dims(_arg(node, 3, "bias")))
+        params.append(A.dims(node_arg(node, 3, "bias")))
     name = "LayerNorm" if node.target is aten.layer_norm.default else "RMSNorm"
     for i in range(k):
         a = x[len(x) - k + i]
@@ -274,7 +246,7 @@ def _group_norm(A, node):
     c = A.shape(node.args[0])[1]
     parts = A.ax.refine_prod(x[1], [groups, c // groups])
     for i in (2, 3):
-        p = A.dims(_arg(node, i, ""))
+        p = A.dims(node_arg(node, i, ""))
         if p is not None:
             A.union(p[0], x[1])
     A.ax.flag(parts[1], A.why(node, "GroupNorm statistics are taken over channels within a group"))
@@ -289,13 +261,13 @@ _REDUCE = {aten.mean.dim: "mean", aten.sum.dim_IntList: "sum", aten.amax.default
 @rule(*_REDUCE)
 def _reduce(A, node):
     x, shape = A.dims(node.args[0]), A.shape(node.args[0])
-    dims = _arg(node, 1, "dim", None)
-    keep = _arg(node, 2, "keepdim", False)
+    dims = node_arg(node, 1, "dim", None)
+    keep = node_arg(node, 2, "keepdim", False)
     if node.target in (aten.var.correction, aten.std.correction):
         keep = node.kwargs.get("keepdim", False)
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         dims = list(range(len(shape)))
-    dims = {_nd(d, len(shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    dims = {wrap_dim(d, len(shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
     for d in dims:
         if shape[d] > 1:
             A.ax.flag(x[d], A.why(node, f"{_REDUCE[node.target]} over these channels"))
@@ -311,7 +283,7 @@ def _reduce(A, node):
 @rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
 def _softmax(A, node):
     x = A.dims(node.args[0])
-    d = _nd(node.args[1], len(x))
+    d = wrap_dim(node.args[1], len(x))
     if A.shape(node.args[0])[d] > 1:
         A.ax.flag(x[d], A.why(node, "softmax over these channels"))
     A.set(node, list(x))
@@ -341,5 +313,3 @@ def _no_output(A, node):
     if node.kwargs.get("size") is not None or node.kwargs.get("stride") is not None:
         A.block_node(node, "asserts a tensor size")
 
-
-from . import rules_shape  # noqa: E402,F401  (registers the shape ops' rules)

@@ -9,7 +9,7 @@ import torch
 
 from .analysis import is_symbolic, size_hint
 from .axes import Conflict
-from .rules import _arg, _nd, _op, rule
+from .rule_table import aten_op, node_arg, rule, wrap_dim
 
 aten = torch.ops.aten
 
@@ -61,14 +61,14 @@ def _expand(A, node):
 @rule(aten.permute.default)
 def _permute(A, node):
     src = A.dims(node.args[0])
-    A.set(node, [src[_nd(d, len(src))] for d in node.args[1]])
+    A.set(node, [src[wrap_dim(d, len(src))] for d in node.args[1]])
 
 
 @rule(aten.transpose.int)
 def _transpose(A, node):
     src = list(A.dims(node.args[0]))
     n = len(src)
-    a, b = _nd(node.args[1], n), _nd(node.args[2], n)
+    a, b = wrap_dim(node.args[1], n), wrap_dim(node.args[2], n)
     src[a], src[b] = src[b], src[a]
     A.set(node, src)
 
@@ -81,7 +81,7 @@ def _t(A, node):
 @rule(aten.unsqueeze.default)
 def _unsqueeze(A, node):
     src = list(A.dims(node.args[0]))
-    d = _nd(node.args[1], len(src) + 1)
+    d = wrap_dim(node.args[1], len(src) + 1)
     A.set(node, src[:d] + [A.ax.new(1)] + src[d:])
 
 
@@ -92,7 +92,7 @@ def _squeeze(A, node):
         drop = {i for i, s in enumerate(shape) if s == 1}
     else:
         dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
-        drop = {_nd(d, len(shape)) for d in dims if shape[_nd(d, len(shape))] == 1}
+        drop = {wrap_dim(d, len(shape)) for d in dims if shape[wrap_dim(d, len(shape))] == 1}
     A.set(node, [a for i, a in enumerate(src) if i not in drop])
 
 
@@ -103,14 +103,14 @@ def _flatten(A, node):
     if n == 0:
         A.set(node, [A.ax.new(1)])
         return
-    s, e = _nd(_arg(node, 1, "start_dim", 0), n), _nd(_arg(node, 2, "end_dim", -1), n)
+    s, e = wrap_dim(node_arg(node, 1, "start_dim", 0), n), wrap_dim(node_arg(node, 2, "end_dim", -1), n)
     A.set(node, src[:s] + [A.ax.make_prod(src[s:e + 1])] + src[e + 1:])
 
 
-@rule(_op("unflatten", "int"))
+@rule(aten_op("unflatten", "int"))
 def _unflatten(A, node):
     src = list(A.dims(node.args[0]))
-    d = _nd(node.args[1], len(src))
+    d = wrap_dim(node.args[1], len(src))
     sizes = list(A.shape(node)[d:d + len(node.args[2])])
     A.set(node, src[:d] + A.ax.refine_prod(src[d], sizes) + src[d + 1:])
 
@@ -118,7 +118,7 @@ def _unflatten(A, node):
 @rule(aten.select.int)
 def _select(A, node):
     src = list(A.dims(node.args[0]))
-    d = _nd(node.args[1], len(src))
+    d = wrap_dim(node.args[1], len(src))
     A.ax.block(src[d], A.why(node, "select picks a fixed index of this dim"))
     A.set(node, src[:d] + src[d + 1:])
 
@@ -126,9 +126,10 @@ def _select(A, node):
 @rule(aten.slice.Tensor)
 def _slice(A, node):
     src, shape = list(A.dims(node.args[0])), A.shape(node.args[0])
-    d = _nd(_arg(node, 1, "dim", 0), len(src))
+    d = wrap_dim(node_arg(node, 1, "dim", 0), len(src))
     n = shape[d]
-    start, end, step = _arg(node, 2, "start", None), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+    start, end = node_arg(node, 2, "start", None), node_arg(node, 3, "end", None)
+    step = node_arg(node, 4, "step", 1)
     if any(is_symbolic(v) for v in (start, end, step)):
         # bounds that follow the input shape (x[:, :seq_len]): the positions kept vary per call
         why = A.why(node, "slice bounds vary with the input shape")
@@ -154,7 +155,7 @@ def _slice(A, node):
 def _split(A, node):
     src = list(A.dims(node.args[0]))
     dim_default = 0
-    d = _nd(_arg(node, 2, "dim", dim_default), len(src))
+    d = wrap_dim(node_arg(node, 2, "dim", dim_default), len(src))
     outs = node.meta["val"]
     sizes = [size_hint(t.shape[d]) for t in outs]
     pieces = A.ax.refine_cat(src[d], sizes)
@@ -164,7 +165,7 @@ def _split(A, node):
 @rule(aten.unbind.int)
 def _unbind(A, node):
     src = list(A.dims(node.args[0]))
-    d = _nd(_arg(node, 1, "dim", 0), len(src))
+    d = wrap_dim(node_arg(node, 1, "dim", 0), len(src))
     A.ax.block(src[d], A.why(node, "unbind picks fixed indices of this dim"))
     A.set(node, [src[:d] + src[d + 1:] for _ in node.meta["val"]])
 
@@ -181,7 +182,7 @@ def _getitem(A, node):
 def _cat(A, node):
     tensors = [t for t in node.args[0] if A.shape(t) is not None]
     shape = A.shape(node)
-    d = _nd(_arg(node, 1, "dim", 0), len(shape))
+    d = wrap_dim(node_arg(node, 1, "dim", 0), len(shape))
     real = [t for t in tensors if len(A.shape(t)) == len(shape)]  # legacy empty 1-D inputs drop out
     out = list(A.dims(real[0]))
     for t in real[1:]:
@@ -196,7 +197,7 @@ def _cat(A, node):
 def _stack(A, node):
     tensors = node.args[0]
     shape = A.shape(node)
-    d = _nd(_arg(node, 1, "dim", 0), len(shape))
+    d = wrap_dim(node_arg(node, 1, "dim", 0), len(shape))
     first = list(A.dims(tensors[0]))
     for t in tensors[1:]:
         for a, b in zip(first, A.dims(t)):
@@ -232,10 +233,10 @@ def _pad(A, node):
 @rule(aten.roll.default)
 def _roll(A, node):
     src = list(A.dims(node.args[0]))
-    dims = _arg(node, 2, "dims", [])
+    dims = node_arg(node, 2, "dims", [])
     dims = dims if isinstance(dims, (list, tuple)) else [dims]
     for d in dims or range(len(src)):
-        A.ax.block(src[_nd(d, len(src))], A.why(node, "rolled dim"))
+        A.ax.block(src[wrap_dim(d, len(src))], A.why(node, "rolled dim"))
     A.set(node, src)
 
 
@@ -305,7 +306,7 @@ def _pixel_unshuffle(A, node):
     A.set(node, x[:-3] + [A.ax.make_prod([x[-3], ph[1], pw[1]]), ph[0], pw[0]])
 
 
-@rule(aten.channel_shuffle.default, _op("native_channel_shuffle"))
+@rule(aten.channel_shuffle.default, aten_op("native_channel_shuffle"))
 def _channel_shuffle(A, node):
     x = list(A.dims(node.args[0]))
     g = node.args[1]

@@ -16,9 +16,12 @@ from typing import Iterable
 import torch
 from torch import fx
 
-from .errors import CalibrationError, InputError, QuantizationError, describe_node, suggest
+from fxcompile.errors import CalibrationError, InputError, QuantizationError, describe_node, suggest
+from fxcompile.graph_utils import fetch_attr
+
 from .observers import METHODS, NonFiniteError, Observer
-from .quant_state import get_state, qparams
+from .ops import FAKE_QUANT_OPS, FakeQuantArgs
+from .state import get_state, qparams, report_section
 
 
 class FlatBatches:
@@ -46,7 +49,7 @@ def calibrate(model, data: Iterable, method: str = "minmax", *, percentile: floa
     ``method``: minmax | percentile (``percentile``, e.g. 99.99) | mse | entropy (KL, TensorRT's).
     A compiled module on a backend other than eager is lowered again with the new scales.
     """
-    from .api import CompiledModule
+    from fxcompile.api import CompiledModule
     compiled = model if isinstance(model, CompiledModule) else None
     gm = compiled.graph_module if compiled is not None else model
     if not isinstance(gm, fx.GraphModule):
@@ -68,28 +71,7 @@ def calibrate_graph(gm: fx.GraphModule, batches: Iterable, method: str = "minmax
                     percentile: float = 99.99, bins: int = 2048, progress: bool = False,
                     max_batches: int | None = None) -> int:
     """Calibrate ``gm`` on batches of flat inputs; return how many batches ran."""
-    if method not in METHODS:
-        raise QuantizationError(f"unknown calibration method '{method}'.{suggest(method, METHODS)} "
-                                f"Methods: {', '.join(METHODS)}.")
-    if not 0 < percentile <= 100:
-        raise QuantizationError(f"percentile must be in (0, 100], got {percentile}")
-    state = get_state(gm)
-    points = state.activations() if state is not None else []
-    if not points and state is not None and any(p.dynamic for p in state.points.values()):
-        raise QuantizationError("the graph's activations are quantized at run time (activations='dynamic'), "
-                                "so there is nothing to calibrate: fold it as it is, or insert fake-quant "
-                                "with activations='static' to calibrate")
-    if not points:
-        raise QuantizationError("the graph has no activation fake-quant nodes to calibrate: run the "
-                                "'insert_fake_quant' pass first (compile(..., passes=[..., 'insert_fake_quant']))")
-    if state.folded:
-        raise QuantizationError("the graph's fake-quant nodes were already folded into int8 weights and "
-                                "Q/DQ ops; calibrate before 'fold_fake_quant'")
-    nodes = {n.name: n for n in gm.graph.nodes}
-    missing = [p.name for p in points if p.name not in nodes]
-    if missing:
-        raise QuantizationError(f"fake-quant nodes {missing[:3]} are no longer in the graph; insert "
-                                "fake-quant again on a fresh capture")
+    state, points, nodes = _points_to_calibrate(gm, method, percentile)
     observers = {nodes[p.name]: Observer(histogram=method != "minmax", bins=bins) for p in points}
     runner = _ObservingInterpreter(gm, observers)
     from tqdm.auto import tqdm
@@ -115,7 +97,6 @@ def calibrate_graph(gm: fx.GraphModule, batches: Iterable, method: str = "minmax
         lo, hi = obs.range(method, p.quant_min, p.quant_max, p.symmetric, percentile)
         new[p.name] = (lo, hi) + qparams(lo, hi, p.quant_min, p.quant_max, p.symmetric)
     # Commit only now: an error above leaves the graph as it was.
-    from .graph_utils import fetch_attr
     with torch.no_grad():
         for p in points:
             lo, hi, scale, zero_point = new[p.name]
@@ -128,6 +109,34 @@ def calibrate_graph(gm: fx.GraphModule, batches: Iterable, method: str = "minmax
     return count
 
 
+def _points_to_calibrate(gm: fx.GraphModule, method: str, percentile: float):
+    """(state, the activation points to calibrate, the graph's nodes by name), or QuantizationError
+    saying why ``gm`` can't be calibrated now."""
+    if method not in METHODS:
+        raise QuantizationError(f"unknown calibration method '{method}'.{suggest(method, METHODS)} "
+                                f"Methods: {', '.join(METHODS)}.")
+    if not 0 < percentile <= 100:
+        raise QuantizationError(f"percentile must be in (0, 100], got {percentile}")
+    state = get_state(gm)
+    points = state.activations() if state is not None else []
+    if not points and state is not None and any(p.dynamic for p in state.points.values()):
+        raise QuantizationError("the graph's activations are quantized at run time (activations='dynamic'), "
+                                "so there is nothing to calibrate: fold it as it is, or insert fake-quant "
+                                "with activations='static' to calibrate")
+    if not points:
+        raise QuantizationError("the graph has no activation fake-quant nodes to calibrate: run the "
+                                "'insert_fake_quant' pass first (compile(..., passes=[..., 'insert_fake_quant']))")
+    if state.folded:
+        raise QuantizationError("the graph's fake-quant nodes were already folded into int8 weights and "
+                                "Q/DQ ops; calibrate before 'fold_fake_quant'")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    missing = [p.name for p in points if p.name not in nodes]
+    if missing:
+        raise QuantizationError(f"fake-quant nodes {missing[:3]} are no longer in the graph; insert "
+                                "fake-quant again on a fresh capture")
+    return state, points, nodes
+
+
 class _ObservingInterpreter(fx.Interpreter):
     """Runs the graph in float: activation fake-quant nodes feed their observer and pass their input
     through; weight fake-quant nodes pass the weight through."""
@@ -135,8 +144,6 @@ class _ObservingInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, observers: dict[fx.Node, Observer]):
         super().__init__(gm)
         self.observers = observers
-        from .quant_state import FAKE_QUANT_OPS
-        self._fq = FAKE_QUANT_OPS
         self._batch = 0
 
     def run_batch(self, flat: list, index: int):
@@ -152,8 +159,9 @@ class _ObservingInterpreter(fx.Interpreter):
                 "like the example inputs given to compile.") from e
 
     def run_node(self, n: fx.Node):
-        if n.op == "call_function" and n.target in self._fq:
-            x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
+        if n.op == "call_function" and n.target in FAKE_QUANT_OPS:
+            x = FakeQuantArgs.of(n).x
+            x = self.env[x] if isinstance(x, fx.Node) else x
             observer = self.observers.get(n)
             if observer is not None:
                 try:
@@ -255,14 +263,16 @@ class _GraphBatches:
 
 
 def _refresh(compiled) -> None:
-    """Bring a CompiledModule up to date with its recalibrated graph: report, and the backend."""
-    from .quant_state import report_section
-    from .registry import get_backend
+    """Bring a CompiledModule up to date with its recalibrated graph: its report, and its backend,
+    lowered again on compile's lowering path (eager runs the graph itself: it has the new scales)."""
     gm = compiled.graph_module
-    compiled.report.extra.update(report_section(gm))
-    if compiled.backend != "eager":
-        options = dict(getattr(compiled.runner, "options", None) or {})
-        compiled.runner = get_backend(compiled.backend)(gm, compiled._captured.example_inputs, options)
+    if compiled.backend == "eager":
+        compiled.report.extra.update(report_section(gm))
+        return
+    from fxcompile.api import relower
+    options = dict(getattr(compiled.runner, "options", None) or {})
+    compiled.runner = relower(gm, compiled._captured.example_inputs, compiled.backend, options,
+                              compiled.report)
 
 
 __all__ = ["calibrate", "calibrate_graph", "FlatBatches", "METHODS"]

@@ -43,8 +43,8 @@ import torch
 import torch.fx.traceback as fx_traceback
 from torch import fx
 
-from .capture import COMPILE_LOCK
-from .errors import BackendError, InputError, suggest
+from ..capture import COMPILE_LOCK
+from ..errors import BackendError, InputError, suggest
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ def _training_backend(opts: dict):
 
 def resolve_options(options: dict | None) -> dict:
     """Check torch.compile's ``options`` for fxcompile; fail early on unknown names."""
-    from .pass_manager import resolve_pipeline
-    from .registry import get_backend
+    from ..pass_manager import resolve_pipeline
+    from ..registry import get_backend
 
     if options is None:
         options = {}

@@ -5,6 +5,9 @@ graph runs, trains and saves without this module. Beside them, ``gm.meta["fxcomp
 a ``QuantState``: one ``QuantPoint`` per fake-quant node (keyed by the node's name) with what it
 quantizes, its integer range, the calibration method and range it got, and its observer; plus the
 target backend and the weight bytes before and after folding. GraphModule deep copies keep it.
+
+Also here: the scale and zero-point buffers (add_buffer, replace_attr) and the quantization
+section of a CompiledModule's report (report_section).
 """
 from __future__ import annotations
 
@@ -15,18 +18,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from .quant_ops import DYNAMIC_FAKE_QUANT
+from .ops import FAKE_QUANT_OPS
 
-aten = torch.ops.aten
 META_KEY = "fxcompile.quant"
-
-# Fake-quant ops as insert_fake_quant writes them (and their learnable twins, for QAT).
-FQ_PER_TENSOR = aten.fake_quantize_per_tensor_affine.tensor_qparams
-FQ_PER_CHANNEL = aten.fake_quantize_per_channel_affine.default
-FQ_LEARNABLE_PER_TENSOR = aten._fake_quantize_learnable_per_tensor_affine.default
-FQ_LEARNABLE_PER_CHANNEL = aten._fake_quantize_learnable_per_channel_affine.default
-FAKE_QUANT_OPS = {FQ_PER_TENSOR, FQ_PER_CHANNEL, FQ_LEARNABLE_PER_TENSOR, FQ_LEARNABLE_PER_CHANNEL,
-                  aten.fake_quantize_per_tensor_affine.default, DYNAMIC_FAKE_QUANT}
 TARGETS = {
     # activations: (quant_min, quant_max, symmetric). onnxruntime's fast x86 kernels want uint8
     # activations (U8S8); TensorRT wants symmetric int8 (PEERS.md).
@@ -101,6 +95,40 @@ def fake_quant_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in FAKE_QUANT_OPS]
 
 
+def add_buffer(gm: fx.GraphModule, base: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register ``value`` as a buffer named after ``base`` (what it quantizes: "conv1.weight_scale",
+    readable in the saved artifact) and return a get_attr node for it, inserted before ``before``."""
+    base = "".join(c if c.isalnum() else "_" for c in base)
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def replace_attr(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Put ``value`` at ``target`` (a dotted path) in place of what is there: a parameter when it
+    is an nn.Parameter, else a buffer (QAT trains weights and scales, freezing makes them buffers)."""
+    *path, last = target.split(".")
+    owner = gm
+    for atom in path:
+        owner = getattr(owner, atom)
+    if last in owner._buffers:
+        del owner._buffers[last]
+    elif last in owner._parameters:
+        del owner._parameters[last]
+    elif hasattr(owner, last):
+        delattr(owner, last)
+    if isinstance(value, torch.nn.Parameter):
+        owner.register_parameter(last, value)
+    else:
+        owner.register_buffer(last, value)
+
+
 def qparams(lo: float, hi: float, quant_min: int, quant_max: int, symmetric: bool) -> tuple[float, int]:
     """Scale and zero point that cover [lo, hi] (widened to hold 0, so 0 is exact)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -157,13 +185,13 @@ def u8s8_saturates() -> bool:
     requantization rounding with 7-bit or pair-limited ones. QLinearConv saturates the same way
     (MobileNetV2's 1x1 convs on its residual stream: up to 49 steps off on 0.4-10% of outputs;
     a simulation of the int16 pair sums reproduced onnxruntime's outputs exactly)."""
-    from .cpu import cpu_flags, has_vnni, is_x86
+    from fxcompile.cpu import cpu_flags, has_vnni, is_x86
     return is_x86() and bool(cpu_flags()) and not has_vnni()
 
 
 def tensor_bytes(gm: fx.GraphModule) -> int:
     """Bytes of every tensor the graph reads through get_attr (each counted once)."""
-    from .graph_utils import attr_tensors
+    from fxcompile.graph_utils import attr_tensors
     seen, total = set(), 0
     for t in attr_tensors(gm).values():
         if id(t) not in seen:
@@ -203,7 +231,7 @@ class QuantReport:
         self.folded = state.folded
         self.reduce_range = state.reduce_range
         # the CPU the weight limits were chosen for (onnxruntime's kernels differ by instruction set)
-        from .cpu import int8_kernel_note
+        from fxcompile.cpu import int8_kernel_note
         self.cpu_note = int8_kernel_note() if state.target == "onnxruntime" else ""
         self.limits = sorted({"7-bit" if p.bits == 7 else "pair-limited" for p in state.points.values()
                               if p.bits == 7 or getattr(p, "pair_limited", False)})
@@ -219,7 +247,7 @@ class QuantReport:
                      for p in state.points.values()]
 
     def __str__(self) -> str:
-        from .report import format_table
+        from fxcompile.report import format_table
         dynamic = sum(r["method"] == "dynamic" for r in self.rows)
         head = (f"target {self.target}"
                 f"{' (' + self.cpu_note + ')' if self.cpu_note else ''}, {sum(r['kind'] == 'activation' for r in self.rows)} activation"
@@ -259,7 +287,7 @@ def report_section(gm: fx.GraphModule) -> dict[str, Any]:
     state = get_state(gm)
     if state is None:
         return {}
-    from .graph_utils import fetch_attr
+    from fxcompile.graph_utils import fetch_attr
     scales = {}
     for p in state.points.values():
         try:

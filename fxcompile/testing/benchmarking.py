@@ -1,4 +1,5 @@
-"""What the benchmark scripts (benchmarks/) share: contenders timed in interleaved rounds.
+"""What the benchmark scripts (benchmarks/) and ``fxcompile demo`` share: timed calls, and
+contenders timed in interleaved rounds.
 
 Each round calls every live contender once, in a fresh random order (seeded): drift and other
 processes then hit all contenders alike, and no contender always runs right after the same
@@ -46,6 +47,22 @@ def wall_seconds(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 0, budget_s: float = float("inf"),
+               timer: Callable[[Callable[[], Any]], float] = wall_seconds) -> list[float]:
+    """Seconds of each of ``runs`` timed calls of ``fn`` after ``warmup`` untimed ones, one
+    contender alone; fewer calls once they have taken longer than ``budget_s`` in all (a loaded
+    machine must not stall the caller)."""
+    for _ in range(warmup):
+        fn()
+    times, deadline = [], time.perf_counter() + budget_s
+    for _ in range(runs):
+        start = time.perf_counter()
+        times.append(timer(fn))
+        if start > deadline:
+            break
+    return times
 
 
 def time_interleaved(contenders: list[Contender], runs: int,

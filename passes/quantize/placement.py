@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from fxcompile.quant_state import module_paths
+from fxcompile.graph_utils import real_users
+
+from .state import module_paths
 
 aten = torch.ops.aten
 
@@ -59,7 +61,6 @@ OUTPUT_QUANTIZED = ("conv", "linear", "matmul", "add")  # onnxruntime: quantized
 RELU = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
         aten.clamp.default}
 BATCH_NORM = {aten.batch_norm.default}
-_ASSERT = aten._assert_tensor_metadata.default
 
 
 @dataclass
@@ -99,10 +100,6 @@ def is_float_tensor(arg) -> bool:
 
 def _is_constant(arg) -> bool:
     return isinstance(arg, fx.Node) and arg.op == "get_attr"
-
-
-def real_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if u.target is not _ASSERT]
 
 
 def _matches(node: fx.Node, patterns) -> bool:

@@ -99,7 +99,7 @@ class Observer:
         return max(self.min, lo), min(self.max, hi)
 
     def _mse(self, quant_min: int, quant_max: int, symmetric: bool) -> tuple[float, float]:
-        from .quant_state import EPS
+        from .state import EPS
         counts = self.hist
         centers = -self.radius + self._width * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
         keep = counts > 0

@@ -6,8 +6,8 @@ ATen has no op that maps a float tensor to a plain int8/uint8 tensor and back (`
 make quantized tensor subclasses that torch.export and torch.onnx can't carry), and
 torch.ao's ``quantized_decomposed`` library is the deprecated torch.ao stack. These two custom ops
 are the whole of it: eager runs them with the exact numerics of ATen's fake-quant ops, and the onnx
-backend translates them one to one into QuantizeLinear / DequantizeLinear (registered below), so
-an int8 weight stays an int8 initializer in the .onnx file.
+backend translates them one to one into QuantizeLinear / DequantizeLinear (its translations live
+in fxcompile.backends.onnx_quant_ops), so an int8 weight stays an int8 initializer in the .onnx file.
 
     q = quantize(x, scale, zero_point, quant_min, quant_max)   # uint8 if quant_min >= 0 else int8
     y = dequantize(q, scale, zero_point, axis)                  # float32; per-axis if scale is 1-D
@@ -18,11 +18,17 @@ point from each tensor's own range at run time, exactly as ONNX's DynamicQuantiz
     y = dynamic_fake_quant(x, 0, 255)                # the fake-quant graph's op (straight-through grad)
     y = dynamic_quantized_matmul(x, w, ws, wz, bias) # folded: x quantized at run time @ int8 w [K, N]
 
+The fake-quant graph itself uses ATen's fake-quant ops (FQ_* below); ``FakeQuantArgs.of(node)``
+reads any fake-quant node's arguments by name, since each op puts them in other positions.
+
 The onnx backend writes the folded op as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul
 (-> Add), which onnxruntime fuses into one DynamicQuantizeMatMul kernel (U8S8, per-column weight
 scales).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,41 +125,52 @@ DEQUANTIZE = torch.ops.fxcompile.dequantize.default
 DYNAMIC_FAKE_QUANT = torch.ops.fxcompile.dynamic_fake_quant.default
 DYNAMIC_QUANTIZED_MATMUL = torch.ops.fxcompile.dynamic_quantized_matmul.default
 
-
-# -- ONNX translations (plain functions: the exporter traces them with onnxscript's opset) -------
-def _quantize_onnx(x, scale, zero_point, quant_min: int, quant_max: int):
-    from onnxscript import opset18 as op
-    # zero_point is already uint8/int8: QuantizeLinear's output type follows it, and its
-    # saturation to that type's range is the clamp (fold_fake_quant only uses full ranges).
-    return op.QuantizeLinear(x, scale, zero_point)
-
-
-def _dequantize_onnx(q, scale, zero_point, axis: int):
-    from onnxscript import opset18 as op
-    return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+# ATen's fake-quant ops as insert_fake_quant writes them, and their learnable twins (QAT).
+aten = torch.ops.aten
+FQ_PER_TENSOR = aten.fake_quantize_per_tensor_affine.tensor_qparams
+FQ_PER_CHANNEL = aten.fake_quantize_per_channel_affine.default
+FQ_LEARNABLE_PER_TENSOR = aten._fake_quantize_learnable_per_tensor_affine.default
+FQ_LEARNABLE_PER_CHANNEL = aten._fake_quantize_learnable_per_channel_affine.default
+_PER_CHANNEL = (FQ_PER_CHANNEL, FQ_LEARNABLE_PER_CHANNEL)
+_LEARNABLE = (FQ_LEARNABLE_PER_TENSOR, FQ_LEARNABLE_PER_CHANNEL)
+FAKE_QUANT_OPS = {FQ_PER_TENSOR, FQ_PER_CHANNEL, FQ_LEARNABLE_PER_TENSOR, FQ_LEARNABLE_PER_CHANNEL,
+                  aten.fake_quantize_per_tensor_affine.default, DYNAMIC_FAKE_QUANT}
 
 
-def _dynamic_fake_quant_onnx(x, quant_min: int, quant_max: int):
-    from onnxscript import opset18 as op
-    q, scale, zero_point = op.DynamicQuantizeLinear(x)
-    return op.DequantizeLinear(q, scale, zero_point)
+@dataclass(frozen=True)
+class FakeQuantArgs:
+    """A fake-quant node's arguments by name. The ops put them in different places:
 
+        per tensor            (x, scale, zero_point, quant_min, quant_max)
+        per channel           (x, scale, zero_point, axis, quant_min, quant_max)
+        learnable (QAT)       the same followed by grad_factor
+        dynamic_fake_quant    (x, quant_min, quant_max): the scale is taken at run time
 
-def _dynamic_quantized_matmul_onnx(x, w, w_scale, w_zero_point, bias=None):
-    # quantize_dynamic's pattern, which onnxruntime fuses into DynamicQuantizeMatMul
-    from onnxscript import opset18 as op
-    q, scale, zero_point = op.DynamicQuantizeLinear(x)
-    y = op.Cast(op.MatMulInteger(q, w, zero_point, w_zero_point), to=1)  # to float
-    y = op.Mul(y, op.Mul(scale, w_scale))
-    return y if bias is None else op.Add(y, bias)
+    ``scale`` and ``zero_point`` are the get_attr nodes insert_fake_quant writes (plain numbers for
+    ATen's per-tensor ``.default`` overload), None for dynamic_fake_quant."""
 
+    x: Any
+    scale: Any
+    zero_point: Any
+    quant_min: int
+    quant_max: int
+    axis: int | None = None          # per-channel axis; None per tensor
+    grad_factor: float | None = None  # learnable ops only
 
-def _register_onnx_translations() -> None:
-    from fxcompile.backends import onnx as onnx_backend
-    onnx_backend.CUSTOM_TRANSLATIONS[QUANTIZE] = _quantize_onnx
-    onnx_backend.CUSTOM_TRANSLATIONS[DEQUANTIZE] = _dequantize_onnx
-    onnx_backend.CUSTOM_TRANSLATIONS[DYNAMIC_FAKE_QUANT] = _dynamic_fake_quant_onnx
-    onnx_backend.CUSTOM_TRANSLATIONS[DYNAMIC_QUANTIZED_MATMUL] = _dynamic_quantized_matmul_onnx
+    @classmethod
+    def of(cls, node) -> FakeQuantArgs:
+        """Decode ``node``, a call of one of FAKE_QUANT_OPS."""
+        target, a = node.target, node.args
+        if target is DYNAMIC_FAKE_QUANT:
+            return cls(a[0], None, None, a[1], a[2])
+        if target in _PER_CHANNEL:
+            return cls(a[0], a[1], a[2], a[4], a[5], axis=a[3], grad_factor=a[6] if len(a) > 6 else None)
+        if target in FAKE_QUANT_OPS:
+            return cls(a[0], a[1], a[2], a[3], a[4], grad_factor=a[5] if len(a) > 5 else None)
+        raise ValueError(f"{node.name} ({target}) is not a fake-quant node")
 
-
-_register_onnx_translations()
+    def args_for(self, target) -> tuple:
+        """The argument tuple of ``target`` (one of the ATen fake-quant ops) carrying these values."""
+        head = (self.x, self.scale, self.zero_point) + ((self.axis,) if target in _PER_CHANNEL else ())
+        tail = (self.grad_factor,) if target in _LEARNABLE else ()
+        return head + (self.quant_min, self.quant_max) + tail

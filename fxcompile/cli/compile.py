@@ -1,0 +1,142 @@
+"""``fxcompile compile``: compile a TARGET with the given passes and backend, print the report,
+and save the artifact. Arguments and paths are checked before the model is imported, so a typo
+fails in a second rather than after a capture."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..errors import InputError
+from .common import TOLERANCE, parse_backend_options, parse_passes
+from .target import load_target
+
+
+def cmd_compile(args) -> int:
+    import torch
+
+    import fxcompile
+    from ..numerics import max_error
+    from ..pass_manager import resolve_pipeline
+    from ..registry import get_backend
+
+    # Arguments first: a typo or a bad path fails in a second, before the model is imported
+    # and captured.
+    passes = parse_passes(args.passes)
+    resolve_pipeline(passes)
+    options = parse_backend_options(args.backend_option)
+    _validate_backend_options(get_backend(args.backend), options)
+    if not args.int8:
+        for flag, value in (("--calibration", args.calibration), ("--calibration-method", args.calibration_method)):
+            if value is not None:
+                raise InputError(f"{flag} is for --int8 static (calibrated int8); add --int8 static, "
+                                 f"or drop {flag}")
+    if args.output:
+        _check_suffix(args.backend, args.output)
+        _check_writable("-o", args.output)
+    if args.report_json:
+        _check_writable("--report-json", args.report_json)
+    calibration = None
+    if args.int8:
+        passes, calibration = _int8_pipeline(args)
+    model, example_args, example_kwargs = load_target(args.target)
+    compiled = fxcompile.compile(model, example_args, passes=passes,
+                                 backend=args.backend, check=args.check, example_kwargs=example_kwargs,
+                                 progress=args.progress and sys.stderr.isatty(),
+                                 calibration_data=calibration, **options)
+    with torch.no_grad():
+        err = max_error(model(*example_args, **example_kwargs), compiled(*example_args, **example_kwargs))
+    compiled.report.extra["max error vs original"] = f"{err:.2e}"
+    print(compiled.report)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        files = compiled.save(args.output)
+        print(f"wrote {', '.join(str(f) for f in files)}")
+    if args.report_json:
+        Path(args.report_json).parent.mkdir(parents=True, exist_ok=True)
+        data = compiled.report.to_dict()
+        data["target"] = args.target
+        Path(args.report_json).write_text(json.dumps(data, indent=2, default=str) + "\n")
+        print(f"wrote {args.report_json}")
+    lossless = all(r.lossless for r in compiled.report.passes)
+    if args.check and lossless and not err <= TOLERANCE:
+        print(f"FAIL the compiled model differs from the original: max error {err:.2e} exceeds "
+              f"{TOLERANCE:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _validate_backend_options(lower: Callable, options: dict) -> None:
+    """Check -O values with the backend module's ``validate_options`` (the built-in backends have
+    one), so a bad value fails before the compile rather than inside the runtime after it."""
+    validate = getattr(sys.modules.get(getattr(lower, "__module__", ""), None), "validate_options", None)
+    if callable(validate):
+        validate(dict(options))
+
+
+# What each built-in backend's save() writes, by file suffix (the first is the usual one).
+_SUFFIXES = {"eager": (".pt2",), "onnx": (".onnx",), "tensorrt": (".engine", ".plan")}
+
+
+def _check_suffix(backend: str, output: str) -> None:
+    suffixes = _SUFFIXES.get(backend)
+    path = Path(output)
+    if suffixes and path.suffix.lower() not in suffixes:
+        what = " or ".join(suffixes)
+        raise InputError(f"-o {output}: the {backend} backend writes {what} files; name the output "
+                         f"{path.with_suffix(suffixes[0]) if path.suffix else str(path) + suffixes[0]}")
+
+
+def _check_writable(flag: str, output: str) -> None:
+    """Raise InputError unless ``output`` can be written (its missing folders created), without
+    creating anything: a bad path must not cost a whole compile first."""
+    path = Path(output).absolute()
+    problem = None
+    if path.is_dir():
+        problem = "it is a folder; give a file name"
+    elif path.exists() and not os.access(path, os.W_OK):
+        problem = "it is not writable"
+    else:
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            problem = f"{parent} is not a folder"
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            problem = f"the folder {parent} is not writable"
+    if problem:
+        raise InputError(f"cannot write {flag} {output}: {problem}")
+
+
+def _int8_pipeline(args):
+    """--int8: (quantize_passes for the backend's target, the calibration batches or None)."""
+    import torch
+
+    import fxcompile
+    if args.passes is not None:
+        raise InputError("--int8 runs its own pipeline (the default passes, then quantization); "
+                         "drop --passes, or list insert_fake_quant and fold_fake_quant in --passes yourself")
+    target = "tensorrt" if args.backend == "tensorrt" else "onnxruntime"
+    if args.int8 == "dynamic":
+        if args.calibration or args.calibration_method:
+            raise InputError("--int8 dynamic quantizes activations at run time and takes no --calibration "
+                             "or --calibration-method; use --int8 static to calibrate")
+        return fxcompile.quantize_passes(target, activations="dynamic"), None
+    if not args.calibration:
+        raise InputError("--int8 static needs --calibration FILE: a list of input batches saved with "
+                         "torch.save (each a tuple of positional inputs, a dict of keyword inputs or one "
+                         "tensor); or use --int8 dynamic (onnx backend), which needs no data")
+    path = Path(args.calibration)
+    if not path.is_file():
+        raise InputError(f"no such file: {args.calibration}")
+    try:
+        batches = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise InputError(f"cannot load the calibration batches from {path} with torch.load: "
+                         f"{type(e).__name__}: {e}") from e
+    if isinstance(batches, (torch.Tensor, dict)) or not isinstance(batches, (list, tuple)):
+        raise InputError(f"{path} holds a {type(batches).__name__}; --calibration takes a list of batches "
+                         "(e.g. torch.save([x1, x2, x3], path) or a list of (args...) tuples or kwargs dicts)")
+    return fxcompile.quantize_passes(target, method=args.calibration_method or "minmax"), list(batches)

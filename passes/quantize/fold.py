@@ -1,0 +1,189 @@
+"""The fold_fake_quant pass: a fake-quant graph into what an int8 runtime takes.
+
+Each weight becomes an int8 constant and a dequantize node (an int8 initializer +
+DequantizeLinear in ONNX, ~4x smaller), each activation fake-quant a quantize/dequantize pair
+(QuantizeLinear/DequantizeLinear), and each input quantized at run time, with the int8 weights
+of the ops reading it, a dynamic_quantized_matmul. The folded graph computes exactly what the
+fake-quant graph did. Learned (QAT) scales are frozen into buffers first (``freeze``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from fxcompile.errors import QuantizationError, describe_node
+from fxcompile.graph_utils import copy_origin, drop_unused_attrs, fetch_attr
+from fxcompile.registry import register_pass
+
+from . import placement
+from .ops import (DEQUANTIZE, DYNAMIC_FAKE_QUANT, DYNAMIC_QUANTIZED_MATMUL, FQ_LEARNABLE_PER_CHANNEL,
+                  FQ_LEARNABLE_PER_TENSOR, FQ_PER_CHANNEL, FQ_PER_TENSOR, QUANTIZE, FakeQuantArgs)
+from .state import EPS, QuantState, add_buffer, fake_quant_nodes, get_state, replace_attr, tensor_bytes
+
+_ASSERT = torch.ops.aten._assert_tensor_metadata.default
+
+
+@register_pass("fold_fake_quant", lossless=False, after=("insert_fake_quant",))
+def fold_fake_quant(gm: fx.GraphModule) -> int:
+    """Fold fake-quant into int8 weights + dequantize, and activations into quantize/dequantize pairs."""
+    state = get_state(gm)
+    nodes = fake_quant_nodes(gm)
+    if not nodes:
+        if state is not None and state.folded:
+            raise QuantizationError("the graph's fake-quant nodes are already folded; fold_fake_quant runs once")
+        return 0
+    _check_foldable(nodes, state)
+    freeze(gm)  # learnable (QAT) scales -> plain buffers
+    for node in fake_quant_nodes(gm):
+        if node.args[0].op == "get_attr":
+            _fold_weight(gm, node, state)
+        elif node.target is not DYNAMIC_FAKE_QUANT:
+            _fold_activation(gm, node, state)
+    for node in fake_quant_nodes(gm):  # dynamic ones, once their ops' weights are int8
+        _fold_dynamic(gm, node, state)
+    gm.graph.eliminate_dead_code()
+    drop_unused_attrs(gm)
+    if state is not None:
+        state.folded = True
+        state.weight_bytes_after = tensor_bytes(gm)
+    return len(nodes)
+
+
+def _check_foldable(nodes: list[fx.Node], state: QuantState | None) -> None:
+    uncalibrated = [p.name for p in (state.uncalibrated() if state is not None else [])]
+    if uncalibrated:
+        raise QuantizationError(
+            f"{len(uncalibrated)} activation fake-quant nodes are not calibrated ({', '.join(uncalibrated[:3])}"
+            f"{', ...' if len(uncalibrated) > 3 else ''}); folding now would bake placeholder scales "
+            "into the model. Calibrate first: compile(..., calibration_data=batches), or "
+            "fxcompile.calibrate(compiled, batches) before folding.")
+    for node in nodes:
+        fq = FakeQuantArgs.of(node)
+        qmin, qmax = fq.quant_min, fq.quant_max
+        if node.target is DYNAMIC_FAKE_QUANT and (qmin, qmax) != (0, 255):
+            raise QuantizationError(f"{describe_node(node)} quantizes at run time to [{qmin}, {qmax}]; "
+                                    "folding supports dynamic uint8 [0, 255] (DynamicQuantizeLinear)")
+        if (qmin, qmax) not in ((0, 255), (-128, 127)):
+            raise QuantizationError(f"{describe_node(node)} quantizes to [{qmin}, {qmax}]; folding supports "
+                                    "the full uint8 [0, 255] and int8 [-128, 127] ranges")
+
+
+def freeze(gm: fx.GraphModule) -> int:
+    """Learnable fake-quant nodes (fxcompile.trainable's learnable_scales) back to plain ones with
+    buffer scales (|scale|, rounded zero point): what folding and export take. Returns how many changed."""
+    changed = 0
+    for node in fake_quant_nodes(gm):
+        if node.target not in (FQ_LEARNABLE_PER_TENSOR, FQ_LEARNABLE_PER_CHANNEL):
+            continue
+        fq = FakeQuantArgs.of(node)
+        s, z = fq.scale, fq.zero_point
+        with torch.no_grad():
+            scale = fetch_attr(gm, s.target).detach().float().abs().clamp_min(EPS).clone()
+            zero_point = fetch_attr(gm, z.target).detach().round().clamp(fq.quant_min, fq.quant_max).to(torch.int32)
+        replace_attr(gm, s.target, scale)
+        replace_attr(gm, z.target, zero_point)
+        node.target = FQ_PER_CHANNEL if node.target is FQ_LEARNABLE_PER_CHANNEL else FQ_PER_TENSOR
+        node.args = fq.args_for(node.target)
+        changed += 1
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _qparams_of(gm: fx.GraphModule, fq: FakeQuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    return fetch_attr(gm, fq.scale.target).detach(), fetch_attr(gm, fq.zero_point.target).detach()
+
+
+def _int_dtype(qmin: int) -> torch.dtype:
+    return torch.uint8 if qmin >= 0 else torch.int8
+
+
+def _fold_weight(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -> None:
+    fq = FakeQuantArgs.of(node)
+    w = fq.x
+    scale, zero_point = _qparams_of(gm, fq)
+    weight = fetch_attr(gm, w.target).detach()
+    with torch.no_grad():
+        fake = node.target(weight, *[fetch_attr(gm, a.target) if isinstance(a, fx.Node) else a
+                                     for a in node.args[1:]])
+    axis = fq.axis
+    if axis is None:
+        s, zp = scale.reshape(()), zero_point.reshape(())
+        q = torch.round(fake / s) + zp
+    else:
+        shape = [1] * weight.dim()
+        shape[axis] = -1
+        s, zp = scale.float(), zero_point
+        q = torch.round(fake / s.reshape(shape)) + zp.reshape(shape)
+    dtype = _int_dtype(fq.quant_min)
+    q = q.clamp(fq.quant_min, fq.quant_max).to(dtype)
+    qn = add_buffer(gm, f"{w.target}_{str(dtype).removeprefix('torch.')}", q, node)
+    sn = add_buffer(gm, f"{w.target}_scale", s.float().contiguous(), node)
+    zn = add_buffer(gm, f"{w.target}_zero_point", zp.to(dtype).contiguous(), node)
+    with gm.graph.inserting_before(node):
+        dq = gm.graph.create_node("call_function", DEQUANTIZE, (qn, sn, zn, axis or 0),
+                                  name=f"dequantize_{w.name}")
+    copy_origin(dq, node)
+    dq.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(dq)
+    gm.graph.erase_node(node)
+    _rename(state, node.name, dq.name, sn.target, zn.target)
+
+
+def _fold_activation(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -> None:
+    fq = FakeQuantArgs.of(node)
+    scale, zero_point = _qparams_of(gm, fq)
+    dtype = _int_dtype(fq.quant_min)
+    sn = add_buffer(gm, f"{node.name}_scale", scale.float().reshape(()).clone(), node)
+    zn = add_buffer(gm, f"{node.name}_zero_point", zero_point.reshape(()).to(dtype), node)
+    with gm.graph.inserting_before(node):
+        q = gm.graph.create_node("call_function", QUANTIZE, (fq.x, sn, zn, fq.quant_min, fq.quant_max),
+                                 name=f"quantize_{fq.x.name}")
+        dq = gm.graph.create_node("call_function", DEQUANTIZE, (q, sn, zn, 0),
+                                  name=f"dequantize_{fq.x.name}")
+    for n in (q, dq):
+        copy_origin(n, node)
+    dq.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(dq)
+    gm.graph.erase_node(node)
+    _rename(state, node.name, dq.name, sn.target, zn.target)
+
+
+def _fold_dynamic(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -> None:
+    """A run-time-quantized input and the int8 weight of each op reading it -> one
+    dynamic_quantized_matmul per op (DynamicQuantizeMatMul in onnxruntime)."""
+    x = FakeQuantArgs.of(node).x
+    first = None
+    for op in list(node.users):
+        if op.target is _ASSERT:
+            continue
+        ok = op.target in placement.FAMILIES["linear"] | placement.FAMILIES["matmul"]
+        a, w, bias, n_by_k = placement.linear_operands(op) if ok else (None, None, None, False)
+        if not (a is node and isinstance(w, fx.Node) and w.target is DEQUANTIZE):
+            raise QuantizationError(f"{describe_node(node)} is quantized at run time but its user "
+                                    f"{describe_node(op)} is not a linear or matmul with an int8 weight; "
+                                    "only those fold (DynamicQuantizeMatMul)")
+        q, scale, zero_point, axis = w.args
+        if n_by_k:  # [N, K] -> [K, N], scales stay per N
+            q = add_buffer(gm, f"{q.target}_kn", fetch_attr(gm, q.target).t().contiguous(), op)
+        with gm.graph.inserting_before(op):
+            new = gm.graph.create_node("call_function", DYNAMIC_QUANTIZED_MATMUL,
+                                       (x, q, scale, zero_point, bias), name=f"dynamic_quantized_{op.name}")
+        copy_origin(new, op)
+        new.meta["val"] = op.meta.get("val")
+        op.replace_all_uses_with(new)
+        gm.graph.erase_node(op)
+        first = first or new
+    for user in list(node.users):
+        gm.graph.erase_node(user)  # metadata asserts on the fake-quant value
+    gm.graph.erase_node(node)
+    if first is not None:
+        _rename(state, node.name, first.name, "", "")
+
+
+def _rename(state: QuantState | None, old: str, new: str, scale_attr: str, zero_point_attr: str) -> None:
+    if state is None or old not in state.points:
+        return
+    point = state.points.pop(old)
+    point.name, point.scale_attr, point.zero_point_attr = new, scale_attr, zero_point_attr
+    state.points[new] = point
