@@ -145,7 +145,7 @@ def _channels_last_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple[lis
     Convolution, pointwise ops and pooling keep the layout, so one conversion at the input makes
     the whole conv stack run in it; a ``view`` that needs contiguous memory fails the trial.
     """
-    from fxcompile.numerics import max_error
+    from fxcompile.numerics import LOSSLESS_TOLERANCE, max_error
     from fxcompile.state import trial_run
     if not gm.graph.find_nodes(op="call_function", target=aten.conv2d.default):
         return [], "the graph has no 2-d convolution"
@@ -162,6 +162,6 @@ def _channels_last_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple[lis
     except Exception as e:  # e.g. a view that needs contiguous memory
         return [], f"the graph fails on channels_last inputs ({type(e).__name__}: {str(e)[:200]})"
     err = max_error(ref, got)
-    if not err <= 1e-4:
+    if not err <= LOSSLESS_TOLERANCE:
         return [], f"outputs differ on channels_last inputs (max error {err:.1e})"
     return inputs, ""

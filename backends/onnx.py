@@ -144,7 +144,11 @@ def carry_state(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.Ten
 
 def _distinct_outputs(proto) -> None:
     """Give every graph output a value of its own: ONNX (SSA) forbids an output that is a graph
-    input or initializer, and a value listed as two outputs (``return x, x * 2``, ``return y, y``)."""
+    input or initializer, and a value listed as two outputs (``return x, x * 2``, ``return y, y``).
+
+    Edited in place, not through onnx-graphsurgeon: its round trip would drop the nodes'
+    ``metadata_props``, which onnxruntime and TensorRT errors are mapped back to the user's
+    source line through (``onnx_runner.onnx_node_origin``)."""
     import onnx
     graph = proto.graph
     # torch.onnx writes an output that is an input as Identity(x) -> x: not SSA, and a no-op

@@ -4,6 +4,12 @@ TensorRT 11 removed the builder's precision flags; with strongly typed networks 
 says which type each layer runs in. ``prepare_model`` gives the model TensorRT parses: fp16/bf16
 cast every float tensor (``cast_float_model``), fp8 re-targets the graph's int8 Q/DQ pairs to
 FP8 E4M3 (``int8_to_fp8``). Tested on CPU with onnxruntime.
+
+The rewrites edit a copy of the ModelProto in place, not through onnx-graphsurgeon (0.6.1): its
+import/export round trip drops every node's ``metadata_props`` (torch.onnx's FX node and stack
+trace, through which ``onnx_runner.onnx_node_origin`` maps a TensorRT parser error on this model
+back to the user's source line) and silently skips attribute types it does not model (TYPE_PROTO,
+TENSORS, GRAPHS, ...), which changes the model.
 """
 from __future__ import annotations
 

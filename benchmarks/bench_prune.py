@@ -84,10 +84,10 @@ def latency(models: list[str], ratios: list[float], backends: list[str], rounds:
 # -- coverage: every zoo model at ratio 0.5, checked against the zeroed-channel oracle -------
 def coverage(ratio: float = 0.5, backends=("eager", "onnx")) -> str:
     """Each zoo model (small config) pruned at ``ratio`` on each backend; the oracle is the
-    user's model with the removed channels zeroed (tests/prune_oracle.py): max abs error."""
+    user's model with the removed channels zeroed (tests/passes/prune/oracle.py): max abs error."""
     import os
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests.prune_oracle import oracle_error
+    from tests.passes.prune.oracle import oracle_error
     rows = [("model", "params", "FLOPs", "groups pruned / skipped", *(f"oracle err {b}" for b in backends))]
     for name in zoo.ZOO:
         model, kwargs = zoo.build(name)

@@ -16,9 +16,11 @@ from torch import fx
 from .backend_api import Lowered
 from .capture import Captured, capture, serialised
 from .errors import BackendError, InputError
+from .numerics import LOSSLESS_TOLERANCE, max_error
 from .pass_manager import resolve_pipeline, run_pipeline
 from .registry import get_backend
-from .report import Report
+from .report import Report, report_sections
+from .signature import FlatBatches
 
 
 class CompiledModule(torch.nn.Module):
@@ -86,7 +88,6 @@ def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backe
     report.capture_seconds = time.perf_counter() - start
     data = None
     if calibration_data is not None:
-        from .passes.quantize.calibrate import FlatBatches
         data = FlatBatches(calibration_data, captured.inputs)
     captured.gm, report.passes = run_pipeline(captured.gm, passes, captured.example_inputs, check=check,
                                               progress=progress, data=data, name=captured.model_name)
@@ -144,14 +145,12 @@ def relower(gm: fx.GraphModule, inputs: list, backend: str, options: dict, repor
     """Lower ``gm`` to ``backend`` and record it in ``report``: the lowering time, what the backend
     and the passes report (quantization, prune). Also how calibrate brings a compiled module's
     backend up to date with new scales."""
-    from .passes.quantize.state import report_section
-    report.extra.update(report_section(gm))
+    report.extra.update(report_sections(gm))  # what passes chose to report (quantization, prune)
     lower = get_backend(backend)
     start = time.perf_counter()
     runner = lower(gm, inputs, options)
     report.backend_seconds = time.perf_counter() - start
     report.extra.update(runner.describe())
-    report.extra.update(gm.meta.get("report_extra", {}))  # what passes chose to report (e.g. prune)
     return runner
 
 
@@ -194,8 +193,6 @@ def check_backend(gm: fx.GraphModule, runner: Lowered, inputs: list, report: Rep
     """check=True after lowering: the backend must give the graph's outputs (within the lossless
     tolerance) unless it declares itself lossy (``runner.lossless = False``, e.g. a reduced-precision
     engine), in which case the error is only reported."""
-    from .numerics import max_error
-    from .pass_manager import LOSSLESS_TOLERANCE
     from .state import trial_run  # both runs start from the state the compiled model starts from
     err = max_error(trial_run(gm, inputs, runner), trial_run(runner, inputs, gm))
     report.extra["backend max error"] = f"{err:.2e}"

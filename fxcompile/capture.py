@@ -28,6 +28,7 @@ from torch import fx
 
 from . import state
 from .errors import CaptureError, InputError
+from .graph_utils import fetch_attr
 from .outputs import encoder_for, decode_outputs, holds_cache
 from .signature import InputSignature, forward_signature, split_bound, input_dims
 
@@ -209,19 +210,13 @@ def _flat_graph_module(ep: torch.export.ExportedProgram):
     # names read like the user's own module paths (the keys of model.state_dict()).
     attrs = {}
     for node in graph.find_nodes(op="get_attr"):
-        value = _fetch_attr(mod, node.target)
+        value = fetch_attr(mod, node.target)
         node.target = node.target.removeprefix("model.")
         attrs[node.target] = value
     gm = fx.GraphModule(attrs, graph, class_name="FxCompileGraph")
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, signature.in_spec, signature.out_spec
-
-
-def _fetch_attr(mod: torch.nn.Module, target: str):
-    for atom in target.split("."):
-        mod = getattr(mod, atom)
-    return mod
 
 
 def _explain_export_failure(model, e: Exception) -> str:

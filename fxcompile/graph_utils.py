@@ -1,7 +1,10 @@
-"""Small helpers over the IR that the pass manager, passes and backends share."""
+"""Small helpers over the IR that the pass manager, passes and backends share: the graph's
+attributes (read, replace, add), op sets, node origin and module paths, shapes and FLOPs, schema
+arguments, users and metadata assertions. One implementation of each, so they cannot drift."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+import fnmatch
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import fx
@@ -10,12 +13,149 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils.flop_counter import FlopCounterMode
 
+aten = torch.ops.aten
 
-def fetch_attr(gm: torch.nn.Module, target: str):
-    obj = gm
+
+# -- attributes: parameters, buffers and constants at dotted paths ----------------------------
+def fetch_attr(module: torch.nn.Module, target: str):
+    """The attribute at ``target``, a dotted path ('layer1.0.conv1.weight')."""
+    obj = module
     for atom in target.split("."):
         obj = getattr(obj, atom)
     return obj
+
+
+def _owner(module: torch.nn.Module, target: str, create: bool = False) -> tuple[torch.nn.Module, str]:
+    """(the module holding ``target``, the attribute's own name); with ``create``, sub-modules
+    missing on the path are added as empty modules (as GraphModule does for its attributes)."""
+    *path, name = target.split(".")
+    owner = module
+    for atom in path:
+        child = getattr(owner, atom, None)
+        if child is None and create:
+            child = torch.nn.Module()
+            owner.add_module(atom, child)
+        owner = child if child is not None else getattr(owner, atom)  # raises for a missing one
+    return owner, name
+
+
+def set_attr(module: torch.nn.Module, target: str, value: Any) -> None:
+    """Put ``value`` at ``target`` (a dotted path; missing sub-modules are created) in place of what
+    is there. A Parameter becomes a parameter, another tensor a buffer, anything else a plain
+    attribute; a tensor that replaces a plain attribute (a constant of a loaded program) stays one.
+    A slot that keeps its kind is replaced where it is, so the order of parameters and buffers
+    stays; QAT turns buffers into trained parameters this way, and freezing turns them back."""
+    owner, name = _owner(module, target, create=True)
+    is_param = isinstance(value, torch.nn.Parameter)
+    if is_param and name in owner._parameters:
+        owner._parameters[name] = value
+        return
+    if isinstance(value, torch.Tensor) and not is_param and name in owner._buffers:
+        owner._buffers[name] = value
+        return
+    plain = name in vars(owner)  # an unregistered attribute (not a parameter, buffer or module)
+    if name in owner._buffers:
+        del owner._buffers[name]
+    elif name in owner._parameters:
+        del owner._parameters[name]
+    elif hasattr(owner, name):
+        delattr(owner, name)
+    if is_param:
+        owner.register_parameter(name, value)
+    elif isinstance(value, torch.Tensor) and not plain:
+        owner.register_buffer(name, value)
+    else:
+        setattr(owner, name, value)
+
+
+def add_buffer(gm: fx.GraphModule, name: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register ``value`` as a buffer of ``gm`` named after ``name`` (what it holds, e.g.
+    'conv1.weight_scale': readable in a saved artifact; characters other than letters and digits
+    become '_', and '_1', '_2', ... is appended when the name is taken) and return a get_attr node
+    reading it, inserted before ``before``. A tensor that requires grad is stored as a copy."""
+    base = "".join(c if c.isalnum() else "_" for c in name)
+    free, i = base, 0
+    while hasattr(gm, free):
+        i += 1
+        free = f"{base}_{i}"
+    gm.register_buffer(free, value.detach().clone() if value.requires_grad else value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(free)
+    node.meta["val"] = value
+    return node
+
+
+def add_constant(gm: fx.GraphModule, value: torch.Tensor, hint: str, before: fx.Node) -> fx.Node:
+    """A constant a rewrite computed (a folded weight, a merged bias): ``add_buffer`` under a name
+    starting with '_fx_', so attributes fxcompile made are told apart from the model's own."""
+    return add_buffer(gm, "_fx_" + hint, value, before)
+
+
+def attr_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Tensors the graph reads through get_attr nodes."""
+    out = {}
+    for n in gm.graph.find_nodes(op="get_attr"):
+        value = fetch_attr(gm, n.target)
+        if isinstance(value, torch.Tensor):
+            out[n.target] = value
+    return out
+
+
+def _distinct_attr_tensors(gm: fx.GraphModule) -> Iterator[torch.Tensor]:
+    """The tensors the graph reads, each once (a tied weight is read under several names)."""
+    seen = set()
+    for t in attr_tensors(gm).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield t
+
+
+def count_params(gm: fx.GraphModule) -> int:
+    """Elements held in the tensors the graph reads (parameters, buffers, folded constants)."""
+    return sum(t.numel() for t in _distinct_attr_tensors(gm))
+
+
+def tensor_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of every tensor the graph reads through get_attr (each counted once)."""
+    return sum(t.numel() * t.element_size() for t in _distinct_attr_tensors(gm))
+
+
+def drop_unused_attrs(gm: fx.GraphModule) -> None:
+    """Delete tensors and submodules no get_attr/call_module node uses any more."""
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            owner, attr = _owner(gm, name)
+            delattr(owner, attr)
+    for name, value in list(vars(gm).items()):
+        if isinstance(value, torch.Tensor) and name not in used and not name.startswith("_"):
+            delattr(gm, name)
+    gm.delete_all_unused_submodules()
+
+
+def first_user_node(gm: fx.GraphModule) -> fx.Node:
+    """The first node that is not a placeholder or get_attr (where new get_attrs can go)."""
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "get_attr"):
+            return n
+    return next(iter(gm.graph.nodes))
+
+
+# -- op sets: ATen overloads that passes treat alike ------------------------------------------
+# Convolutions with the weight's first dim as output channels (``padding`` takes a string).
+CONV_OPS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                      aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding})
+# Transposed convolutions: the weight's second dim holds the output channels (per group).
+CONV_TRANSPOSE_OPS = frozenset({aten.conv_transpose1d.default, aten.conv_transpose2d.input,
+                                aten.conv_transpose3d.input})
+MUL_OPS = frozenset({aten.mul.Tensor, aten.mul.Scalar})
+DIV_OPS = frozenset({aten.div.Tensor, aten.div.Scalar})
+SOFTMAX_OPS = (aten.softmax.int, aten._softmax.default)  # in the order fuse_attention visits them
+MAX_POOL_OPS = frozenset({aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default})
+# Reshapes that keep the element order and may alias their input.
+VIEW_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+# The dtype/shape assertions torch.export inserts: they read a value but compute nothing.
+TENSOR_METADATA_ASSERT = aten._assert_tensor_metadata.default
 
 
 def count_ops(gm: fx.GraphModule) -> dict[str, int]:
@@ -31,68 +171,6 @@ def count_ops(gm: fx.GraphModule) -> dict[str, int]:
 def op_list(gm: fx.GraphModule) -> list[str]:
     """The graph's call_function targets in order, as 'aten.linear.default'-style names."""
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-
-
-def attr_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Tensors the graph reads through get_attr nodes."""
-    out = {}
-    for n in gm.graph.find_nodes(op="get_attr"):
-        value = fetch_attr(gm, n.target)
-        if isinstance(value, torch.Tensor):
-            out[n.target] = value
-    return out
-
-
-def count_params(gm: fx.GraphModule) -> int:
-    """Elements held in the tensors the graph reads (parameters, buffers, folded constants)."""
-    seen, total = set(), 0
-    for t in attr_tensors(gm).values():
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel()
-    return total
-
-
-def drop_unused_attrs(gm: fx.GraphModule) -> None:
-    """Delete tensors and submodules no get_attr/call_module node uses any more."""
-    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if name not in used:
-            _delattr(gm, name)
-    for name, value in list(vars(gm).items()):
-        if isinstance(value, torch.Tensor) and name not in used and not name.startswith("_"):
-            delattr(gm, name)
-    gm.delete_all_unused_submodules()
-
-
-def _delattr(gm: torch.nn.Module, target: str) -> None:
-    *path, last = target.split(".")
-    owner = gm
-    for atom in path:
-        owner = getattr(owner, atom)
-    delattr(owner, last)
-
-
-def add_constant(gm: fx.GraphModule, value: torch.Tensor, hint: str, before: fx.Node) -> fx.Node:
-    """Register ``value`` as a buffer of ``gm`` and return a get_attr node for it."""
-    base = "_fx_" + "".join(c if c.isalnum() else "_" for c in hint)
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    gm.register_buffer(name, value.detach().clone() if value.requires_grad else value)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(name)
-    node.meta["val"] = value
-    return node
-
-
-def first_user_node(gm: fx.GraphModule) -> fx.Node:
-    """The first node that is not a placeholder or get_attr (where new get_attrs can go)."""
-    for n in gm.graph.nodes:
-        if n.op not in ("placeholder", "get_attr"):
-            return n
-    return next(iter(gm.graph.nodes))
 
 
 def refresh_meta(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> int:
@@ -164,11 +242,6 @@ def same_shape(a: fx.Node, b: fx.Node) -> bool:
     return va.dim() == vb.dim() and all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
 
 
-def is_mutating(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return node.op == "call_function" and schema is not None and schema.is_mutable
-
-
 # -- reading and editing a node's arguments by their schema names (for pattern rewrites) ------
 def _schema_args(node: fx.Node):
     schema = getattr(node.target, "_schema", None)
@@ -217,6 +290,7 @@ def scalar(gm: fx.GraphModule, arg: Any) -> float | None:
     return None
 
 
+# -- node origin: where a node came from in the user's model ----------------------------------
 def copy_origin(dst: fx.Node, src: fx.Node) -> fx.Node:
     """Give ``dst`` the user-facing provenance of ``src`` (module path and source line)."""
     for key in ("nn_module_stack", "stack_trace"):
@@ -225,13 +299,95 @@ def copy_origin(dst: fx.Node, src: fx.Node) -> fx.Node:
     return dst
 
 
+def module_paths(node: fx.Node) -> list[str]:
+    """Every enclosing module path of ``node`` (its nn_module_stack), outermost first, in the
+    user's naming ('layer1', 'layer1.0', 'layer1.0.conv1'); the model itself is left out."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [p for p in (_strip_wrapper(v[0]) for v in stack.values()) if p]
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost user module path of ``node`` ('' for the model itself)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return _strip_wrapper(list(stack.values())[-1][0])
+
+
+def _strip_wrapper(path: str) -> str:
+    # capture wraps the model in an encoder module whose attribute is 'model' (see capture.py)
+    if path == "model":
+        return ""
+    return path[len("model."):] if path.startswith("model.") else path
+
+
+# -- module patterns: the modules an option names (prune's ignore, insert_fake_quant's skip) ----
+def _enclosing(path: str) -> Iterator[str]:
+    """'a.b.c' -> 'a', 'a.b', 'a.b.c'."""
+    parts = path.split(".") if path else []
+    for i in range(1, len(parts) + 1):
+        yield ".".join(parts[:i])
+
+
+def pattern_matches(pattern: str, paths: Iterable[str]) -> bool:
+    """Whether the module pattern ``pattern`` takes something at one of ``paths``.
+
+    A module pattern names modules by their dotted path, as in ``model.named_modules()``
+    ('layer1.0.conv1'), and takes everything inside them. It is the exact path
+    ('layer1.0.conv1'), a sub-tree by its prefix ('layer1' takes layer1.0.conv1, not layer10),
+    or an fnmatch glob matched against the path of the module or of any module around it
+    ('*.attention' takes every attention block with what is inside it; '*' also spans dots, so
+    'encoder.*' takes everything under encoder). A parameter counts as a path inside its module
+    ('fc.weight'). Options that take patterns raise PassError for a pattern that names no module
+    of the model (``check_patterns``): a typo would otherwise do nothing, silently.
+    """
+    return any(p == pattern or fnmatch.fnmatchcase(p, pattern) for path in paths for p in _enclosing(path))
+
+
+def check_patterns(option: str, patterns: Iterable[str], paths: Iterable[str], error: type[Exception],
+                   shown: Iterable[str] | None = None) -> None:
+    """Raise ``error`` (a PassError) for the first of ``patterns`` (the option named ``option``)
+    that takes none of ``paths`` (the model's module or parameter paths; see pattern_matches),
+    showing some module paths (``shown``, else ``paths``) as examples."""
+    paths = list(paths)
+    for pattern in patterns:
+        if not pattern_matches(pattern, paths):
+            some = sorted({p for p in (paths if shown is None else shown) if p})[:8]
+            raise error(f"{option}: the pattern {pattern!r} matches no module of this model; "
+                        f"module paths look like {some}")
+
+
+# -- users, mutation and metadata assertions ------------------------------------------------
 def real_users(node: fx.Node) -> list[fx.Node]:
     """Users of ``node`` other than the dtype/shape assertions torch.export inserts."""
-    return [u for u in node.users if u.target is not torch.ops.aten._assert_tensor_metadata.default]
+    return [u for u in node.users if u.target is not TENSOR_METADATA_ASSERT]
 
 
 def drop_asserts(node: fx.Node) -> None:
     """Erase the metadata assertions that read ``node`` (they would keep a replaced node alive)."""
     for user in list(node.users):
-        if user.target is torch.ops.aten._assert_tensor_metadata.default:
+        if user.target is TENSOR_METADATA_ASSERT:
             node.graph.erase_node(user)
+
+
+def is_mutating(node: fx.Node) -> bool:
+    """Whether ``node`` calls an op that writes one of its arguments (an in-place op)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def feeds_mutation(node: fx.Node) -> bool:
+    """True if a mutating op reads ``node`` (directly or through views): then a copy matters."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if is_mutating(user):
+                return True
+            schema = getattr(user.target, "_schema", None)
+            if schema is not None and any(r.alias_info is not None for r in schema.returns):
+                stack.append(user)
+    return False

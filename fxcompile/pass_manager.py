@@ -16,11 +16,9 @@ from torch import fx
 
 from . import graph_utils, state
 from .errors import FxCompileError, PassError
-from .numerics import max_error
+from .numerics import LOSSLESS_TOLERANCE, max_error
 from .registry import PassInfo, PassResult, check_order, default_pipeline, get_pass, register_pass
 from .report import PassRecord
-
-LOSSLESS_TOLERANCE = 1e-4  # max abs error relative to output scale, fp32 (DESIGN §6)
 
 
 @dataclass
@@ -209,5 +207,4 @@ def _new_numbered_folder(root: Path, name: str) -> Path:
             number += 1
 
 
-__all__ = ["PassContext", "PassResult", "register_pass", "resolve_pipeline", "run_pipeline",
-           "LOSSLESS_TOLERANCE"]
+__all__ = ["PassContext", "PassResult", "register_pass", "resolve_pipeline", "run_pipeline"]

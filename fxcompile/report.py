@@ -48,6 +48,28 @@ class Report:
     __str__ = table
 
 
+# Sections passes add to the report, kept on the graph (so a copy of the graph keeps them):
+# gm.meta[REPORT_EXTRA] maps a section name to its value, or to a function of the graph that
+# computes it at each lowering (quantization shows the scales calibration or training gave).
+REPORT_EXTRA = "report_extra"
+
+
+def add_report_section(gm, name: str, section: Any) -> None:
+    """Show ``section`` (a value, or ``fn(gm) -> value or None``) as ``name`` in the report of
+    every module lowered from ``gm`` (Report.extra)."""
+    gm.meta.setdefault(REPORT_EXTRA, {})[name] = section
+
+
+def report_sections(gm) -> dict[str, Any]:
+    """The sections passes added to ``gm`` (add_report_section), computed for the graph as it is."""
+    out = {}
+    for name, section in getattr(gm, "meta", {}).get(REPORT_EXTRA, {}).items():
+        value = section(gm) if callable(section) else section
+        if value is not None:
+            out[name] = value
+    return out
+
+
 def _si(v: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(v) >= div:

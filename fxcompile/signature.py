@@ -3,19 +3,20 @@
 ``InputSignature`` binds a call to the model's forward signature, flattens it in placeholder
 order and checks it against what was compiled: the structure, dtypes, static dims and Dim ranges,
 and the values of inputs that are not tensors (torch.export bakes those into the graph).
+``FlatBatches`` flattens calibration batches (each what the model takes) the same way.
 """
 from __future__ import annotations
 
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
-from .errors import InputError
+from .errors import CalibrationError, InputError
 
 
 @dataclass
@@ -292,3 +293,59 @@ def forward_signature(model: torch.nn.Module) -> inspect.Signature | None:
         return inspect.signature(model.forward)
     except (TypeError, ValueError):
         return None
+
+
+# -- calibration batches: data like the model's inputs, flattened like a call -----------------
+class FlatBatches:
+    """Calibration batches already flattened to the graph's placeholders (what compile passes
+    down the pipeline as ``calibration_data``): each item is a list of flat inputs, or a
+    CalibrationError to raise (a batch that does not fit the model's inputs)."""
+
+    def __init__(self, data: Iterable, signature: InputSignature):
+        self.data, self.signature = data, signature
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        for i, batch in enumerate(iterate_batches(self.data)):
+            yield _flatten_batch(batch, self.signature, i)
+
+
+def iterate_batches(data):
+    """An iterator over calibration ``data`` (a list, a generator, a DataLoader of batches)."""
+    if isinstance(data, (torch.Tensor, dict)) or data is None:
+        raise CalibrationError(f"calibration data must be an iterable of batches (a list, a generator, "
+                               f"a DataLoader), got a single {type(data).__name__}; wrap one batch as [batch]")
+    try:
+        return iter(data)
+    except TypeError:
+        raise CalibrationError(f"calibration data must be an iterable of batches, got {type(data).__name__}") from None
+
+
+def batch_as_call(batch, index: int) -> tuple[tuple, dict]:
+    """One batch as a call: a tensor, a tuple of positional inputs or a dict of keyword inputs."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    raise CalibrationError(f"calibration batch {index} is a {type(batch).__name__}; a batch is a tensor, "
+                           "a tuple of positional inputs or a dict of keyword inputs")
+
+
+def _flatten_batch(batch, signature: InputSignature, index: int):
+    args, kwargs = batch_as_call(batch, index)
+    try:
+        flat = signature.flatten(args, kwargs)
+    except InputError as e:
+        return CalibrationError(
+            f"calibration batch {index} does not fit the model's inputs: {e}\nA batch is what you would "
+            "pass to the model (a tensor, a tuple of positional inputs, a dict of keyword inputs); "
+            "for (input, label) pairs from a DataLoader pass (x for x, _ in loader).")
+    for name, got, want in zip(signature.names, flat, signature.examples):
+        if isinstance(want, torch.Tensor) and got.dim() != want.dim():
+            return CalibrationError(f"calibration batch {index}: input '{name}' has {got.dim()} dimensions "
+                                    f"{tuple(got.shape)}; the model was compiled for {tuple(want.shape)}")
+    return flat

@@ -27,14 +27,11 @@ from torch import fx
 
 from fxcompile import graph_utils as gu
 from fxcompile.registry import register_pass
+from fxcompile.rewrite import erase_dead
 
 aten = torch.ops.aten
 
-_SOFTMAX = (aten.softmax.int, aten._softmax.default)
 _MATMUL = {aten.matmul.default, aten.bmm.default}
-_MUL = {aten.mul.Tensor, aten.mul.Scalar}
-_DIV = {aten.div.Tensor, aten.div.Scalar}
-_RESHAPE = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
 _COPIES = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
            aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
 NEG_INF = float("-inf")
@@ -75,16 +72,16 @@ def _scaled(gm: fx.GraphModule, node) -> tuple[fx.Node, float] | None:
     if not isinstance(node, fx.Node) or node.op != "call_function" or len(node.args) != 2 or node.kwargs:
         return None
     a, b = node.args
-    if node.target in _MUL:
+    if node.target in gu.MUL_OPS:
         pairs = ((a, b), (b, a))
-    elif node.target in _DIV:
+    elif node.target in gu.DIV_OPS:
         pairs = ((a, b),)
     else:
         return None
     for x, s in pairs:
         value = gu.scalar(gm, s)
         if value is not None and isinstance(x, fx.Node) and gu.same_shape(node, x):
-            if node.target in _DIV:
+            if node.target in gu.DIV_OPS:
                 return (x, 1.0 / value) if value != 0 else None
             return x, value
     return None
@@ -215,7 +212,7 @@ def _shape(node: fx.Node, perm=None):
 
 def _unrepeat(node: fx.Node):
     """(x, n) when ``node`` repeats the heads of a 4-d x n times: reshape(expand(unsqueeze(x, 2)))."""
-    if node.target not in _RESHAPE:
+    if node.target not in gu.VIEW_OPS:
         return None
     expand = node.args[0]
     if expand.op != "call_function" or expand.target is not aten.expand.default or len(expand.users) != 1:
@@ -304,14 +301,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, opts: FuseAttentionOptions) -> None:
         sdpa = make(aten.scaled_dot_product_attention.default, (q, k, v), kwargs)
         sdpa.meta["val"] = out.meta.get("val")  # same shape: a later match may read it
     out.replace_all_uses_with(sdpa)
-    # Erase the replaced nodes here: dead-code elimination keeps dropout (a random op) alive.
-    dead = [out, *m.interior]
-    for node in dead:
-        gu.drop_asserts(node)
-    while erasable := [n for n in dead if not n.users]:
-        for node in erasable:
-            graph.erase_node(node)
-            dead.remove(node)
+    erase_dead([out, *m.interior])  # dead-code elimination would keep dropout (a random op) alive
 
 
 @register_pass("fuse_attention", options=FuseAttentionOptions, after=("fold_linear_scale",),
@@ -319,7 +309,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, opts: FuseAttentionOptions) -> None:
 def fuse_attention(gm: fx.GraphModule, opts: FuseAttentionOptions) -> int:
     """Replace matmul -> (scale, mask) -> softmax -> matmul with scaled_dot_product_attention."""
     rewrites = 0
-    for target in _SOFTMAX:
+    for target in gu.SOFTMAX_OPS:
         for softmax in list(gm.graph.find_nodes(op="call_function", target=target)):
             m = _match(gm, softmax)
             if m is not None and math.isfinite(m.scale) and _valid(m, opts):

@@ -28,12 +28,11 @@ _IDENTITY = {aten.alias.default, aten.detach.default, aten.lift_fresh_copy.defau
 # Ops that only change the memory layout: no-ops when their input already has that layout.
 _LAYOUT = {aten.contiguous.default}
 # Ops that are no-ops when the output has the input's shape and dtype.
-_SAME_SHAPE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-               aten.expand.default, aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims,
-               aten.unsqueeze.default, aten.slice.Tensor, aten.to.dtype, aten.to.dtype_layout,
+_SAME_SHAPE = {*graph_utils.VIEW_OPS, aten.expand.default, aten.flatten.using_ints, aten.squeeze.dim,
+               aten.squeeze.dims, aten.unsqueeze.default, aten.slice.Tensor, aten.to.dtype, aten.to.dtype_layout,
                aten.to.device, aten._to_copy.default, aten.type_as.default, aten.repeat.default,
                aten.permute.default, aten.transpose.int}
-_DROP = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+_DROP = {graph_utils.TENSOR_METADATA_ASSERT, aten._assert_scalar.default,
          aten.sym_constrain_range_for_size.default}
 
 
@@ -59,23 +58,6 @@ def _keeps_layout(node: fx.Node) -> bool:
     return fmt in (None, torch.preserve_format) or node.args[0].meta["val"].is_contiguous(memory_format=fmt)
 
 
-def _feeds_mutation(node: fx.Node) -> bool:
-    """True if a mutating op reads ``node`` (directly or through views): then a copy matters."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        for user in n.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if graph_utils.is_mutating(user):
-                return True
-            schema = getattr(user.target, "_schema", None)
-            if schema is not None and any(r.alias_info is not None for r in schema.returns):
-                stack.append(user)
-    return False
-
-
 def _shares_written_memory(node: fx.Node) -> bool:
     """True if ``node`` is (a view of) a value that an in-place op writes, directly or through views."""
     root = node
@@ -84,7 +66,7 @@ def _shares_written_memory(node: fx.Node) -> bool:
         if schema is None or not schema.returns or schema.returns[0].alias_info is None:
             break
         root = root.args[0]
-    return _feeds_mutation(root)
+    return graph_utils.feeds_mutation(root)
 
 
 @register_pass("remove_noops", default=True)
@@ -108,7 +90,7 @@ def remove_noops(gm: fx.GraphModule) -> int:
                     and _permutation_is_identity(node)
                     and src.meta["val"].device == node.meta["val"].device))
         # a copy of a value that is updated in place later (``old = self.buf.clone()``) is no no-op
-        if (noop and not _feeds_mutation(node) and not _shares_written_memory(src)
+        if (noop and not graph_utils.feeds_mutation(node) and not _shares_written_memory(src)
                 and not graph_utils.is_mutating(node)):
             node.replace_all_uses_with(src)
             gm.graph.erase_node(node)
@@ -145,11 +127,11 @@ def _foldable(node: fx.Node, const: set[fx.Node]) -> bool:
 def fold_constants(gm: fx.GraphModule, opts: FoldConstantsOptions) -> int:
     """Precompute subgraphs that read only parameters and constants; store their results."""
     # A constant that an in-place op writes to is not constant across calls.
-    const: set[fx.Node] = {n for n in gm.graph.find_nodes(op="get_attr") if not _feeds_mutation(n)}
+    const: set[fx.Node] = {n for n in gm.graph.find_nodes(op="get_attr") if not graph_utils.feeds_mutation(n)}
     values: dict[fx.Node, torch.Tensor] = {n: graph_utils.fetch_attr(gm, n.target) for n in const}
     size_in: dict[fx.Node, int] = {n: v.numel() if isinstance(v, torch.Tensor) else 0 for n, v in values.items()}
     for node in gm.graph.nodes:
-        if _foldable(node, const) and not _feeds_mutation(node):
+        if _foldable(node, const) and not graph_utils.feeds_mutation(node):
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
             with torch.no_grad():
                 values[node] = node.target(*args, **kwargs)
@@ -165,7 +147,7 @@ def fold_constants(gm: fx.GraphModule, opts: FoldConstantsOptions) -> int:
         if value.numel() > opts.max_growth * size_in[node] + 1024:
             continue
         new = graph_utils.add_constant(gm, value.contiguous(), f"folded_{node.name}", node)
-        new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
+        graph_utils.copy_origin(new, node)
         node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in const)
         rewrites += 1
     return rewrites
@@ -200,7 +182,7 @@ def _cse_candidate(node: fx.Node) -> bool:
     elif node.target is not operator.getitem:
         return False
     # A value that is written in place later, or that reads one, depends on where it is computed.
-    return not _feeds_mutation(node) and not any(_feeds_mutation(i) for i in node.all_input_nodes)
+    return not graph_utils.feeds_mutation(node) and not any(graph_utils.feeds_mutation(i) for i in node.all_input_nodes)
 
 
 @register_pass("cse", after=("fuse_attention", "merge_parallel_linears"), before=("dead_code_elimination",),

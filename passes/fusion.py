@@ -21,9 +21,6 @@ from fxcompile.rewrite import Op, Rule, RuleSet, Var
 
 aten = torch.ops.aten
 
-_CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-         aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
-_CONV_T = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 
 
 def _kind(node) -> str | None:
@@ -32,9 +29,9 @@ def _kind(node) -> str | None:
         return None
     if node.target is aten.linear.default:
         return "linear"
-    if node.target in _CONV:
+    if node.target in gu.CONV_OPS:
         return "conv"
-    if node.target in _CONV_T:
+    if node.target in gu.CONV_TRANSPOSE_OPS:
         return "conv_t"
     if node.target is aten.convolution.default:
         return "conv_t" if gu.get_arg(node, "transposed") else "conv"
@@ -109,7 +106,7 @@ def _hint(node: fx.Node, suffix: str) -> str:
 
 # -- fold_batch_norm -------------------------------------------------------------------------
 _BN = aten.batch_norm.default
-_WEIGHTED = {aten.linear.default, aten.convolution.default} | _CONV | _CONV_T
+_WEIGHTED = {aten.linear.default, aten.convolution.default} | gu.CONV_OPS | gu.CONV_TRANSPOSE_OPS
 _NOT_CONSTANT = "the layer's weight or bias is not a constant float tensor (or its groups not static)"
 
 
@@ -234,8 +231,6 @@ def fold_batch_norm(gm: fx.GraphModule) -> int:
 
 
 # -- fold_linear_scale -----------------------------------------------------------------------
-_MUL = {aten.mul.Tensor, aten.mul.Scalar}
-_DIV = {aten.div.Tensor, aten.div.Scalar}
 _ADD = {aten.add.Tensor, aten.add.Scalar}
 _SUB = {aten.sub.Tensor, aten.sub.Scalar}
 
@@ -279,7 +274,7 @@ def _scale_folds(m) -> str | None:
         return "the other operand is not a scalar or a constant that varies only along the channels"
     if not isinstance(alpha, (int, float)) or (alpha != 1 and user.args[0] is not node):
         return "c + alpha * y scales y: not a shift"
-    if user.target in _DIV:
+    if user.target in gu.DIV_OPS:
         if (vec == 0).any():
             return "it divides by zero in some channel"
         vec = 1.0 / vec
@@ -291,7 +286,7 @@ def _fold_scale(m) -> fx.Node:
     """The layer with the scale or shift in its weight and bias; it replaces the arithmetic."""
     op, vec, user = m.op, m.vec, m.anchor
     hint = _hint(op.node, "scaled")
-    if user.target in _MUL or user.target in _DIV:  # a divisor is already inverted
+    if user.target in gu.MUL_OPS or user.target in gu.DIV_OPS:  # a divisor is already inverted
         op.replace_params(m.gm, op.scaled_weight(vec), None if op.bias is None else op.bias64() * vec, hint)
     else:
         sign = 1.0 if user.target in _ADD else -1.0
@@ -300,9 +295,9 @@ def _fold_scale(m) -> fx.Node:
 
 
 _SCALE_RULES = RuleSet([
-    Rule("scale_after_layer", Op(_MUL | _ADD, Op(_WEIGHTED, name="layer"), Var("other"), commutative=True),
+    Rule("scale_after_layer", Op(gu.MUL_OPS | _ADD, Op(_WEIGHTED, name="layer"), Var("other"), commutative=True),
          guard=_scale_folds, replace=_fold_scale),
-    Rule("divide_or_subtract_after_layer", Op(_DIV | _SUB, Op(_WEIGHTED, name="layer"), Var("other")),
+    Rule("divide_or_subtract_after_layer", Op(gu.DIV_OPS | _SUB, Op(_WEIGHTED, name="layer"), Var("other")),
          guard=_scale_folds, replace=_fold_scale),
 ])
 

@@ -14,11 +14,8 @@ aten = torch.ops.aten
 
 _PERMUTES = {aten.permute.default, aten.transpose.int, aten.t.default}
 # Ops that only regroup dims (the element order stays): a chain of them is one reshape.
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-             aten.flatten.using_ints, aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims,
+_RESHAPES = {*gu.VIEW_OPS, aten.flatten.using_ints, aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims,
              aten.squeeze.default, aten.unsqueeze.default}
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
 _PADS = {aten.pad.default, aten.constant_pad_nd.default}
 
 
@@ -44,17 +41,12 @@ def _permutation(node: fx.Node) -> list[int] | None:
     return perm
 
 
-def _feeds_mutation(node: fx.Node) -> bool:
-    from fxcompile.passes.cleanup import _feeds_mutation as feeds
-    return feeds(node)
-
-
 # -- permute(permute(x)) -> one permute of x, or x itself -----------------------------------
 def _permutes_compose(m) -> str | None:
     outer, inner = _permutation(m.anchor), _permutation(m.inner)
     if outer is None or inner is None:
         return "the input's rank is unknown (no meta['val'])"
-    if _feeds_mutation(m.anchor):
+    if gu.feeds_mutation(m.anchor):
         return "an in-place op writes through the result: it must stay a view of its own"
     m.perm = [inner[d] for d in outer]
     return None
@@ -77,7 +69,7 @@ def _static_shape(node: fx.Node) -> list[int] | None:
 def _reshapes_collapse(m) -> str | None:
     if _val(m.src) is None:
         return "the input's shape is unknown (no meta['val'])"
-    if _feeds_mutation(m.anchor):
+    if gu.feeds_mutation(m.anchor):
         return "an in-place op writes through the result: it must stay a view of its own"
     if m.anchor.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
         m.shape = m.anchor.args[1]  # sizes relative to the element count, which the chain keeps
@@ -171,7 +163,7 @@ _RULES = RuleSet([
          guard=_permutes_compose, replace=_composed_permute),
     Rule("collapse_reshapes", Op(_RESHAPES, Op(_RESHAPES, Var("src"))),
          guard=_reshapes_collapse, replace=_collapsed_reshape),
-    Rule("fold_pad_into_conv", Op(_CONVS, Op(_PADS, Var("x"), name="pad")),
+    Rule("fold_pad_into_conv", Op(gu.CONV_OPS, Op(_PADS, Var("x"), name="pad")),
          guard=_pad_folds, replace=_conv_with_padding),
 ])
 

@@ -1,11 +1,18 @@
 """Small models shared by the tests; every test compares against eager PyTorch."""
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+from typing import Any, NamedTuple
+
 import pytest
 import torch
 import torch.nn as nn
 
 torch.set_num_threads(2)
+
+# The checkout's root: tests find README, examples/, benchmarks/ and the source folders from it.
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class ConvBN(nn.Module):
@@ -55,6 +62,40 @@ def assert_close(ref, out, tol=1e-4):
     err = max_error(ref, out)
     assert err <= tol, f"max error {err:.3g} relative to output scale exceeds {tol}"
     return err
+
+
+class Compared(NamedTuple):
+    """What compile_and_compare returns: the compiled model and the op sequences
+    (graph_utils.op_list) of the captured graph, before any pass, and of the compiled one."""
+    compiled: Any
+    before: list[str]
+    after: list[str]
+
+
+def compile_and_compare(model, inputs, passes, backend: str = "eager", tol: float | None = 1e-4,
+                        kwargs: dict | None = None, check: bool = True) -> Compared:
+    """Compile ``model`` with ``passes`` on ``backend`` and assert that the compiled model gives
+    eager PyTorch's outputs within ``tol`` of the output scale (assert_close). ``check=True``
+    also compares after every pass as compile runs them. ``tol=None`` skips the comparison, for
+    models whose every call changes what they return (random ops, mutated buffers): the caller
+    compares those itself, with check=False."""
+    import fxcompile
+    from fxcompile.graph_utils import op_list
+    model.eval()
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    kwargs = kwargs or {}
+    before = op_list(fxcompile.capture(model, inputs, kwargs or None).gm)
+    compiled = fxcompile.compile(model, inputs, passes=list(passes), backend=backend, check=check,
+                                 example_kwargs=kwargs or None)
+    if tol is not None:
+        with torch.no_grad():
+            assert_close(model(*inputs, **kwargs), compiled(*inputs, **kwargs), tol=tol)
+    return Compared(compiled, before, op_list(compiled.graph_module))
+
+
+def op_counts(ops: list[str]) -> dict[str, int]:
+    """op name -> how often it occurs in ``ops`` (graph_utils.count_ops over an op sequence)."""
+    return dict(Counter(ops))
 
 
 def run_together(fn, n: int = 4) -> list:

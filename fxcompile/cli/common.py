@@ -8,8 +8,6 @@ from typing import Any
 
 from ..errors import InputError
 
-TOLERANCE = 1e-4  # max error relative to output scale for lossless fp32 (DESIGN §6)
-
 # Python packages a built-in backend needs, for backends whose module has no ``available()``.
 _REQUIRES = {"onnx": ("onnx", "onnxruntime", "onnxscript")}
 

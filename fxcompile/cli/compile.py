@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
-from .common import TOLERANCE, parse_backend_options, parse_passes
+from ..numerics import LOSSLESS_TOLERANCE
+from .common import parse_backend_options, parse_passes
 from .target import load_target
 
 
@@ -61,9 +62,9 @@ def cmd_compile(args) -> int:
         Path(args.report_json).write_text(json.dumps(data, indent=2, default=str) + "\n")
         print(f"wrote {args.report_json}")
     lossless = all(r.lossless for r in compiled.report.passes)
-    if args.check and lossless and not err <= TOLERANCE:
+    if args.check and lossless and not err <= LOSSLESS_TOLERANCE:
         print(f"FAIL the compiled model differs from the original: max error {err:.2e} exceeds "
-              f"{TOLERANCE:g}", file=sys.stderr)
+              f"{LOSSLESS_TOLERANCE:g}", file=sys.stderr)
         return 1
     return 0
 

@@ -8,7 +8,8 @@ import time
 from typing import Callable
 
 from ..errors import FxCompileError, InputError, suggest
-from .common import TOLERANCE, backend_status, parse_passes, progress, split_list
+from ..numerics import LOSSLESS_TOLERANCE
+from .common import backend_status, parse_passes, progress, split_list
 
 TIMING_BUDGET_S = 2.0  # demo: stop timing one model on one backend after this long
 HEADER = ("model", "backend", "compile s", "latency ms", "speed-up", "max rel error", "parity")
@@ -99,8 +100,8 @@ def _compiled_row(model_name, backend, model, inputs, reference, eager_ms, passe
     err = max_error(reference, compiled(*inputs))
     ms = _median_ms(compiled, inputs, args.runs, args.warmup, TIMING_BUDGET_S)
     del compiled  # free its runtime (onnxruntime's threads) before timing the next one
-    ok = err <= TOLERANCE
-    failure = None if ok else f"{model_name} on {backend}: max error {err:.2e} exceeds {TOLERANCE:g}"
+    ok = err <= LOSSLESS_TOLERANCE
+    failure = None if ok else f"{model_name} on {backend}: max error {err:.2e} exceeds {LOSSLESS_TOLERANCE:g}"
     row = (model_name, backend, f"{seconds:.2f}", f"{ms:.2f}", f"{eager_ms / ms:.2f}x", f"{err:.1e}",
            "ok" if ok else "FAIL")
     return row, failure

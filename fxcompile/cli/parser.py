@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from ..numerics import LOSSLESS_TOLERANCE
 from .cache import cmd_cache
 from .compile import cmd_compile
 from .demo import cmd_demo
 from .listing import cmd_backends, cmd_passes
+
+_TOLERANCE = f"{LOSSLESS_TOLERANCE:.0e}".replace("e-0", "e-")  # 1e-4 as the help writes it
 
 _EPILOG = """\
 examples:
@@ -46,7 +49,7 @@ mask).
 Latency is the median of --runs timed calls after --warmup calls, all in this one process
 (fewer calls when they take over 2 s for one model and backend); the speed-up is the
 uncompiled model's latency divided by the compiled one's. max error is
-max|reference - output| / max|reference| against the uncompiled model; above 1e-4 the
+max|reference - output| / max|reference| against the uncompiled model; above {tolerance} the
 command exits with status 1.
 
 examples:
@@ -76,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(sub, formatter) -> None:
-    demo = sub.add_parser("demo", formatter_class=formatter, epilog=_DEMO_EPILOG,
+    demo = sub.add_parser("demo", formatter_class=formatter,
+                          epilog=_DEMO_EPILOG.format(tolerance=_TOLERANCE),
                           help="compile two small built-in models with every available backend and "
                                "compare latency and outputs with PyTorch",
                           description="Compile the two demo models with each available backend, check each\n"
@@ -117,7 +121,7 @@ def _add_compile(sub, formatter) -> None:
                            "for tensorrt)")
     comp.add_argument("--check", action="store_true",
                       help="compare outputs after every pass and after lowering; fail (exit 1) when a "
-                           "lossless step changes them by more than 1e-4 relative to output scale")
+                           f"lossless step changes them by more than {_TOLERANCE} relative to output scale")
     comp.add_argument("--report-json", metavar="FILE", help="also write the report as JSON to FILE")
     comp.add_argument("--int8", choices=("static", "dynamic"),
                       help="quantize to int8 for the backend (the default passes, then insert_fake_quant "

@@ -45,6 +45,7 @@ from torch import fx
 
 from ..capture import COMPILE_LOCK
 from ..errors import BackendError, InputError, suggest
+from ..graph_utils import fetch_attr, set_attr
 
 log = logging.getLogger(__name__)
 
@@ -212,28 +213,6 @@ def _usable_path(path: str, taken: set[str]) -> bool:
     return all(_IDENT.match(p) and not hasattr(DynamoGraph, p) for p in path.split("."))
 
 
-def _assign(module: torch.nn.Module, path: str, value: Any) -> None:
-    *prefix, name = path.split(".")
-    for atom in prefix:
-        child = getattr(module, atom, None)
-        if child is None:
-            child = torch.nn.Module()
-            module.add_module(atom, child)
-        module = child
-    if isinstance(value, torch.nn.Parameter):
-        module.register_parameter(name, value)
-    elif isinstance(value, torch.Tensor):
-        module.register_buffer(name, value)
-    else:
-        setattr(module, name, value)
-
-
-def _fetch(module: torch.nn.Module, path: str):
-    for atom in path.split("."):
-        module = getattr(module, atom)
-    return module
-
-
 # -- the module fxcompile.compile sees -----------------------------------------------------
 class DynamoGraph(torch.nn.Module):
     """One dynamo graph with the model's state frozen in, called with the user's tensor inputs.
@@ -248,7 +227,7 @@ class DynamoGraph(torch.nn.Module):
     def __init__(self, graph: fx.Graph, attrs: dict[str, Any], constants: dict[int, Any]):
         super().__init__()
         for path, value in attrs.items():
-            _assign(self, path, value)
+            set_attr(self, path, value)
         self._graph = graph
         self._constants = dict(constants)
         self._arity = len(list(graph.find_nodes(op="placeholder")))
@@ -370,7 +349,7 @@ class DynamoRunner:
          self._scalar_outputs) = freeze_graph(gm, example_inputs, freeze_state)
         # Attributes dynamo kept on its GraphModule (get_attr / call_module nodes, when modules
         # are not inlined) travel into every DynamoGraph as they are.
-        self._own_attrs = {n.target: _fetch(gm, n.target) for n in gm.graph.nodes
+        self._own_attrs = {n.target: fetch_attr(gm, n.target) for n in gm.graph.nodes
                            if n.op in ("get_attr", "call_module")}
         self.compiled: dict[tuple, Any] = {}
         self._state: list[torch.Tensor] = []

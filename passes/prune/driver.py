@@ -1,8 +1,6 @@
 """The ``prune`` pass: analyse, score, choose, check on a shadow copy, then rewrite the graph."""
 from __future__ import annotations
 
-import fnmatch
-
 import numpy as np
 import torch
 from torch import fx
@@ -10,6 +8,7 @@ from torch import fx
 from fxcompile import graph_utils
 from fxcompile.errors import PassError, PruneError
 from fxcompile.registry import register_pass
+from fxcompile.report import add_report_section
 
 from . import criteria
 from .analysis import Analysis, Group, analyse
@@ -21,7 +20,7 @@ from .select import Limits, choose, search
 aten = torch.ops.aten
 # ops whose result depends on every position of a dim (the oracle masks these, see tests)
 _REDUCING = {aten.layer_norm.default, aten.group_norm.default, aten.mean.dim, aten.sum.dim_IntList,
-             aten.softmax.int, aten._softmax.default, aten.amax.default, aten.var.correction}
+             *graph_utils.SOFTMAX_OPS, aten.amax.default, aten.var.correction}
 if hasattr(aten, "rms_norm"):
     _REDUCING.add(aten.rms_norm.default)
 
@@ -31,9 +30,7 @@ def _module_path(target: str) -> str:
 
 
 def _matches(pattern: str, target: str) -> bool:
-    path = _module_path(target)
-    return (fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(target, pattern)
-            or path == pattern or path.startswith(pattern + "."))
+    return graph_utils.pattern_matches(pattern, [target])
 
 
 def _reportable(g: Group) -> bool:
@@ -43,11 +40,9 @@ def _reportable(g: Group) -> bool:
 
 def _candidates(A: Analysis, groups: list[Group], opts: PruneOptions):
     targets = [m.target for m in A.members]
-    for pattern in list(opts.ignore) + list(opts.max_ratio_per_layer):
-        if not any(_matches(pattern, t) for t in targets):
-            some = sorted({_module_path(t) for t in targets if _module_path(t)})[:8]
-            raise PruneError(f"prune: the pattern {pattern!r} matches no module of this model; "
-                             f"module paths look like {some}")
+    modules = {_module_path(t) for t in targets}
+    for option in ("ignore", "max_ratio_per_layer"):
+        graph_utils.check_patterns(f"prune {option}", getattr(opts, option), targets, PruneError, modules)
     attention_ok = {"heads": {"heads"}, "head_dim": {"head_dim"}, "both": {"heads", "head_dim"},
                     "none": set()}[opts.attention]
     keep, skipped = [], []
@@ -170,7 +165,7 @@ def prune(gm: fx.GraphModule, opts: PruneOptions, ctx) -> int:
     report.removed = {t: {d: [int(i) for i in idx] for d, idx in dims.items()} for t, dims in removed_at.items()}
     report.reduced = reduced
     gm.meta["prune_report"] = report
-    gm.meta.setdefault("report_extra", {})["prune"] = report
+    add_report_section(gm, "prune", report)
     return len(removed)
 
 

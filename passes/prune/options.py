@@ -25,8 +25,9 @@ class PruneOptions:
     pruned by 0.1 with exact counts ran 0.86x the unpruned model on onnxruntime, with multiples
     of 8 1.04x), exact counts in smaller groups.
     max_ratio: no group loses more than this fraction; max_ratio_per_layer: {module pattern: ratio}.
-    ignore: module path patterns (fnmatch, or a dotted prefix) whose output channels are kept (their
-    input columns still follow the layers before them).
+    ignore: module patterns (as insert_fake_quant's ``skip``: an exact module or parameter path, a
+    prefix naming a sub-tree or an fnmatch glob; fxcompile.graph_utils.pattern_matches) whose
+    output channels are kept (their input columns still follow the layers before them).
     keep_normalized: leave groups that a LayerNorm/RMSNorm/GroupNorm or a mean runs over, so the
     pruned model equals the original with the removed channels zeroed.
     data: batches for taylor (tuples of graph inputs, or dicts by input name); loss_fn(outputs,

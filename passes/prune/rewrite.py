@@ -17,6 +17,7 @@ from torch import fx
 from fxcompile import graph_utils
 
 from .analysis import Analysis, size_hint
+from .rule_table import op_table
 
 aten = torch.ops.aten
 
@@ -61,7 +62,7 @@ class Rewriter:
             if target in removed_at:
                 if id(value) not in sliced:
                     sliced[id(value)] = _as_like(new.contiguous(), value)
-                _set_attr(gm, target, sliced[id(value)])
+                graph_utils.set_attr(gm, target, sliced[id(value)])
         return removed_at
 
     def new_attr_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -117,29 +118,8 @@ def _as_like(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return new
 
 
-def _set_attr(gm: fx.GraphModule, target: str, new: torch.Tensor) -> None:
-    *path, last = target.split(".")
-    owner = gm
-    for atom in path:
-        owner = getattr(owner, atom)
-    if last in owner._parameters:
-        owner._parameters[last] = new if isinstance(new, torch.nn.Parameter) else torch.nn.Parameter(new, False)
-    elif last in owner._buffers:
-        owner._buffers[last] = new
-    else:
-        setattr(owner, last, new)
-
-
 REWRITES: dict = {}
-
-
-def rewrite(*ops):
-    def deco(fn):
-        for op in ops:
-            if op is not None:
-                REWRITES[op] = fn
-        return fn
-    return deco
+rewrite = op_table(REWRITES)  # @rewrite(*ops): recomputes the constants of each op's calls
 
 
 def _set_arg(node: fx.Node, i: int, name: str, value):
@@ -221,8 +201,7 @@ def _shuffle_groups(R: Rewriter, node: fx.Node) :
     return _set_arg(node, 1, "groups", g)
 
 
-@rewrite(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv2d.padding,
-         getattr(aten.conv1d, "padding", None), getattr(aten.conv3d, "padding", None))
+@rewrite(*graph_utils.CONV_OPS)
 def _conv_groups(R: Rewriter, node: fx.Node) :
     extra = R.A.extra.get(node)
     if not extra:

@@ -11,18 +11,23 @@ import torch
 from torch import fx
 
 aten = torch.ops.aten
+
+
+def op_table(table: dict):
+    """A decorator ``@register(*ops)`` that puts the decorated function in ``table`` under each op
+    (None entries are ops this torch build lacks, see ``aten_op``)."""
+    def register(*ops):
+        def deco(fn):
+            for op in ops:
+                if op is not None:
+                    table[op] = fn
+            return fn
+        return deco
+    return register
+
+
 RULES: dict = {}
-
-
-def rule(*ops):
-    """Register the decorated function as the channel rule of each op (None entries are ops this
-    torch build lacks, see ``aten_op``)."""
-    def deco(fn):
-        for op in ops:
-            if op is not None:
-                RULES[op] = fn
-        return fn
-    return deco
+rule = op_table(RULES)  # @rule(*ops): the channel rule of each op
 
 
 def aten_op(name: str, overload: str = "default"):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from torch import fx
 
+from fxcompile.graph_utils import CONV_OPS
+
 from .axes import Conflict
 from .rule_table import aten, aten_op, node_arg, rule, wrap_dim
 
@@ -121,11 +123,7 @@ def _matmul(A, node):
     A.set(node, out + [a[-2], b[-1]])
 
 
-_CONV = [aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten_op("conv1d", "padding"),
-         aten.conv2d.padding, aten_op("conv3d", "padding")]
-
-
-@rule(*_CONV)
+@rule(*CONV_OPS)
 def _conv(A, node):
     x, w = A.dims(node.args[0]), A.dims(node.args[1])
     xs, ws = A.shape(node.args[0]), A.shape(node.args[1])

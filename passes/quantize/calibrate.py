@@ -18,25 +18,12 @@ from torch import fx
 
 from fxcompile.errors import CalibrationError, InputError, QuantizationError, describe_node, suggest
 from fxcompile.graph_utils import fetch_attr
+from fxcompile.report import report_sections
+from fxcompile.signature import FlatBatches, batch_as_call, iterate_batches
 
 from .observers import METHODS, NonFiniteError, Observer
 from .ops import FAKE_QUANT_OPS, FakeQuantArgs
-from .state import get_state, qparams, report_section
-
-
-class FlatBatches:
-    """Calibration batches already flattened to the graph's placeholders (what compile passes
-    down the pipeline): each item is a list of flat inputs, or a CalibrationError to raise."""
-
-    def __init__(self, data: Iterable, signature):
-        self.data, self.signature = data, signature
-
-    def __len__(self):
-        return len(self.data)
-
-    def __iter__(self):
-        for i, batch in enumerate(_iterate(self.data)):
-            yield _flatten_structured(batch, self.signature, i)
+from .state import get_state, qparams
 
 
 def calibrate(model, data: Iterable, method: str = "minmax", *, percentile: float = 99.99,
@@ -177,49 +164,12 @@ class _ObservingInterpreter(fx.Interpreter):
 
 
 # -- batches -----------------------------------------------------------------------------
-def _iterate(data):
-    if isinstance(data, (torch.Tensor, dict)) or data is None:
-        raise CalibrationError(f"calibration data must be an iterable of batches (a list, a generator, "
-                               f"a DataLoader), got a single {type(data).__name__}; wrap one batch as [batch]")
-    try:
-        return iter(data)
-    except TypeError:
-        raise CalibrationError(f"calibration data must be an iterable of batches, got {type(data).__name__}") from None
-
-
 def _length(batches, max_batches):
     try:
         n = len(batches)
     except TypeError:
         return max_batches
     return min(n, max_batches) if max_batches is not None else n
-
-
-def _as_call(batch, index: int) -> tuple[tuple, dict]:
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}
-    if isinstance(batch, dict):
-        return (), dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    raise CalibrationError(f"calibration batch {index} is a {type(batch).__name__}; a batch is a tensor, "
-                           "a tuple of positional inputs or a dict of keyword inputs")
-
-
-def _flatten_structured(batch, signature, index: int):
-    args, kwargs = _as_call(batch, index)
-    try:
-        flat = signature.flatten(args, kwargs)
-    except InputError as e:
-        return CalibrationError(
-            f"calibration batch {index} does not fit the model's inputs: {e}\nA batch is what you would "
-            "pass to the model (a tensor, a tuple of positional inputs, a dict of keyword inputs); "
-            "for (input, label) pairs from a DataLoader pass (x for x, _ in loader).")
-    for name, got, want in zip(signature.names, flat, signature.examples):
-        if isinstance(want, torch.Tensor) and got.dim() != want.dim():
-            return CalibrationError(f"calibration batch {index}: input '{name}' has {got.dim()} dimensions "
-                                    f"{tuple(got.shape)}; the model was compiled for {tuple(want.shape)}")
-    return flat
 
 
 class _GraphBatches:
@@ -233,7 +183,7 @@ class _GraphBatches:
         return len(self.data)
 
     def __iter__(self):
-        for i, batch in enumerate(_iterate(self.data)):
+        for i, batch in enumerate(iterate_batches(self.data)):
             yield self._check(batch, i)
 
     def _check(self, batch, index: int):
@@ -243,7 +193,7 @@ class _GraphBatches:
                 return CalibrationError(f"calibration batch {index} lacks inputs {missing}")
             flat = [batch[p.name] for p in self.placeholders]
         else:
-            flat = list(_as_call(batch, index)[0])
+            flat = list(batch_as_call(batch, index)[0])
         if len(flat) != len(self.placeholders):
             return CalibrationError(
                 f"calibration batch {index} has {len(flat)} inputs; the graph takes {len(self.placeholders)} "
@@ -267,7 +217,7 @@ def _refresh(compiled) -> None:
     lowered again on compile's lowering path (eager runs the graph itself: it has the new scales)."""
     gm = compiled.graph_module
     if compiled.backend == "eager":
-        compiled.report.extra.update(report_section(gm))
+        compiled.report.extra.update(report_sections(gm))
         return
     from fxcompile.api import relower
     options = dict(getattr(compiled.runner, "options", None) or {})
@@ -275,4 +225,4 @@ def _refresh(compiled) -> None:
                               compiled.report)
 
 
-__all__ = ["calibrate", "calibrate_graph", "FlatBatches", "METHODS"]
+__all__ = ["calibrate", "calibrate_graph", "METHODS"]

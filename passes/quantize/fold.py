@@ -12,15 +12,14 @@ import torch
 from torch import fx
 
 from fxcompile.errors import QuantizationError, describe_node
-from fxcompile.graph_utils import copy_origin, drop_unused_attrs, fetch_attr
+from fxcompile.graph_utils import (add_buffer, copy_origin, drop_asserts, drop_unused_attrs, fetch_attr, real_users,
+                                   set_attr, tensor_bytes)
 from fxcompile.registry import register_pass
 
 from . import placement
 from .ops import (DEQUANTIZE, DYNAMIC_FAKE_QUANT, DYNAMIC_QUANTIZED_MATMUL, FQ_LEARNABLE_PER_CHANNEL,
-                  FQ_LEARNABLE_PER_TENSOR, FQ_PER_CHANNEL, FQ_PER_TENSOR, QUANTIZE, FakeQuantArgs)
-from .state import EPS, QuantState, add_buffer, fake_quant_nodes, get_state, replace_attr, tensor_bytes
-
-_ASSERT = torch.ops.aten._assert_tensor_metadata.default
+                  FQ_LEARNABLE_PER_TENSOR, FQ_PER_CHANNEL, FQ_PER_TENSOR, QUANTIZE, FakeQuantArgs, int_dtype)
+from .state import EPS, QuantState, fake_quant_nodes, get_state
 
 
 @register_pass("fold_fake_quant", lossless=False, after=("insert_fake_quant",))
@@ -80,8 +79,8 @@ def freeze(gm: fx.GraphModule) -> int:
         with torch.no_grad():
             scale = fetch_attr(gm, s.target).detach().float().abs().clamp_min(EPS).clone()
             zero_point = fetch_attr(gm, z.target).detach().round().clamp(fq.quant_min, fq.quant_max).to(torch.int32)
-        replace_attr(gm, s.target, scale)
-        replace_attr(gm, z.target, zero_point)
+        set_attr(gm, s.target, scale)
+        set_attr(gm, z.target, zero_point)
         node.target = FQ_PER_CHANNEL if node.target is FQ_LEARNABLE_PER_CHANNEL else FQ_PER_TENSOR
         node.args = fq.args_for(node.target)
         changed += 1
@@ -92,10 +91,6 @@ def freeze(gm: fx.GraphModule) -> int:
 
 def _qparams_of(gm: fx.GraphModule, fq: FakeQuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
     return fetch_attr(gm, fq.scale.target).detach(), fetch_attr(gm, fq.zero_point.target).detach()
-
-
-def _int_dtype(qmin: int) -> torch.dtype:
-    return torch.uint8 if qmin >= 0 else torch.int8
 
 
 def _fold_weight(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -> None:
@@ -115,7 +110,7 @@ def _fold_weight(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) ->
         shape[axis] = -1
         s, zp = scale.float(), zero_point
         q = torch.round(fake / s.reshape(shape)) + zp.reshape(shape)
-    dtype = _int_dtype(fq.quant_min)
+    dtype = int_dtype(fq.quant_min)
     q = q.clamp(fq.quant_min, fq.quant_max).to(dtype)
     qn = add_buffer(gm, f"{w.target}_{str(dtype).removeprefix('torch.')}", q, node)
     sn = add_buffer(gm, f"{w.target}_scale", s.float().contiguous(), node)
@@ -123,17 +118,22 @@ def _fold_weight(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) ->
     with gm.graph.inserting_before(node):
         dq = gm.graph.create_node("call_function", DEQUANTIZE, (qn, sn, zn, axis or 0),
                                   name=f"dequantize_{w.name}")
-    copy_origin(dq, node)
-    dq.meta["val"] = node.meta.get("val")
-    node.replace_all_uses_with(dq)
-    gm.graph.erase_node(node)
+    _take_place(node, dq)
     _rename(state, node.name, dq.name, sn.target, zn.target)
+
+
+def _take_place(node: fx.Node, new: fx.Node) -> None:
+    """``new`` replaces ``node``: it gets its origin, value and users, and ``node`` is erased."""
+    copy_origin(new, node)
+    new.meta["val"] = node.meta.get("val")
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
 
 
 def _fold_activation(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -> None:
     fq = FakeQuantArgs.of(node)
     scale, zero_point = _qparams_of(gm, fq)
-    dtype = _int_dtype(fq.quant_min)
+    dtype = int_dtype(fq.quant_min)
     sn = add_buffer(gm, f"{node.name}_scale", scale.float().reshape(()).clone(), node)
     zn = add_buffer(gm, f"{node.name}_zero_point", zero_point.reshape(()).to(dtype), node)
     with gm.graph.inserting_before(node):
@@ -141,11 +141,8 @@ def _fold_activation(gm: fx.GraphModule, node: fx.Node, state: QuantState | None
                                  name=f"quantize_{fq.x.name}")
         dq = gm.graph.create_node("call_function", DEQUANTIZE, (q, sn, zn, 0),
                                   name=f"dequantize_{fq.x.name}")
-    for n in (q, dq):
-        copy_origin(n, node)
-    dq.meta["val"] = node.meta.get("val")
-    node.replace_all_uses_with(dq)
-    gm.graph.erase_node(node)
+    copy_origin(q, node)
+    _take_place(node, dq)
     _rename(state, node.name, dq.name, sn.target, zn.target)
 
 
@@ -154,9 +151,7 @@ def _fold_dynamic(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -
     dynamic_quantized_matmul per op (DynamicQuantizeMatMul in onnxruntime)."""
     x = FakeQuantArgs.of(node).x
     first = None
-    for op in list(node.users):
-        if op.target is _ASSERT:
-            continue
+    for op in real_users(node):
         ok = op.target in placement.FAMILIES["linear"] | placement.FAMILIES["matmul"]
         a, w, bias, n_by_k = placement.linear_operands(op) if ok else (None, None, None, False)
         if not (a is node and isinstance(w, fx.Node) and w.target is DEQUANTIZE):
@@ -169,13 +164,9 @@ def _fold_dynamic(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -
         with gm.graph.inserting_before(op):
             new = gm.graph.create_node("call_function", DYNAMIC_QUANTIZED_MATMUL,
                                        (x, q, scale, zero_point, bias), name=f"dynamic_quantized_{op.name}")
-        copy_origin(new, op)
-        new.meta["val"] = op.meta.get("val")
-        op.replace_all_uses_with(new)
-        gm.graph.erase_node(op)
+        _take_place(op, new)
         first = first or new
-    for user in list(node.users):
-        gm.graph.erase_node(user)  # metadata asserts on the fake-quant value
+    drop_asserts(node)
     gm.graph.erase_node(node)
     if first is not None:
         _rename(state, node.name, first.name, "", "")

@@ -17,17 +17,15 @@ import torch
 from torch import fx
 
 from fxcompile.errors import QuantizationError, describe_node
-from fxcompile.graph_utils import copy_origin, fetch_attr
+from fxcompile.graph_utils import MAX_POOL_OPS, add_buffer, copy_origin, fetch_attr, module_path, tensor_bytes
 from fxcompile.registry import register_pass
 
 from . import placement
 from .calibrate import calibrate_graph
 from .observers import METHODS
 from .ops import DEQUANTIZE, DYNAMIC_FAKE_QUANT, FQ_PER_CHANNEL, FQ_PER_TENSOR, QUANTIZE, FakeQuantArgs
-from .state import (TARGETS, WEIGHT_RANGE, QuantPoint, QuantState, add_buffer, fake_quant_nodes, get_state,
-                    module_path, qparams, set_state, tensor_bytes, u8s8_saturates, weight_qparams)
-
-_MAX_POOL = (torch.ops.aten.max_pool1d.default, torch.ops.aten.max_pool2d.default, torch.ops.aten.max_pool3d.default)
+from .state import (TARGETS, WEIGHT_RANGE, QuantPoint, QuantState, fake_quant_nodes, get_state, qparams, set_state,
+                    u8s8_saturates, weight_qparams)
 
 
 @dataclass
@@ -41,8 +39,9 @@ class InsertFakeQuantOptions:
     transformers: QLinearAdd instead of two DequantizeLinear and a float Add, which onnxruntime
     would also fuse with a following LayerNorm into its slower SkipLayerNormalization); adds of
     float tensors and pre-norm residual streams stay float.
-    skip / only: module path patterns (fnmatch over the model's own module names, e.g.
-    'classifier', '*.embeddings.*') to leave in float / to restrict quantization to.
+    skip / only: module patterns (as prune's ``ignore``: an exact module path, a prefix naming a
+    sub-tree or an fnmatch glob; fxcompile.graph_utils.pattern_matches), e.g. 'classifier',
+    '*.embeddings', to leave in float / to restrict quantization to.
     keep_first / keep_last: leave the first / last conv, linear or matmul in float.
     per_channel: per-output-channel weight scales (else one per weight).
     reduce_range: keep onnxruntime's U8S8 kernels on x86 CPUs without VNNI from saturating their
@@ -119,7 +118,7 @@ def _pair_limit(site: placement.Site, weight: torch.Tensor) -> int | str | None:
 
 def _after_relu(node: fx.Node) -> bool:
     """``node`` is a ReLU's output, possibly through max pooling."""
-    while node.op == "call_function" and node.target in _MAX_POOL:
+    while node.op == "call_function" and node.target in MAX_POOL_OPS:
         node = node.args[0]
     return node.op == "call_function" and node.target in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
 

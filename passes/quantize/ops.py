@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 
-def _int_dtype(quant_min: int) -> torch.dtype:
+def int_dtype(quant_min: int) -> torch.dtype:
+    """The integer dtype of a quantized range: uint8 from 0 up, else int8."""
     return torch.uint8 if quant_min >= 0 else torch.int8
 
 
@@ -54,12 +55,12 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant
     # fq = (q - zp) * scale, and fq / scale recovers q - zp exactly after rounding.
     fq = torch.fake_quantize_per_tensor_affine(x.float(), scale.float().reshape(1), zp, quant_min, quant_max)
     q = torch.round(fq / scale.float()) + zero_point.float()
-    return q.clamp(quant_min, quant_max).to(_int_dtype(quant_min))
+    return q.clamp(quant_min, quant_max).to(int_dtype(quant_min))
 
 
 @quantize.register_fake
 def _quantize_fake(x, scale, zero_point, quant_min, quant_max):
-    return torch.empty_like(x, dtype=_int_dtype(quant_min))
+    return torch.empty_like(x, dtype=int_dtype(quant_min))
 
 
 @torch.library.custom_op("fxcompile::dequantize", mutates_args=())

@@ -23,26 +23,22 @@ no ONNX-side surgery is needed.
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
-from fxcompile.graph_utils import real_users
-
-from .state import module_paths
+from fxcompile.errors import PassError
+from fxcompile.graph_utils import CONV_OPS, MAX_POOL_OPS, check_patterns, module_paths, pattern_matches, real_users
 
 aten = torch.ops.aten
 
 FAMILIES: dict[str, set] = {
-    "conv": {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-             aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default},
+    "conv": {*CONV_OPS, aten.convolution.default},
     "linear": {aten.linear.default, aten.addmm.default},  # addmm(bias, x, w [K, N]): HF's Conv1D
     "matmul": {aten.matmul.default, aten.mm.default, aten.bmm.default},
     "add": {aten.add.Tensor, aten.add_.Tensor},
-    "pool": {aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
-             aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
+    "pool": {*MAX_POOL_OPS, aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
              aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
              aten.adaptive_avg_pool3d.default},
     "cat": {aten.cat.default},
@@ -103,7 +99,16 @@ def _is_constant(arg) -> bool:
 
 
 def _matches(node: fx.Node, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(path, pat) for path in module_paths(node) for pat in patterns)
+    paths = module_paths(node)
+    return any(pattern_matches(pattern, paths) for pattern in patterns)
+
+
+def check_module_patterns(gm: fx.GraphModule, skip=(), only=()) -> None:
+    """PassError for a skip / only pattern that names no module the graph's ops come from (module
+    patterns as for prune's ``ignore``: fxcompile.graph_utils.pattern_matches)."""
+    paths = {p for n in gm.graph.nodes for p in module_paths(n)}
+    for option, patterns in (("insert_fake_quant skip", skip), ("insert_fake_quant only", only)):
+        check_patterns(option, patterns, paths, PassError)
 
 
 def _site(node: fx.Node, family: str, per_channel: bool) -> Site | None:
@@ -201,6 +206,7 @@ def linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, object, bool]:
 def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=False, keep_last=False,
          per_channel=True, dynamic=False) -> Plan:
     """Choose the quantized ops and the tensors to fake-quantize (see the module docstring)."""
+    check_module_patterns(gm, skip, only)
     sites = []
     for node in gm.graph.nodes:
         family = family_of(node)

@@ -20,11 +20,11 @@ from torch import fx
 
 from fxcompile.api import graph_and_capture
 from fxcompile.errors import QuantizationError
-from fxcompile.graph_utils import fetch_attr
+from fxcompile.graph_utils import fetch_attr, set_attr
 
 from .ops import (FQ_LEARNABLE_PER_CHANNEL, FQ_LEARNABLE_PER_TENSOR, FQ_PER_CHANNEL, FQ_PER_TENSOR,
                   FakeQuantArgs)
-from .state import fake_quant_nodes, get_state, replace_attr
+from .state import fake_quant_nodes, get_state
 
 aten = torch.ops.aten
 # (op, index of the weight, index of the bias) whose operands are trained
@@ -85,7 +85,7 @@ def _weights_to_parameters(gm: fx.GraphModule) -> None:
         if isinstance(value, torch.nn.Parameter):
             value.requires_grad_(True)
         else:
-            replace_attr(gm, target, torch.nn.Parameter(value.detach().clone(), requires_grad=True))
+            set_attr(gm, target, torch.nn.Parameter(value.detach().clone(), requires_grad=True))
 
 
 def _make_learnable(gm: fx.GraphModule) -> None:
@@ -97,9 +97,9 @@ def _make_learnable(gm: fx.GraphModule) -> None:
         x, s, z = fq.x, fq.scale, fq.zero_point
         scale = fetch_attr(gm, s.target).detach().float().clone()
         zero_point = fetch_attr(gm, z.target).detach().float().clone()
-        replace_attr(gm, s.target, torch.nn.Parameter(scale))
+        set_attr(gm, s.target, torch.nn.Parameter(scale))
         symmetric = fq.quant_min < 0
-        replace_attr(gm, z.target, zero_point if symmetric else torch.nn.Parameter(zero_point))
+        set_attr(gm, z.target, zero_point if symmetric else torch.nn.Parameter(zero_point))
         val = x.meta.get("val")
         n = val.numel() if isinstance(val, torch.Tensor) else 1
         if fq.axis is not None:

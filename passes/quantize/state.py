@@ -6,8 +6,9 @@ a ``QuantState``: one ``QuantPoint`` per fake-quant node (keyed by the node's na
 quantizes, its integer range, the calibration method and range it got, and its observer; plus the
 target backend and the weight bytes before and after folding. GraphModule deep copies keep it.
 
-Also here: the scale and zero-point buffers (add_buffer, replace_attr) and the quantization
-section of a CompiledModule's report (report_section).
+Also here: the quantization section of a CompiledModule's report (``quant_report``, which
+``set_state`` registers in ``gm.meta['report_extra']``: fxcompile.report reads it at each lowering,
+so the report shows the scales calibration or training gave).
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from typing import Any
 
 import torch
 from torch import fx
+
+from fxcompile.graph_utils import fetch_attr
+from fxcompile.report import add_report_section
 
 from .ops import FAKE_QUANT_OPS
 
@@ -89,44 +93,11 @@ def get_state(gm: fx.GraphModule) -> QuantState | None:
 
 def set_state(gm: fx.GraphModule, state: QuantState) -> None:
     gm.meta[META_KEY] = state
+    add_report_section(gm, "quantization", quant_report)
 
 
 def fake_quant_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in FAKE_QUANT_OPS]
-
-
-def add_buffer(gm: fx.GraphModule, base: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
-    """Register ``value`` as a buffer named after ``base`` (what it quantizes: "conv1.weight_scale",
-    readable in the saved artifact) and return a get_attr node for it, inserted before ``before``."""
-    base = "".join(c if c.isalnum() else "_" for c in base)
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    gm.register_buffer(name, value)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(name)
-    node.meta["val"] = value
-    return node
-
-
-def replace_attr(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    """Put ``value`` at ``target`` (a dotted path) in place of what is there: a parameter when it
-    is an nn.Parameter, else a buffer (QAT trains weights and scales, freezing makes them buffers)."""
-    *path, last = target.split(".")
-    owner = gm
-    for atom in path:
-        owner = getattr(owner, atom)
-    if last in owner._buffers:
-        del owner._buffers[last]
-    elif last in owner._parameters:
-        del owner._parameters[last]
-    elif hasattr(owner, last):
-        delattr(owner, last)
-    if isinstance(value, torch.nn.Parameter):
-        owner.register_parameter(last, value)
-    else:
-        owner.register_buffer(last, value)
 
 
 def qparams(lo: float, hi: float, quant_min: int, quant_max: int, symmetric: bool) -> tuple[float, int]:
@@ -189,39 +160,6 @@ def u8s8_saturates() -> bool:
     return is_x86() and bool(cpu_flags()) and not has_vnni()
 
 
-def tensor_bytes(gm: fx.GraphModule) -> int:
-    """Bytes of every tensor the graph reads through get_attr (each counted once)."""
-    from fxcompile.graph_utils import attr_tensors
-    seen, total = set(), 0
-    for t in attr_tensors(gm).values():
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
-def module_path(node: fx.Node) -> str:
-    """The innermost user module path of ``node`` ('' for the model itself)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return _strip_wrapper(path)
-
-
-def module_paths(node: fx.Node) -> list[str]:
-    """Every enclosing module path of ``node``, outermost first, in the user's naming."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [p for p in (_strip_wrapper(v[0]) for v in stack.values()) if p]
-
-
-def _strip_wrapper(path: str) -> str:
-    # capture wraps the model in an encoder module whose attribute is 'model' (see capture.py)
-    if path == "model":
-        return ""
-    return path[len("model."):] if path.startswith("model.") else path
-
-
 class QuantReport:
     """The quantization section of a CompiledModule's report: one row per fake-quant node and the
     weight bytes before and after folding. ``str()`` gives a table; ``rows`` the data."""
@@ -282,12 +220,11 @@ def _scale_range(scales: tuple[float, float] | None) -> str:
     return f"{lo:.3g}" if math.isclose(lo, hi) else f"{lo:.3g}..{hi:.3g}"
 
 
-def report_section(gm: fx.GraphModule) -> dict[str, Any]:
-    """``{"quantization": QuantReport}`` for a quantized graph, else {} (for Report.extra)."""
+def quant_report(gm: fx.GraphModule) -> QuantReport | None:
+    """The quantization section of the report for a quantized graph's current scales, else None."""
     state = get_state(gm)
     if state is None:
-        return {}
-    from fxcompile.graph_utils import fetch_attr
+        return None
     scales = {}
     for p in state.points.values():
         try:
@@ -295,4 +232,4 @@ def report_section(gm: fx.GraphModule) -> dict[str, Any]:
         except AttributeError:
             continue
         scales[p.name] = (s.min().item(), s.max().item())
-    return {"quantization": QuantReport(state, scales)}
+    return QuantReport(state, scales)

@@ -1,0 +1,170 @@
+import pytest
+import torch
+
+import fxcompile
+from fxcompile.errors import BackendError
+
+from tests.conftest import assert_close
+
+
+def test_eager_parity_and_save(convbn, tmp_path):
+    model, inputs = convbn
+    compiled = fxcompile.compile(model, inputs, backend="eager", check=True)
+    assert compiled.backend == "eager"
+    assert_close(model(*inputs), compiled(*inputs))
+    files = compiled.save(tmp_path / "model.pt2")
+    loaded = torch.export.load(files[0]).module()
+    (out,) = loaded(*inputs)
+    assert_close(model(*inputs), out)
+
+
+def test_eager_nested_structure(dictout):
+    model, args, kwargs = dictout
+    compiled = fxcompile.compile(model, args, example_kwargs=kwargs, backend="eager")
+    assert_close(model(*args, **kwargs), compiled(*args, **kwargs))
+
+
+def test_unknown_backend_and_option(convbn):
+    model, inputs = convbn
+    with pytest.raises(BackendError, match="unknown backend 'onxx'.*Did you mean 'onnx'"):
+        fxcompile.compile(model, inputs, backend="onxx")
+    with pytest.raises(BackendError, match="backend 'eager' has no option 'threads'"):
+        fxcompile.compile(model, inputs, backend="eager", threads=2)
+
+
+def test_third_party_backend(convbn):
+    from fxcompile.backend_api import Lowered
+
+    class Doubler(Lowered):
+        backend = "doubler"
+
+        def __init__(self, gm):
+            super().__init__()
+            self.gm = gm
+
+        def forward(self, *flat):
+            return tuple(o * 2 for o in self.gm(*flat))
+
+    fxcompile.register_backend("doubler", lambda gm, inputs, options: Doubler(gm))
+    model, inputs = convbn
+    compiled = fxcompile.compile(model, inputs, backend="doubler")
+    assert "doubler" in fxcompile.backend_names()
+    assert_close(model(*inputs) * 2, compiled(*inputs))
+
+
+def test_eager_dynamic_batch(convbn):
+    model, inputs = convbn
+    batch = torch.export.Dim("batch", min=1, max=64)
+    compiled = fxcompile.compile(model, inputs, dynamic_shapes={"x": {0: batch}})
+    for n in (1, 7):
+        x = torch.randn(n, 3, 8, 8)
+        assert_close(model(x), compiled(x))
+    with pytest.raises(fxcompile.InputError, match="not inputs of the model"):
+        fxcompile.compile(model, inputs, dynamic_shapes={"y": {0: batch}})
+
+
+class _ViewAfterConv(torch.nn.Module):
+    """A view that needs contiguous memory: it fails on channels_last activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.view(y.shape[0], -1)[:, :16]
+
+
+def test_channels_last_inputs_for_conv_nets(convbn):
+    model, small = convbn
+    assert "memory format" not in fxcompile.compile(model, small).report.extra  # too small for "auto"
+    forced = fxcompile.compile(model, small, channels_last=True)
+    assert forced.report.extra["memory format"] == "channels_last"
+    assert_close(model(*small), forced(*small))
+    inputs = (torch.randn(4, 3, 64, 64),)
+    compiled = fxcompile.compile(model, inputs)
+    assert compiled.report.extra["memory format"] == "channels_last"
+    assert compiled.runner.manifest() == {"channels_last_inputs": [0]}
+    out = compiled(*inputs)
+    assert out.is_contiguous()
+    assert_close(model(*inputs), out)
+    off = fxcompile.compile(model, inputs, channels_last=False)
+    assert "memory format" not in off.report.extra
+    with pytest.raises(BackendError, match="channels_last must be"):
+        fxcompile.compile(model, inputs, channels_last="yes")
+
+
+def test_channels_last_falls_back_when_the_graph_cannot_take_it():
+    torch.manual_seed(0)
+    model, x = _ViewAfterConv().eval(), torch.randn(2, 3, 8, 8)
+    compiled = fxcompile.compile(model, (x,))
+    assert "memory format" not in compiled.report.extra and compiled.runner.manifest() == {"channels_last_inputs": []}
+    assert_close(model(x), compiled(x))
+    with pytest.raises(BackendError, match="channels_last is not possible here: the graph fails"):
+        fxcompile.compile(model, (x,), channels_last=True)
+    linear = torch.nn.Linear(4, 4).eval()
+    with pytest.raises(BackendError, match="no 2-d convolution"):
+        fxcompile.compile(linear, (torch.randn(2, 4),), channels_last=True)
+
+
+def test_eager_dynamic_batch_checks_the_other_dims(convbn):
+    """Only the batch is dynamic: another H/W must be refused, not run on a graph whose views
+    and means were specialised to 8x8."""
+    model, inputs = convbn
+    batch = torch.export.Dim("batch", min=1, max=64)
+    compiled = fxcompile.compile(model, inputs, dynamic_shapes={"x": {0: batch}})
+    x = torch.randn(5, 3, 8, 8)
+    assert_close(model(x), compiled(x))
+    with pytest.raises(fxcompile.InputError, match=r"'x' has shape \(2, 3, 10, 10\).*dim 2 is 10, compiled as static 8"):
+        compiled(torch.randn(2, 3, 10, 10))
+    with pytest.raises(fxcompile.InputError, match=r"dim 0 is 65, outside the range 1\.\.64"):
+        compiled(torch.randn(65, 3, 8, 8))
+
+
+class _ConstantOutputs(torch.nn.Module):
+    """Outputs that depend on weights only: folded to one tensor, or the parameter itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.w = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return self.fc(x), self.w * 2, self.w
+
+
+@pytest.mark.parametrize("passes", [None, []])
+def test_constant_outputs_are_fresh_tensors(tmp_path, passes):
+    torch.manual_seed(0)
+    model, x = _ConstantOutputs().eval(), torch.randn(2, 4)
+    with torch.no_grad():
+        ref = model(x)
+    compiled = fxcompile.compile(model, (x,), passes=passes)
+    loaded = fxcompile.load(compiled.save(tmp_path / "m.pt2")[0])
+    for c in (compiled, loaded):
+        for out in c(x):
+            out.add_(100)  # the caller owns what it gets back
+        assert_close(ref, c(x))
+    assert_close(ref, model(x))
+
+
+def test_check_fails_when_the_backend_differs():
+    from fxcompile.backend_api import Lowered
+
+    class OffByOne(Lowered):
+        backend = "off_by_one_test"
+
+        def __init__(self, gm):
+            super().__init__()
+            self.gm = gm
+
+        def forward(self, *flat):
+            return tuple(o + 1 for o in self.gm(*flat))
+
+    fxcompile.register_backend("off_by_one_test", lambda gm, inputs, options: OffByOne(gm))
+    model, x = torch.nn.Linear(4, 4).eval(), torch.randn(2, 4)
+    fxcompile.compile(model, (x,), backend="off_by_one_test")  # without check: no comparison
+    with pytest.raises(BackendError, match="off_by_one_test.*max error"):
+        fxcompile.compile(model, (x,), backend="off_by_one_test", check=True)
+    good = fxcompile.compile(model, (x,), check=True)
+    assert float(good.report.extra["backend max error"]) <= 1e-4

@@ -1,0 +1,230 @@
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+import fxcompile
+from fxcompile.errors import BackendError
+
+from tests.conftest import assert_close
+from tests.core.test_state import Counter
+
+
+def test_onnx_parity_save_and_reload(convbn, tmp_path):
+    model, inputs = convbn
+    compiled = fxcompile.compile(model, inputs, backend="onnx", check=True, threads=1)
+    assert compiled.backend == "onnx"
+    out = compiled(*inputs)
+    assert isinstance(out, torch.Tensor)
+    assert_close(model(*inputs), out)
+    assert compiled.report.extra["onnx nodes"] > 0
+    path = tmp_path / "model.onnx"
+    assert compiled.save(path) == [str(path), str(path) + ".fxcompile"]
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (res,) = sess.run(None, {"x": inputs[0].numpy()})
+    assert_close(model(*inputs), torch.from_numpy(res))
+
+
+def test_onnx_external_data(tmp_path):
+    model, inputs = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval(), (torch.randn(2, 64),)
+    compiled = fxcompile.compile(model, inputs, backend="onnx", external_data_threshold=16)
+    files = compiled.save(tmp_path / "big.onnx")
+    assert files[:2] == [str(tmp_path / "big.onnx"), str(tmp_path / "big.onnx.data")]
+    assert (tmp_path / "big.onnx.data").stat().st_size > 0
+    assert_close(model(*inputs), compiled(*inputs))  # the session loaded from external data too
+
+
+def test_onnx_nested_structure_and_kwargs(dictout):
+    model, args, kwargs = dictout
+    compiled = fxcompile.compile(model, args, example_kwargs=kwargs, backend="onnx")
+    out = compiled(*args, **kwargs)
+    assert isinstance(out["parts"][1], list)
+    assert_close(model(*args, **kwargs), out)
+
+
+def test_onnx_backend_options(convbn):
+    model, inputs = convbn
+    with pytest.raises(BackendError, match="no option 'thread'.*Did you mean 'threads'"):
+        fxcompile.compile(model, inputs, backend="onnx", thread=2)
+    with pytest.raises(BackendError, match="graph_optimization_level"):
+        fxcompile.compile(model, inputs, backend="onnx", graph_optimization_level="max")
+
+
+@torch.library.custom_op("fxcompile_test::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x.sin()
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class UsesMystery(nn.Module):
+    def forward(self, x):
+        return mystery(x) + 1  # an op with no ONNX translation
+
+
+def test_op_onnx_cannot_lower_is_named():
+    x = torch.randn(3)
+    assert_close(UsesMystery()(x), fxcompile.compile(UsesMystery(), (x,))(x))  # eager handles it
+    with pytest.raises(BackendError) as info:
+        fxcompile.compile(UsesMystery(), (x,), backend="onnx")
+    msg = str(info.value)
+    assert "mystery" in msg and "test_backend_onnx.py" in msg and "backend='eager'" in msg
+
+
+def test_onnx_dynamic_batch(convbn):
+    model, inputs = convbn
+    batch = torch.export.Dim("batch", min=1, max=64)
+    compiled = fxcompile.compile(model, inputs, backend="onnx", dynamic_shapes={"x": {0: batch}})
+    for n in (1, 5):
+        x = torch.randn(n, 3, 8, 8)
+        assert_close(model(x), compiled(x))
+
+
+class ReturnsSize(nn.Module):
+    def forward(self, x):
+        return x * 2, x.shape[0]
+
+
+def test_onnx_graph_returning_a_python_number():
+    x = torch.randn(3, 2)
+    compiled = fxcompile.compile(ReturnsSize(), (x,), backend="onnx")
+    out, n = compiled(x)
+    assert n == 3 and torch.allclose(out, x * 2)
+
+
+# -- outputs that are inputs, repeated, or not tensors -----------------------------------------
+class ReturnsInput(nn.Module):
+    def forward(self, x):
+        return x, x * 2
+
+
+class ReturnsInputTwice(nn.Module):
+    def forward(self, x):
+        return x, x, x + 1
+
+
+class ReturnsOneTensorTwice(nn.Module):
+    def forward(self, x):
+        y = x * 2
+        return y, y
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("cls", [ReturnsInput, ReturnsInputTwice, ReturnsOneTensorTwice, Identity])
+def test_onnx_outputs_that_are_inputs_or_repeated(cls):
+    x = torch.randn(3, 2)
+    compiled = fxcompile.compile(cls(), (x,), backend="onnx")
+    out = compiled(x)
+    assert_close(cls()(x), out)
+    onnx.checker.check_model(compiled.runner.model_proto, full_check=True)
+
+
+class ReturnsNone(nn.Module):
+    def forward(self, x):
+        return None
+
+
+class ReturnsOnlyNumbers(nn.Module):
+    def forward(self, x):
+        return x.shape[0], (x.dim(), None)
+
+
+@pytest.mark.parametrize("cls", [ReturnsNone, ReturnsOnlyNumbers])
+def test_onnx_graph_without_tensor_outputs(cls):
+    x = torch.randn(3, 2)
+    compiled = fxcompile.compile(cls(), (x,), backend="onnx")
+    assert compiled(x) == cls()(x)
+    assert compiled(torch.randn(3, 2)) == cls()(x)
+
+
+# -- types onnxruntime has no kernel for ----------------------------------------------------------
+class Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+class SmallConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).relu()
+
+
+@pytest.mark.parametrize("model,x,onnx_op,fx_node,line", [
+    (Square(), torch.randn(2, 4).bfloat16(), "Mul", "%mul", "return x * x"),
+    (nn.Sequential(nn.Linear(4, 4)).bfloat16(), torch.randn(2, 4).bfloat16(), "Gemm", "%linear", None),
+    (SmallConv().double(), torch.randn(1, 3, 8, 8).double(), "Conv", "%conv2d", "return self.conv(x).relu()"),
+], ids=["bf16-mul", "bf16-linear", "fp64-conv"])
+def test_onnxruntime_without_a_kernel_names_the_node(model, x, onnx_op, fx_node, line):
+    with pytest.raises(BackendError) as info:
+        fxcompile.compile(model, (x,), backend="onnx")
+    msg = str(info.value)
+    assert f"'node_{fx_node[1:]}' ({onnx_op}" in msg and fx_node in msg
+    assert "float32" in msg and "backend='eager'" in msg
+    if line:
+        assert line in msg and "test_backend_onnx.py" in msg
+
+
+def test_onnxruntime_failure_while_running_is_a_backend_error():
+    x = torch.randn(2, 4)
+    compiled = fxcompile.compile(Square(), (x,), backend="onnx")
+    with pytest.raises(BackendError, match="onnxruntime could not run the exported model: .*x"):
+        compiled.runner(torch.randn(4))  # past CompiledModule's input checks: a rank ORT refuses
+
+
+# -- copies ---------------------------------------------------------------------------------------
+def test_onnx_compiled_module_pickles_and_deep_copies(convbn):
+    import copy
+    import pickle
+    model, inputs = convbn
+    compiled = fxcompile.compile(model, inputs, backend="onnx", threads=1)
+    for twin in (pickle.loads(pickle.dumps(compiled)), copy.deepcopy(compiled)):
+        assert twin.runner.session is not compiled.runner.session
+        assert twin.runner.options["threads"] == 1
+        assert torch.equal(compiled(*inputs), twin(*inputs))
+
+
+# -- state a forward mutates ----------------------------------------------------------------------
+
+
+def test_onnx_carries_mutated_buffers_through_save_and_pickle(tmp_path):
+    import copy
+    import pickle
+    torch.manual_seed(0)
+    model, x = Counter().eval(), torch.randn(2, 3)
+    fresh = copy.deepcopy(model)
+    compiled = fxcompile.compile(model, (x,), backend="onnx")
+    for _ in range(2):
+        assert_close(fresh(x), compiled(x))
+    path = tmp_path / "counter.onnx"
+    compiled.save(path)  # saves the state reached so far
+    loaded = fxcompile.load(path)
+    unpickled = pickle.loads(pickle.dumps(compiled))
+    expected = fresh(x)
+    for twin in (compiled, loaded, unpickled):
+        assert_close(expected, twin(x))
+    assert_close(fresh(x), loaded(x))
+
+
+def test_export_onnx_refuses_state_it_cannot_carry():
+    # the tensorrt backend exports with export_onnx and has no state between calls: refused
+    from fxcompile.backends.onnx import export_onnx
+    x = torch.randn(2, 3)
+    gm = fxcompile.compile(Counter(), (x,), passes=[]).graph_module
+    with pytest.raises(BackendError) as info:
+        export_onnx(gm, (x,), {"opset": None, "optimize": True, "dynamic_shapes": None})
+    msg = str(info.value)
+    assert "'calls'" in msg and "%add_" in msg and "self.calls += 1" in msg
+    assert "test_state.py" in msg and "backend='eager'" in msg
