@@ -24,8 +24,8 @@ class EagerRunner(Lowered):
 
     def forward(self, *flat):
         if self._cl_inputs:
-            flat = [x.contiguous(memory_format=torch.channels_last) if i in self._cl_inputs else x
-                    for i, x in enumerate(flat)]
+            flat = tuple(x.contiguous(memory_format=torch.channels_last) if i in self._cl_inputs else x
+                         for i, x in enumerate(flat))
             out = tuple(o.contiguous() if isinstance(o, torch.Tensor) else o for o in self.gm(*flat))
         else:
             out = self.gm(*flat)

@@ -24,7 +24,8 @@ import logging
 import os
 import struct
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("fxcompile.tensorrt")
 

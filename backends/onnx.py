@@ -16,7 +16,7 @@ from torch import fx
 from fxcompile import state
 from fxcompile.backend_api import check_options
 from fxcompile.errors import BackendError, describe_node
-from fxcompile.graph_utils import fetch_attr
+from fxcompile.graph_utils import arg_list, fetch_attr
 
 from .onnx_quant_ops import TRANSLATIONS as QUANT_TRANSLATIONS
 from .onnx_runner import OnnxRunner, take_state_initializers
@@ -63,7 +63,7 @@ def prepare_for_export(gm: fx.GraphModule) -> fx.GraphModule:
                 clone.meta = dict(src.meta)
                 node.replace_input_with(src, clone)
     out = graph.output_node()
-    out.args = (tuple(a for a in out.args[0] if isinstance(a, fx.Node)),)
+    out.args = (tuple(a for a in arg_list(out, 0) if isinstance(a, fx.Node)),)
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
@@ -88,6 +88,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs, options: dict):
                 custom_translation_table=dict(CUSTOM_TRANSLATIONS) or None)
     except Exception as e:
         raise BackendError(_explain_export_failure(gm, e)) from e
+    assert program is not None  # the dynamo exporter returns its program (only the legacy one None)
     # Materialise the model through the exporter's own save: program.model_proto may reference
     # tensor memory of the exporter instead of holding the weights.
     with tempfile.TemporaryDirectory(prefix="fxcompile-export-") as tmp:
@@ -137,7 +138,7 @@ def carry_state(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.Ten
     out = graph.output_node()
     with graph.inserting_before(out):  # after every update: the values the next call starts from
         finals = tuple(graph.call_function(aten.clone.default, (ph,)) for ph in inputs.values())
-    out.args = (tuple(out.args[0]) + finals,)
+    out.args = (tuple(arg_list(out, 0)) + finals,)
     values = {ph.name: fetch_attr(gm, target) for target, ph in inputs.items()}
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__), values
 
@@ -198,9 +199,11 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if is_causal:
         import numpy as np
         attend = op.Constant(value=onnx_ir().tensor(np.tril(np.ones(causal_shape, dtype=bool))))
-        scores = op.Where(attend, scores, op.CastLike(float("-inf"), scores))
+        # onnxscript's signatures take tensors: they type a Constant as any tensor type (this one
+        # is bool), and the exporter's tracer makes a Python float a constant itself.
+        scores = op.Where(attend, scores, op.CastLike(float("-inf"), scores))  # type: ignore[arg-type, type-var]
     elif attn_mask is not None and attn_mask.dtype == onnx_ir().DataType.BOOL:
-        scores = op.Where(attn_mask, scores, op.CastLike(float("-inf"), scores))
+        scores = op.Where(attn_mask, scores, op.CastLike(float("-inf"), scores))  # type: ignore[type-var]
     elif attn_mask is not None:
         scores = op.Add(scores, attn_mask)
     return op.MatMul(op.Softmax(scores, axis=-1), value)
@@ -274,7 +277,7 @@ def validate_options(options: dict, defaults: dict = DEFAULTS) -> dict:
 def lower(gm: fx.GraphModule, example_inputs, options: dict) -> OnnxRunner:
     """Export to ONNX and load it into an onnxruntime session."""
     options = validate_options(options)
-    outputs = gm.graph.output_node().args[0]
+    outputs = arg_list(gm.graph.output_node(), 0)
     constants = {i: v for i, v in enumerate(outputs) if not isinstance(v, fx.Node)}
     carried, state_values = carry_state(gm)
     if len(constants) == len(outputs) and not state_values:

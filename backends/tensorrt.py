@@ -31,6 +31,7 @@ from torch import fx
 
 from fxcompile.backend_api import Lowered, check_options
 from fxcompile.errors import BackendError, InputError, suggest
+from fxcompile.graph_utils import arg_list
 
 from . import engine_cache
 from .onnx_runner import onnx_node_origin
@@ -169,72 +170,91 @@ def derive_profile(names: list[str], example_inputs, dynamic_shapes=None, profil
     or {dim: torch.export.Dim}; a dim ranges over [max(Dim.min, 1), Dim.max] and is optimized for
     the example's size. ``profile`` entries override (and must agree with the dynamic dims)."""
     examples = dict(zip(names, example_inputs))
-    if dynamic_shapes is None:
-        specs = [None] * len(names)
-    elif isinstance(dynamic_shapes, dict):
-        unknown = set(dynamic_shapes) - set(names)
-        if unknown:
-            name = sorted(unknown)[0]
-            raise BackendError(f"tensorrt: dynamic_shapes names '{name}', which is not an input of the graph."
-                               f"{suggest(name, names)} Inputs: {', '.join(names)}.")
-        specs = [dynamic_shapes.get(n) for n in names]
-    else:
-        specs = list(dynamic_shapes)
-        if len(specs) != len(names):
-            raise BackendError(f"tensorrt: dynamic_shapes has {len(specs)} entries; the graph has "
-                               f"{len(names)} inputs ({', '.join(names)})")
+    specs = _dynamic_shape_specs(names, dynamic_shapes)
     derived: dict[str, tuple] = {}
     dynamic_dims: dict[str, set[int]] = {}
     for name, spec in zip(names, specs):
         x = examples[name]
         if spec is None or not isinstance(x, torch.Tensor):
             continue
-        items = spec.items() if isinstance(spec, dict) else enumerate(spec)
-        lo, hi, opt = list(x.shape), list(x.shape), list(x.shape)
-        for dim, d in items:
-            if d is None or isinstance(d, int):
-                continue
-            dim = dim % max(x.dim(), 1)
-            dmin, dmax = getattr(d, "min", None), getattr(d, "max", None)
-            if getattr(getattr(d, "type", None), "name", "") == "STATIC":
-                continue
-            label = getattr(d, "__name__", None) or str(d)
-            if not isinstance(dmax, int) or isinstance(dmax, bool):
-                raise BackendError(
-                    f"tensorrt: dim {dim} of input '{name}' ({label}) has no upper bound; a TensorRT "
-                    f"engine is built for a range of sizes. Give it one: torch.export.Dim('{label}', "
-                    f"min=1, max=...), or pass profile={{'{name}': (min_shape, opt_shape, max_shape)}}.")
-            dmin = max(int(dmin) if isinstance(dmin, int) else 1, 1)
-            if not dmin <= x.shape[dim] <= dmax:
-                raise BackendError(f"tensorrt: the example input '{name}' has size {x.shape[dim]} in dim "
-                                   f"{dim}, outside its range [{dmin}, {dmax}]")
-            lo[dim], hi[dim] = dmin, int(dmax)
-            dynamic_dims.setdefault(name, set()).add(dim)
+        triple = _dim_ranges(name, x, spec, dynamic_dims)
         if name in dynamic_dims:
-            derived[name] = (tuple(lo), tuple(opt), tuple(hi))
+            derived[name] = triple
     for name, triple in (profile or {}).items():
-        if name not in examples or not isinstance(examples[name], torch.Tensor):
-            raise BackendError(f"tensorrt: profile names '{name}', which is not a tensor input of the graph."
-                               f"{suggest(name, names)} Inputs: {', '.join(names)}.")
-        x = examples[name]
-        try:
-            lo, opt, hi = (tuple(int(v) for v in s) for s in triple)
-        except (TypeError, ValueError):
-            raise BackendError(f"tensorrt: profile['{name}'] must be (min_shape, opt_shape, max_shape), "
-                               f"got {triple!r}") from None
-        if not len(lo) == len(opt) == len(hi) == x.dim():
-            raise BackendError(f"tensorrt: profile['{name}'] shapes must have {x.dim()} dims like the input")
-        for dim in range(x.dim()):
-            if not 1 <= lo[dim] <= opt[dim] <= hi[dim]:
-                raise BackendError(f"tensorrt: profile['{name}'] needs 1 <= min <= opt <= max in every dim; "
-                                   f"dim {dim} has {lo[dim]}, {opt[dim]}, {hi[dim]}")
-            if dim not in dynamic_dims.get(name, ()) and not lo[dim] == opt[dim] == hi[dim] == x.shape[dim]:
-                raise BackendError(
-                    f"tensorrt: profile['{name}'] gives dim {dim} the range [{lo[dim]}, {hi[dim]}], but the "
-                    f"graph has it fixed at {x.shape[dim]}. Compile with dynamic_shapes={{'{name}': "
-                    f"{{{dim}: torch.export.Dim(...)}}}} so the dim is dynamic in the exported model.")
-        derived[name] = (lo, opt, hi)
+        derived[name] = _checked_profile_entry(name, triple, examples, names, dynamic_dims)
     return derived
+
+
+def _dynamic_shape_specs(names: list[str], dynamic_shapes) -> list:
+    """``dynamic_shapes`` (None, a dict by input name or one entry per input) as one entry per input."""
+    if dynamic_shapes is None:
+        return [None] * len(names)
+    if isinstance(dynamic_shapes, dict):
+        unknown = set(dynamic_shapes) - set(names)
+        if unknown:
+            name = sorted(unknown)[0]
+            raise BackendError(f"tensorrt: dynamic_shapes names '{name}', which is not an input of the graph."
+                               f"{suggest(name, names)} Inputs: {', '.join(names)}.")
+        return [dynamic_shapes.get(n) for n in names]
+    specs = list(dynamic_shapes)
+    if len(specs) != len(names):
+        raise BackendError(f"tensorrt: dynamic_shapes has {len(specs)} entries; the graph has "
+                           f"{len(names)} inputs ({', '.join(names)})")
+    return specs
+
+
+def _dim_ranges(name: str, x: torch.Tensor, spec, dynamic_dims: dict[str, set[int]]) -> tuple:
+    """(min_shape, opt_shape, max_shape) of input ``name`` from its dynamic_shapes entry; records
+    its dynamic dims in ``dynamic_dims``."""
+    items = spec.items() if isinstance(spec, dict) else enumerate(spec)
+    lo, hi, opt = list(x.shape), list(x.shape), list(x.shape)
+    for dim, d in items:
+        if d is None or isinstance(d, int):
+            continue
+        dim = dim % max(x.dim(), 1)
+        dmin, dmax = getattr(d, "min", None), getattr(d, "max", None)
+        if getattr(getattr(d, "type", None), "name", "") == "STATIC":
+            continue
+        label = getattr(d, "__name__", None) or str(d)
+        if not isinstance(dmax, int) or isinstance(dmax, bool):
+            raise BackendError(
+                f"tensorrt: dim {dim} of input '{name}' ({label}) has no upper bound; a TensorRT "
+                f"engine is built for a range of sizes. Give it one: torch.export.Dim('{label}', "
+                f"min=1, max=...), or pass profile={{'{name}': (min_shape, opt_shape, max_shape)}}.")
+        dmin = max(int(dmin) if isinstance(dmin, int) else 1, 1)
+        if not dmin <= x.shape[dim] <= dmax:
+            raise BackendError(f"tensorrt: the example input '{name}' has size {x.shape[dim]} in dim "
+                               f"{dim}, outside its range [{dmin}, {dmax}]")
+        lo[dim], hi[dim] = dmin, int(dmax)
+        dynamic_dims.setdefault(name, set()).add(dim)
+    return tuple(lo), tuple(opt), tuple(hi)
+
+
+def _checked_profile_entry(name: str, triple, examples: dict, names: list[str],
+                           dynamic_dims: dict[str, set[int]]) -> tuple:
+    """A user's ``profile[name]`` as (min_shape, opt_shape, max_shape) of ints, checked against the
+    input's rank, its example shape and its dynamic dims."""
+    if name not in examples or not isinstance(examples[name], torch.Tensor):
+        raise BackendError(f"tensorrt: profile names '{name}', which is not a tensor input of the graph."
+                           f"{suggest(name, names)} Inputs: {', '.join(names)}.")
+    x = examples[name]
+    try:
+        lo, opt, hi = (tuple(int(v) for v in s) for s in triple)
+    except (TypeError, ValueError):
+        raise BackendError(f"tensorrt: profile['{name}'] must be (min_shape, opt_shape, max_shape), "
+                           f"got {triple!r}") from None
+    if not len(lo) == len(opt) == len(hi) == x.dim():
+        raise BackendError(f"tensorrt: profile['{name}'] shapes must have {x.dim()} dims like the input")
+    for dim in range(x.dim()):
+        if not 1 <= lo[dim] <= opt[dim] <= hi[dim]:
+            raise BackendError(f"tensorrt: profile['{name}'] needs 1 <= min <= opt <= max in every dim; "
+                               f"dim {dim} has {lo[dim]}, {opt[dim]}, {hi[dim]}")
+        if dim not in dynamic_dims.get(name, ()) and not lo[dim] == opt[dim] == hi[dim] == x.shape[dim]:
+            raise BackendError(
+                f"tensorrt: profile['{name}'] gives dim {dim} the range [{lo[dim]}, {hi[dim]}], but the "
+                f"graph has it fixed at {x.shape[dim]}. Compile with dynamic_shapes={{'{name}': "
+                f"{{{dim}: torch.export.Dim(...)}}}} so the dim is dynamic in the exported model.")
+    return lo, opt, hi
 
 
 def explain_parser_error(onnx_model, node_index_or_name, op: str, desc: str, gm: fx.GraphModule | None) -> str:
@@ -406,7 +426,7 @@ class TensorRTRunner(Lowered):
         self._engine_bytes = engine
         self.spec = spec
         self.device = spec["device"]
-        self._side_stream = None
+        self._side_stream: torch.cuda.Stream | None = None
         with torch.cuda.device(self.device):
             self._logger = _make_logger()
             self._runtime = trt.Runtime(self._logger)
@@ -545,7 +565,7 @@ def lower(gm: fx.GraphModule, example_inputs, options: dict) -> TensorRTRunner:
     from .onnx import export_onnx
     proto, names = export_onnx(gm, example_inputs, {"opset": options["opset"], "optimize": True,
                                                     "dynamic_shapes": options["dynamic_shapes"]})
-    outputs = gm.graph.output_node().args[0]
+    outputs = arg_list(gm.graph.output_node(), 0)
     constants = {i: v for i, v in enumerate(outputs) if not isinstance(v, fx.Node)}
     settings = {"precision": precision, "float_precision": float_precision, "tf32": options["tf32"],
                 "workspace": options["workspace"], "optimization_level": options["optimization_level"]}
@@ -591,6 +611,8 @@ def load(path: str, manifest: dict, options: dict) -> TensorRTRunner:
     ok, why = available()
     if not ok:
         raise BackendError(f"cannot load the TensorRT engine {path}: {why}")
+    if device is None:  # as when compiling: torch's current device
+        device = torch.cuda.current_device()
     import tensorrt as trt
     built = manifest["versions"]
     if built["tensorrt"] != trt.__version__:

@@ -136,9 +136,7 @@ def _convert_tensor(t, to: int, min_value: float | None = None) -> None:
 def int8_to_fp8(model):
     """A copy of ``model`` whose int8 Q/DQ pairs quantize to FP8 E4M3 over the same ranges: each
     scale (amax/127) becomes amax/448, zero points FP8 zeros, int8 weights re-encoded as FP8."""
-    import numpy as np
     import onnx
-    from onnx import TensorProto, numpy_helper
     if _opset(model) < 19:
         raise BackendError(f"tensorrt: fp8 needs ONNX opset >= 19 (FP8 Q/DQ); the model has opset "
                            f"{_opset(model)}. Leave opset unset.")
@@ -150,55 +148,76 @@ def int8_to_fp8(model):
     taken = set(inits) | {v for n in g.node for v in list(n.input) + list(n.output)}
 
     def new_init(kind: str, name: str, make) -> str:
+        """The name of the FP8 initializer ``make`` builds from ``name`` (built once per kind)."""
         if (kind, name) not in made:
             fresh = _fresh(f"{name}_fp8", taken)
-            t = make(name)
+            t = make(inits, name)
             t.name = fresh
             g.initializer.append(t)
             made[kind, name] = fresh
         return made[kind, name]
 
-    def scale(name):
-        s = numpy_helper.to_array(inits[name]).astype(np.float32) * np.float32(127.0 / 448.0)
-        return numpy_helper.from_array(s.astype(np.float32))
-
-    def zeros(name):
-        shape = list(inits[name].dims) if name in inits else []
-        return onnx.TensorProto(dims=shape, data_type=TensorProto.FLOAT8E4M3FN,
-                                raw_data=bytes(int(np.prod(shape, dtype=np.int64))))
-
-    def weight(name):
-        q = torch.from_numpy(numpy_helper.to_array(inits[name]).astype(np.float32))
-        f8 = (q * (448.0 / 127.0)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-        return onnx.TensorProto(dims=list(inits[name].dims), data_type=TensorProto.FLOAT8E4M3FN,
-                                raw_data=f8.tobytes())
-
     for node in g.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        s = node.input[1]
-        zp = node.input[2] if len(node.input) > 2 and node.input[2] else ""
-        if s not in inits or (zp and zp not in inits):
-            raise BackendError(f"tensorrt: fp8 needs constant Q/DQ scales and zero points; node "
-                               f"'{node.name}' ({node.op_type}) computes them")
-        if zp and inits[zp].data_type != TensorProto.INT8:
-            raise BackendError(f"tensorrt: fp8 re-targets int8 Q/DQ pairs; node '{node.name}' quantizes to "
-                               f"{TensorProto.DataType.Name(inits[zp].data_type)}")
-        node.input[1] = new_init("scale", s, scale)
-        zp_fp8 = new_init("zero", zp or s, zeros)
-        if len(node.input) > 2:
-            node.input[2] = zp_fp8
-        else:
-            node.input.append(zp_fp8)
-        x = node.input[0]
-        if node.op_type == "DequantizeLinear" and x in inits and inits[x].data_type == TensorProto.INT8:
-            node.input[0] = new_init("weight", x, weight)
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            _qdq_to_fp8(node, inits, new_init)
     used = {v for n in _all_nodes(g) for v in n.input} | {o.name for o in g.output}
     keep = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
     del g.value_info[:]
     return out
+
+
+def _qdq_to_fp8(node, inits: dict, new_init) -> None:
+    """Point one int8 QuantizeLinear/DequantizeLinear at FP8 scale, zero point and (for a
+    DequantizeLinear of an int8 initializer) weight."""
+    from onnx import TensorProto
+    s = node.input[1]
+    zp = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    if s not in inits or (zp and zp not in inits):
+        raise BackendError(f"tensorrt: fp8 needs constant Q/DQ scales and zero points; node "
+                           f"'{node.name}' ({node.op_type}) computes them")
+    if zp and inits[zp].data_type != TensorProto.INT8:
+        raise BackendError(f"tensorrt: fp8 re-targets int8 Q/DQ pairs; node '{node.name}' quantizes to "
+                           f"{TensorProto.DataType.Name(inits[zp].data_type)}")
+    node.input[1] = new_init("scale", s, _fp8_scale)
+    zp_fp8 = new_init("zero", zp or s, _fp8_zeros)
+    if len(node.input) > 2:
+        node.input[2] = zp_fp8
+    else:
+        node.input.append(zp_fp8)
+    x = node.input[0]
+    if node.op_type == "DequantizeLinear" and x in inits and inits[x].data_type == TensorProto.INT8:
+        node.input[0] = new_init("weight", x, _fp8_weight)
+
+
+def _fp8_scale(inits: dict, name: str):
+    """The int8 scale ``name`` (amax/127) as the FP8 E4M3 scale over the same range (amax/448)."""
+    import numpy as np
+    from onnx import numpy_helper
+    s = numpy_helper.to_array(inits[name]).astype(np.float32) * np.float32(127.0 / 448.0)
+    return numpy_helper.from_array(s.astype(np.float32))
+
+
+def _fp8_zeros(inits: dict, name: str):
+    """FP8 zeros shaped like ``name``: the int8 zero point, or the scale where the node has none."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto
+    shape = list(inits[name].dims) if name in inits else []
+    return onnx.TensorProto(dims=shape, data_type=TensorProto.FLOAT8E4M3FN,
+                            raw_data=bytes(int(np.prod(shape, dtype=np.int64))))
+
+
+def _fp8_weight(inits: dict, name: str):
+    """The int8 weight ``name`` re-encoded as FP8 E4M3 (the value times 448/127)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    q = torch.from_numpy(numpy_helper.to_array(inits[name]).astype(np.float32))
+    f8 = (q * (448.0 / 127.0)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    return onnx.TensorProto(dims=list(inits[name].dims), data_type=TensorProto.FLOAT8E4M3FN,
+                            raw_data=f8.tobytes())
 
 
 def _opset(model) -> int:

@@ -186,7 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     command = shlex.join(["python", "benchmarks/bench_fusion.py", *argv])
     torch.set_num_threads(args.threads)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
     load_start = load_average()
     rows, attention = [], []
     with torch.no_grad():

@@ -25,7 +25,8 @@ import shlex
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -238,7 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
     command = shlex.join(["python", "benchmarks/bench_gpu.py", *argv])
     args.started = datetime.datetime.now()
     keys = [k for k in CONTENDERS if k not in args.skip_list]
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
     log(machine_line(torch.get_num_threads()))
     log(gpu_line(args.device))
     torch.cuda.set_device(args.device)

@@ -24,7 +24,8 @@ import shlex
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -235,7 +236,10 @@ def main(argv: list[str] | None = None) -> dict:
     args.load_start, args.started = load_average(), datetime.datetime.now()
     torch.set_num_threads(args.threads)
     keys = [k for k in CONTENDERS if k not in args.skip_list]
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
     log(machine_line(args.threads))
     rows: list[tuple] = []
     loads: list[str] = []

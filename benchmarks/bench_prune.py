@@ -14,6 +14,7 @@ latency falls as fast as FLOPs do).
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import shlex
 import statistics
@@ -60,12 +61,12 @@ def latency(models: list[str], ratios: list[float], backends: list[str], rounds:
             for _, _, c, _ in variants:  # warm-up
                 for _ in range(2):
                     c(**inputs)
-            reps = max(1, int(0.3 / max(_time(lambda: variants[0][2](**inputs), 1), 1e-3)))
+            reps = max(1, int(0.3 / max(_time(functools.partial(variants[0][2], **inputs), 1), 1e-3)))
             times = {id(c): [] for _, _, c, _ in variants}
             order = random.Random(0)
             for _ in range(rounds):
                 for _, _, c, _ in order.sample(variants, len(variants)):
-                    times[id(c)].append(_time(lambda: c(**inputs), reps))
+                    times[id(c)].append(_time(functools.partial(c, **inputs), reps))
         for backend in backends:
             base = [v for v in variants if v[0] == backend and v[1] == 0.0][0]
             t_base = statistics.median(times[id(base[2])])

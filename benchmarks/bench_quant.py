@@ -358,7 +358,10 @@ def main(argv=None) -> dict:
     command = shlex.join(["python", "benchmarks/bench_quant.py", *argv])
     args.load_start = load_average()
     torch.set_num_threads(args.threads)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
     log(machine_line(args.threads))
     import logging
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger

@@ -134,6 +134,7 @@ def lower_captured(captured: Captured, backend: str, options: dict, report: Repo
     """The lowering path of compile and recompile: ``captured.gm`` to ``backend`` (relower), the
     CompiledModule, and with ``check`` the backend's outputs compared to the graph's."""
     gm, inputs = captured.gm, captured.example_inputs
+    assert gm is not None  # compile captured it; recompile refuses a module without one
     runner = relower(gm, inputs, backend, options, report)
     compiled = CompiledModule(captured, runner, report)
     if check:
@@ -162,7 +163,8 @@ def graph_and_capture(model) -> tuple[fx.GraphModule | None, Captured | None]:
         return model, None
     captured = getattr(model, "_captured", None)
     if isinstance(model, torch.nn.Module) and isinstance(captured, Captured):
-        return model.graph_module, captured
+        gm = model.graph_module  # None for a CompiledModule loaded from a non-eager artifact
+        return (gm if isinstance(gm, fx.GraphModule) else None), captured
     raise InputError(f"expected a CompiledModule, a TrainableModule or a GraphModule, got {type(model).__name__}")
 
 

@@ -40,7 +40,7 @@ _log = logging.getLogger("fxcompile.capture")
 class Captured:
     """The IR graph plus everything needed to call it like the original model."""
 
-    gm: fx.GraphModule
+    gm: fx.GraphModule | None  # None for a compiled module loaded from a non-eager artifact
     inputs: InputSignature
     out_spec: pytree.TreeSpec
     example_inputs: list[Any] = field(repr=False)
@@ -294,6 +294,8 @@ def _forward_line(model) -> str:
     """Where the model's forward is defined: the place to look when the failure is in what it
     returns (torch.export checks outputs after forward has run, so no frame of it is left)."""
     forward = getattr(type(model), "forward", None)
+    if forward is None:
+        return ""
     try:
         file, line = inspect.getsourcefile(forward), inspect.getsourcelines(forward)[1]
     except (TypeError, OSError):

@@ -4,7 +4,8 @@ arguments, users and metadata assertions. One implementation of each, so they ca
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import fx
@@ -12,6 +13,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import describe_node
 
 aten = torch.ops.aten
 
@@ -272,10 +275,61 @@ def set_arg(node: fx.Node, name: str, value: Any) -> None:
     raise KeyError(f"{node.target} has no argument '{name}'")
 
 
+# -- typed reads of positional arguments --------------------------------------------------------
+# torch.fx types every argument as its whole ``Argument`` union (a node, a tuple, an int, a slice,
+# a dtype, ...). An ATen op's schema fixes what each position holds (a Tensor input is a node, a
+# dim an int), so rewrites read such positions through these: the type checker then knows what
+# they hold, and a graph that breaks the schema fails here, naming the node, instead of with an
+# AttributeError inside a rewrite.
+def _wrong_arg(node: fx.Node, i: int, expected: str) -> TypeError:
+    return TypeError(f"argument {i} of {describe_node(node)} is {node.args[i]!r}, expected {expected}")
+
+
+def arg_node(node: fx.Node, i: int) -> fx.Node:
+    """``node.args[i]``, a node (a Tensor argument of an ATen op)."""
+    arg = node.args[i]
+    if not isinstance(arg, fx.Node):
+        raise _wrong_arg(node, i, "a node")
+    return arg
+
+
+def arg_int(node: fx.Node, i: int) -> int:
+    """``node.args[i]``, an int (a dim of an ATen op: never symbolic)."""
+    arg = node.args[i]
+    if not isinstance(arg, int):
+        raise _wrong_arg(node, i, "an int")
+    return arg
+
+
+def arg_ints(node: fx.Node, i: int) -> list[int]:
+    """``node.args[i]``, a list of ints (``int[]`` dims, as permute's)."""
+    arg = node.args[i]
+    if isinstance(arg, (list, tuple)):
+        ints = [d for d in arg if isinstance(d, int)]
+        if len(ints) == len(arg):
+            return ints
+    raise _wrong_arg(node, i, "a list of ints")
+
+
+def arg_list(node: fx.Node, i: int) -> list[Any]:
+    """``node.args[i]``, a list (a ``Tensor[]`` or ``SymInt[]`` argument, as cat's tensors)."""
+    arg = node.args[i]
+    if not isinstance(arg, (list, tuple)):
+        raise _wrong_arg(node, i, "a list")
+    return list(arg)
+
+
+def attr_target(node: fx.Node) -> str:
+    """The dotted attribute path a get_attr node reads."""
+    if node.op != "get_attr" or not isinstance(node.target, str):
+        raise TypeError(f"{describe_node(node)} is not a get_attr node")
+    return node.target
+
+
 def constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
     """The tensor behind a get_attr node, or None for anything else."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value = fetch_attr(gm, arg.target)
+        value = fetch_attr(gm, attr_target(arg))
         return value if isinstance(value, torch.Tensor) else None
     return None
 

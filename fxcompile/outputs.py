@@ -90,7 +90,7 @@ def encode_outputs(obj):
         return EncodedCachePair(type(obj), encode_outputs(obj.self_attention_cache),
                                 encode_outputs(obj.cross_attention_cache))
     if _is_cache(obj):
-        layers = []
+        layers: list[tuple[torch.Tensor, ...]] = []
         for layer in obj.layers:
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
             if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
@@ -148,7 +148,7 @@ def encoder_for(model: torch.nn.Module, n_args: int, kw_names: list[str]) -> _Ou
     src = (f"def forward(self, {', '.join(params)}):\n"
            f"    return encode_outputs(self.model({', '.join(call)}))\n")
     namespace = {"encode_outputs": encode_outputs}
-    exec(src, namespace)  # noqa: S102 - names are checked identifiers
+    exec(src, namespace)  # safe: the names are checked identifiers
     cls = type("_NamedOutputEncoder", (_OutputEncoder,), {"forward": namespace["forward"]})
     return cls(model)
 

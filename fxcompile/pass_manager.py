@@ -8,9 +8,10 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from torch import fx
 
@@ -47,11 +48,11 @@ def resolve_pipeline(spec: PipelineSpec | str | None) -> list[tuple[PassInfo, An
     elif not isinstance(spec, (list, tuple)):
         raise PassError(f"passes must be a list of pass names, (name, options) pairs or callables; "
                         f"got {type(spec).__name__}")
-    resolved = []
+    resolved: list[tuple[PassInfo, Any]] = []
     for item in spec:
         opts = None
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], PassInfo):
-            resolved.append(item)  # already resolved (options built and checked)
+            resolved.append((item[0], item[1]))  # already resolved (options built and checked)
             continue
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
             item, opts = item
@@ -158,7 +159,7 @@ class _GraphDump:
             self._give_up(e)
 
     @classmethod
-    def from_env(cls, name: str) -> "_GraphDump | None":
+    def from_env(cls, name: str) -> _GraphDump | None:
         root = os.environ.get("FXCOMPILE_DUMP")
         return cls(root, name) if root else None
 
@@ -186,8 +187,10 @@ def _callers_level() -> int:
     """The ``stacklevel`` (for a warning raised by the function calling this) of the first frame
     outside fxcompile's own files, so the warning points at the user's compile call."""
     import sys
+    from types import FrameType
     here = os.path.dirname(os.path.abspath(__file__))
-    level, frame = 1, sys._getframe(1)
+    level = 1
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
         level, frame = level + 1, frame.f_back
     return level

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from torch import fx
 
@@ -169,7 +170,7 @@ def register_pass(name: str | None = None, *, options: type | None = None, after
         doc = (inspect.getdoc(fn) or "").strip().splitlines()
         info = PassInfo(pass_name, fn, options, tuple(after), tuple(before), lossless, default,
                         doc[0] if doc else "")
-        _PASSES[pass_name] = fn.pass_info = info
+        _PASSES[pass_name] = fn.pass_info = info  # type: ignore[attr-defined]  # a function attribute
         return fn
     return deco
 
@@ -198,14 +199,14 @@ def _load_builtin_and_plugins() -> None:
             obj = ep.load()
         except Exception as e:  # a broken plugin must not break the compiler
             import warnings
-            warnings.warn(f"fxcompile: could not load pass plugin '{ep.name}' ({ep.value}): {e}")
+            warnings.warn(f"fxcompile: could not load pass plugin '{ep.name}' ({ep.value}): {e}", stacklevel=1)
             continue
         if callable(obj) and not hasattr(obj, "pass_info") and not inspect.ismodule(obj):
             try:
                 register_pass(ep.name)(obj)
             except PassError as e:  # e.g. a plugin named like a built-in pass: keep the built-in
                 import warnings
-                warnings.warn(f"fxcompile: skipped pass plugin '{ep.name}' ({ep.value}): {e}")
+                warnings.warn(f"fxcompile: skipped pass plugin '{ep.name}' ({ep.value}): {e}", stacklevel=1)
     for ep in entry_points(group="fxcompile.backends"):
         _BACKENDS.setdefault(ep.name, ep.value)
 

@@ -86,10 +86,13 @@ def format_table(rows: list[tuple], markdown: bool = False) -> str:
     rows = [tuple(str(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     if markdown:
-        line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+        def md_line(r):
+            return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
         sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-        return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+        return "\n".join([md_line(rows[0]), sep] + [md_line(r) for r in rows[1:]])
+
+    def line(r):
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]])
 
 

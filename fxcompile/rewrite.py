@@ -38,8 +38,9 @@ the pattern is not a decline: the graph itself shows that.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import fx
@@ -67,7 +68,7 @@ class _Bound:
     names: dict = field(default_factory=dict)
     nodes: tuple = ()
 
-    def bind(self, name: str | None, value: Any) -> "_Bound | None":
+    def bind(self, name: str | None, value: Any) -> _Bound | None:
         if name is None:
             return self
         if name in self.names:

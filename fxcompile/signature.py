@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass
-from typing import Any, Iterable
+from collections.abc import Iterable, Sized
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -36,7 +37,7 @@ class InputSignature:
     in_spec: pytree.TreeSpec
     names: list[str]
     examples: list[Any]
-    dims: list[tuple | None] | None = None
+    dims: list[tuple | None] = field(default_factory=list)
 
     def __post_init__(self):
         given = self.dims or [None] * len(self.examples)
@@ -225,8 +226,12 @@ def _arg_names(in_spec: pytree.TreeSpec, fallback: list[str]) -> list[str]:
         return list(fallback)
     names = []
     for path in paths:
-        first, rest = path[1], pytree.keystr(path[2:])
-        head = first.key if path[0].idx == 1 else f"input {first.idx}"
+        first, rest = path[1], pytree.keystr(path[2:])  # path[0]: args (0) or kwargs (1)
+        if isinstance(first, pytree.MappingKey):
+            head = first.key
+        else:
+            assert isinstance(first, pytree.SequenceKey)
+            head = f"input {first.idx}"
         names.append(f"{head}{rest}")
     return names
 
@@ -304,7 +309,9 @@ class FlatBatches:
     def __init__(self, data: Iterable, signature: InputSignature):
         self.data, self.signature = data, signature
 
-    def __len__(self):
+    def __len__(self) -> int:
+        if not isinstance(self.data, Sized):  # a generator: no total known
+            raise TypeError(f"{type(self.data).__name__} has no len()")
         return len(self.data)
 
     def __iter__(self):

@@ -73,9 +73,9 @@ def _scaled(gm: fx.GraphModule, node) -> tuple[fx.Node, float] | None:
         return None
     a, b = node.args
     if node.target in gu.MUL_OPS:
-        pairs = ((a, b), (b, a))
+        pairs = [(a, b), (b, a)]
     elif node.target in gu.DIV_OPS:
-        pairs = ((a, b),)
+        pairs = [(a, b)]
     else:
         return None
     for x, s in pairs:
@@ -110,14 +110,14 @@ def _untranspose(node) -> tuple[fx.Node, list[int] | None] | None:
         return None
     n = val.dim()
     if node.target is aten.transpose.int:
-        dims = {node.args[1] % n, node.args[2] % n}
-        return (node.args[0], None) if dims == {n - 2, n - 1} else None
+        dims = {gu.arg_int(node, 1) % n, gu.arg_int(node, 2) % n}
+        return (gu.arg_node(node, 0), None) if dims == {n - 2, n - 1} else None
     if node.target is aten.t.default and n == 2:
-        return node.args[0], None
+        return gu.arg_node(node, 0), None
     if node.target is aten.permute.default:
-        perm = [d % n for d in node.args[1]]
+        perm = [d % n for d in gu.arg_ints(node, 1)]
         perm[-2], perm[-1] = perm[-1], perm[-2]
-        return node.args[0], (None if perm == list(range(n)) else perm)
+        return gu.arg_node(node, 0), (None if perm == list(range(n)) else perm)
     return None
 
 
@@ -161,8 +161,12 @@ def _masked(gm: fx.GraphModule, node: fx.Node) -> list[tuple]:
 
 def _match(gm: fx.GraphModule, softmax: fx.Node) -> _Match | None:
     x = softmax.args[0]
-    val = x.meta.get("val") if isinstance(x, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or not val.is_floating_point() or softmax.args[1] % val.dim() != val.dim() - 1:
+    if not isinstance(x, fx.Node):
+        return None
+    val = x.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+        return None
+    if gu.arg_int(softmax, 1) % val.dim() != val.dim() - 1:  # softmax over the keys
         return None
     if softmax.target is aten.softmax.int and len(softmax.args) > 2 and softmax.args[2] not in (None, val.dtype):
         return None
@@ -175,7 +179,7 @@ def _match(gm: fx.GraphModule, softmax: fx.Node) -> _Match | None:
         if user is None or not user.args or user.args[0] is not node:
             return None
         if user.target in _MATMUL and len(user.args) == 2 and user.args[1] is not node:
-            out, v = user, user.args[1]
+            out, v = user, gu.arg_node(user, 1)
             break
         keeps = user.target in _COPIES and gu.same_shape(user, node) and not user.kwargs.get("memory_format")
         drops = (user.target is aten.dropout.default
@@ -214,13 +218,13 @@ def _unrepeat(node: fx.Node):
     """(x, n) when ``node`` repeats the heads of a 4-d x n times: reshape(expand(unsqueeze(x, 2)))."""
     if node.target not in gu.VIEW_OPS:
         return None
-    expand = node.args[0]
+    expand = gu.arg_node(node, 0)
     if expand.op != "call_function" or expand.target is not aten.expand.default or len(expand.users) != 1:
         return None
-    unsq = expand.args[0]
+    unsq = gu.arg_node(expand, 0)
     if unsq.op != "call_function" or unsq.target is not aten.unsqueeze.default or unsq.args[1] != 2:
         return None
-    x = unsq.args[0]
+    x = gu.arg_node(unsq, 0)
     xs, es, out = _shape(x), _shape(expand), _shape(node)
     if xs is None or len(xs) != 4 or es is None or len(es) != 5 or out is None:
         return None
@@ -291,7 +295,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, opts: FuseAttentionOptions) -> None:
                 mask = make(aten.logical_not.default, (mask,))
         elif mask is not None and m.mask_scale != 1.0:
             mask = make(aten.mul.Tensor, (mask, m.mask_scale))
-        kwargs = {"scale": m.scale}
+        kwargs: dict[str, object] = {"scale": m.scale}
         if mask is not None:
             kwargs["attn_mask"] = mask
         if causal:

@@ -40,32 +40,35 @@ def _dropout_is_noop(node: fx.Node) -> bool:
     if node.target is aten.dropout.default:
         train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
         p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-        return not train or p == 0
+        return bool(not train or p == 0)
     return node.target in (aten.feature_dropout.default, aten.alpha_dropout.default) and not node.args[2]
 
 
 def _permutation_is_identity(node: fx.Node) -> bool:
     if node.target is aten.permute.default:
-        return list(node.args[1]) == list(range(len(node.args[1])))
+        dims = graph_utils.arg_ints(node, 1)
+        return dims == list(range(len(dims)))
     if node.target is aten.transpose.int:
-        ndim = node.args[0].meta["val"].dim()
-        return node.args[1] % max(ndim, 1) == node.args[2] % max(ndim, 1)
+        ndim = max(graph_utils.arg_node(node, 0).meta["val"].dim(), 1)
+        return graph_utils.arg_int(node, 1) % ndim == graph_utils.arg_int(node, 2) % ndim
     return True
 
 
 def _keeps_layout(node: fx.Node) -> bool:
     fmt = node.kwargs.get("memory_format")
-    return fmt in (None, torch.preserve_format) or node.args[0].meta["val"].is_contiguous(memory_format=fmt)
+    if fmt in (None, torch.preserve_format):
+        return True
+    return graph_utils.arg_node(node, 0).meta["val"].is_contiguous(memory_format=fmt)
 
 
 def _shares_written_memory(node: fx.Node) -> bool:
     """True if ``node`` is (a view of) a value that an in-place op writes, directly or through views."""
     root = node
-    while root.op == "call_function" and isinstance(root.args[0] if root.args else None, fx.Node):
+    while root.op == "call_function" and isinstance(src := (root.args[0] if root.args else None), fx.Node):
         schema = getattr(root.target, "_schema", None)
         if schema is None or not schema.returns or schema.returns[0].alias_info is None:
             break
-        root = root.args[0]
+        root = src
     return graph_utils.feeds_mutation(root)
 
 
@@ -128,7 +131,7 @@ def fold_constants(gm: fx.GraphModule, opts: FoldConstantsOptions) -> int:
     """Precompute subgraphs that read only parameters and constants; store their results."""
     # A constant that an in-place op writes to is not constant across calls.
     const: set[fx.Node] = {n for n in gm.graph.find_nodes(op="get_attr") if not graph_utils.feeds_mutation(n)}
-    values: dict[fx.Node, torch.Tensor] = {n: graph_utils.fetch_attr(gm, n.target) for n in const}
+    values: dict[fx.Node, torch.Tensor] = {n: graph_utils.fetch_attr(gm, graph_utils.attr_target(n)) for n in const}
     size_in: dict[fx.Node, int] = {n: v.numel() if isinstance(v, torch.Tensor) else 0 for n, v in values.items()}
     for node in gm.graph.nodes:
         if _foldable(node, const) and not graph_utils.feeds_mutation(node):

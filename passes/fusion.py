@@ -125,6 +125,7 @@ def _bn_affine(gm: fx.GraphModule, bn: fx.Node):
     """Eval-mode batch norm as y = x * scale + shift per channel (float64)."""
     mean = gu.constant(gm, gu.get_arg(bn, "running_mean"))
     var = gu.constant(gm, gu.get_arg(bn, "running_var"))
+    assert mean is not None and var is not None  # the guard checked that they are constants
     params = []
     for name, fill in (("weight", 1.0), ("bias", 0.0)):
         value = gu.constant(gm, gu.get_arg(bn, name))
@@ -352,10 +353,14 @@ def _merge(gm: fx.GraphModule, ops: list[_Weighted]) -> None:
     node = first.node
     dim = -1 if first.kind == "linear" else 1
     weight = torch.cat([op.weight for op in ops])
-    bias = None if first.bias is None else torch.cat([op.bias for op in ops])
+    biases = [op.bias for op in ops if op.bias is not None]
+    assert len(biases) in (0, len(ops))  # grouped by bias dtype: all of them have a bias or none
+    bias = torch.cat(biases) if biases else None
     sizes = [op.weight.shape[0] for op in ops]
+    target = node.target
+    assert callable(target)  # a call_function node
     with gm.graph.inserting_before(node):
-        merged = gm.graph.call_function(node.target, node.args, dict(node.kwargs))
+        merged = gm.graph.call_function(target, node.args, dict(node.kwargs))
     gu.copy_origin(merged, node)
     hint = _hint(node, "merged")
     w = gu.copy_origin(gu.add_constant(gm, weight, f"{hint}_weight", before=merged), node)

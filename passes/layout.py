@@ -3,6 +3,8 @@ none), chains of reshapes into one reshape, and zero padding into the next conv'
 rewrite rules (fxcompile.rewrite), whose guards say why a node was left as it was."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx
 
@@ -31,10 +33,10 @@ def _permutation(node: fx.Node) -> list[int] | None:
         return None
     n = src.dim()
     if node.target is aten.permute.default:
-        return [d % n for d in node.args[1]]
+        return [d % n for d in gu.arg_ints(node, 1)]
     perm = list(range(n))
     if node.target is aten.transpose.int:
-        a, b = node.args[1] % max(n, 1), node.args[2] % max(n, 1)
+        a, b = gu.arg_int(node, 1) % max(n, 1), gu.arg_int(node, 2) % max(n, 1)
         perm[a], perm[b] = perm[b], perm[a]
     elif n == 2:  # t
         perm = [1, 0]
@@ -84,14 +86,16 @@ def _collapsed_reshape(m) -> fx.Node:
     shape = _static_shape(m.anchor)
     if shape is not None and _static_shape(m.src) == shape:
         return m.src
+    src = _val(m.src)
+    assert src is not None  # _reshapes_collapse declined otherwise
     # Any reshape of a contiguous tensor is a view (what reshape returns for it anyway).
-    target = aten.view.default if _val(m.src).is_contiguous() else aten.reshape.default
+    target = aten.view.default if src.is_contiguous() else aten.reshape.default
     return m.call(target, m.src, list(m.shape))
 
 
 # -- conv(pad(x, zeros)) -> conv(x) with more padding ---------------------------------------
-def _zero_pad(node: fx.Node) -> list[int] | None:
-    """The pad amounts of a constant zero pad, else None."""
+def _zero_pad(node: fx.Node) -> list[Any] | None:
+    """The pad amounts of a constant zero pad (ints, or symbolic sizes), else None."""
     if node.target is aten.constant_pad_nd.default:
         value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
     elif node.target is aten.pad.default:
@@ -102,7 +106,7 @@ def _zero_pad(node: fx.Node) -> list[int] | None:
         return None
     if value not in (None, 0, 0.0):
         return None
-    return list(node.args[1])
+    return gu.arg_list(node, 1)
 
 
 def _pad_pairs(pad: fx.Node, spatial: int) -> list[tuple[int, int]] | str:
@@ -128,7 +132,8 @@ def _pad_folds(m) -> str | None:
         return "the padded tensor has other users"
     if pad in conv.args[1:]:
         return "the padded tensor is also the conv's weight or bias"
-    spatial = _val(conv.args[1]).dim() - 2 if _val(conv.args[1]) is not None else 0
+    weight = _val(conv.args[1])
+    spatial = weight.dim() - 2 if weight is not None else 0
     pairs = _pad_pairs(pad, spatial)
     if isinstance(pairs, str):
         return pairs

@@ -41,6 +41,58 @@ class DictOut(nn.Module):
         return {"h": h, "parts": (h.relu(), [h.sigmoid()])}
 
 
+class _Attn(nn.Module):
+    def __init__(self, width, hidden=8):
+        super().__init__()
+        self.inner, self.out = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.inner(x)))
+
+
+class _MLP(nn.Module):
+    def __init__(self, width, hidden=16):
+        super().__init__()
+        self.up, self.down = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class _Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.attn, self.mlp = _Attn(width), _MLP(width)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class Blocks(nn.Module):
+    """Nested module paths for the module-pattern options (prune's ignore, insert_fake_quant's
+    skip/only): stem -> layers.{0,1,2} (each attn.inner -> attn.out and mlp.up -> mlp.down, with
+    residual adds) -> head; every weighted op is a Linear ('layers.1.mlp.up')."""
+
+    def __init__(self, width=12, depth=3):
+        super().__init__()
+        self.stem = nn.Linear(4, width)
+        self.layers = nn.ModuleList(_Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.layers:
+            x = block(x)
+        return self.head(x)
+
+
+@pytest.fixture
+def blocks():
+    torch.manual_seed(0)
+    return Blocks().eval(), (torch.randn(2, 4),)
+
+
 @pytest.fixture
 def convbn():
     torch.manual_seed(0)

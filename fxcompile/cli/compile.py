@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import InputError
 from ..numerics import LOSSLESS_TOLERANCE

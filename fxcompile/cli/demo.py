@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import FxCompileError, InputError, suggest
 from ..numerics import LOSSLESS_TOLERANCE

@@ -24,8 +24,8 @@ def cmd_passes(args) -> int:
 def field_default(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
         return repr(f.default)
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return repr(f.default_factory())  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
     return "<required>"
 
 

@@ -66,7 +66,7 @@ _KEEP_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
 
 def fxcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None,
-                      **kwargs) -> "DynamoRunner":
+                      **kwargs) -> DynamoRunner:
     """torch.compile backend: compile dynamo's graph ``gm`` with fxcompile.
 
     ``options`` (torch.compile's ``options=``): ``backend``, ``passes``, ``check`` and
@@ -313,8 +313,10 @@ def _is_static_scalar(value) -> bool:
 def _drop_outputs(graph: fx.Graph, positions: list[int]) -> fx.Graph:
     graph = copy.deepcopy(graph)
     out = graph.output_node()
-    kept = [v for i, v in enumerate(out.args[0]) if i not in set(positions)]
-    out.args = (type(out.args[0])(kept),)
+    outputs = out.args[0]
+    assert isinstance(outputs, (list, tuple))  # dynamo's graphs return a tuple (or list) of values
+    kept = [v for i, v in enumerate(outputs) if i not in set(positions)]
+    out.args = (type(outputs)(kept),)
     graph.eliminate_dead_code()
     return graph
 
@@ -378,7 +380,7 @@ class DynamoRunner:
             with COMPILE_LOCK:
                 entry = self._entry(args, key)
         compiled, tensor_slots, scalars = entry
-        out = compiled(*[args[i] for i in tensor_slots]) if compiled is not None else ()
+        out: tuple | list = compiled(*[args[i] for i in tensor_slots]) if compiled is not None else ()
         if not scalars:
             return out
         it, n = iter(out), len(out) + len(scalars)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -73,8 +74,10 @@ def time_interleaved(contenders: list[Contender], runs: int,
     for _ in range(runs):
         live = [c for c in contenders if c.live]
         for c in order.sample(live, len(live)):
+            fn = c.fn
+            assert fn is not None  # a live contender
             try:
-                c.times.append(timer(c.fn))
+                c.times.append(timer(fn))
             except Exception as e:  # a failing contender must not stop the others
                 c.failed = short_error(e)
 

@@ -9,6 +9,7 @@ from a fixed seed (without touching the caller's RNG), in eval mode.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -112,6 +113,8 @@ class BertStyle(nn.Module):
     """A small BERT encoder: token and position embeddings, LayerNorm, encoder layers, and a
     tanh pooler over the first token. Returns ``(sequence_output, pooled_output)``."""
 
+    position_ids: torch.Tensor  # a buffer
+
     def __init__(self, vocab: int = 1000, hidden: int = 128, layers: int = 2, heads: int = 4,
                  intermediate: int = 512, max_positions: int = 128, dropout: float = 0.1):
         super().__init__()
@@ -141,6 +144,7 @@ def _randomize_batch_norm(model: nn.Module, generator: torch.Generator) -> None:
     wrongly changes the outputs measurably."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None  # the default: tracked
             n = m.num_features
             m.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
             m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
@@ -173,4 +177,5 @@ def bert_style(batch: int = 1, seq: int = 32, seed: int = 0, padding: int = 4):
     return model.eval(), (ids, mask)
 
 
-DEMO_MODELS = {"resnet_style": resnet_style, "bert_style": bert_style}
+DEMO_MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {
+    "resnet_style": resnet_style, "bert_style": bert_style}

@@ -149,7 +149,8 @@ def _trained_like(model: torch.nn.Module) -> None:
         if isinstance(m, torch.nn.Conv2d):
             fan_in = m.weight[0].numel()
             m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+        elif (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+              and m.running_var is not None):
             n = m.num_features
             m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)

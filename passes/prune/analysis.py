@@ -142,7 +142,9 @@ class Analysis:
     def mark_input_side(self, param, dim: int) -> None:
         """Record that ``param``'s ``dim`` reads channels (a weight's input columns)."""
         if isinstance(param, fx.Node) and param.op == "get_attr":
-            self.input_side.add((param.target, dim % len(self.shape(param))))
+            shape = self.shape(param)
+            assert shape is not None  # a weight a rule reads: a tensor
+            self.input_side.add((graph_utils.attr_target(param), dim % len(shape)))
 
     def why(self, node: fx.Node, reason: str) -> str:
         return f"{reason} at {describe_node(node)}"
@@ -187,23 +189,24 @@ class Analysis:
         return bool(self.tensor_inputs(node)) or isinstance(v, (torch.Tensor, list, tuple))
 
     def _get_attr(self, node: fx.Node) -> None:
-        value = graph_utils.fetch_attr(self.gm, node.target)
+        target = graph_utils.attr_target(node)
+        value = graph_utils.fetch_attr(self.gm, target)
         if not isinstance(value, torch.Tensor):
             return
-        axes = self._attr_axes.get(node.target)
-        alias = self._first_name.setdefault(id(value), node.target)
-        if axes is None and alias != node.target:
+        axes = self._attr_axes.get(target)
+        alias = self._first_name.setdefault(id(value), target)
+        if axes is None and alias != target:
             # a tied weight read under another name: the same tensor, the same axes and members
-            axes = self._attr_axes[node.target] = self._attr_axes[alias]
+            axes = self._attr_axes[target] = self._attr_axes[alias]
         if axes is None:
             axes = self.fresh(value.shape)
-            self._attr_axes[node.target] = axes
+            self._attr_axes[target] = axes
             is_param = isinstance(value, torch.nn.Parameter)
             for d, a in enumerate(axes):
-                self.members.append(Member(node.target, d, a, is_param))
+                self.members.append(Member(target, d, a, is_param))
             if not value.is_floating_point():
                 for a in axes:
-                    self.ax.block(a, f"integer tensor '{node.target}' (indices, not weights)")
+                    self.ax.block(a, f"integer tensor '{target}' (indices, not weights)")
         self.set(node, list(axes))
 
     # -- results ------------------------------------------------------------------------
@@ -219,12 +222,22 @@ class Analysis:
         for m in self.members:
             for leaf in ax.leaves(m.axis):
                 group(leaf).members.append(m)
-        for node, dims in self.node_dims.items():  # layouts the position algebra cannot expand
+        self._block_inexpressible_layouts()
+        self._annotate_groups(leaf_of)
+        return sorted(leaf_of.values(), key=lambda g: self._first_member_order(g))
+
+    def _block_inexpressible_layouts(self) -> None:
+        """Block the axes of layouts the position algebra cannot expand."""
+        for node, dims in self.node_dims.items():
             for a in (x for d in dims for x in (d if isinstance(d, list) else [d])):
                 try:
-                    ax.positions(a)
+                    self.ax.positions(a)
                 except Conflict as e:
-                    ax.block(a, self.why(node, f"channel layout is not expressible ({e})"))
+                    self.ax.block(a, self.why(node, f"channel layout is not expressible ({e})"))
+
+    def _annotate_groups(self, leaf_of: dict[int, Group]) -> None:
+        """Copy the block and inexact reasons and the kind tags of the axes onto their groups."""
+        ax = self.ax
         for table, attr in ((ax.blocks, "blocked"), (ax.flags, "inexact")):
             for a, reason in table:
                 for leaf in self._safe_leaves(a):
@@ -236,7 +249,6 @@ class Analysis:
             for leaf in self._safe_leaves(a):
                 if leaf in leaf_of and leaf_of[leaf].kind != "heads":
                     leaf_of[leaf].kind = kind
-        return sorted(leaf_of.values(), key=lambda g: self._first_member_order(g))
 
     def _safe_leaves(self, a: int) -> list[int]:
         return self.ax.leaves(a)

@@ -290,7 +290,7 @@ class AxisTable:
             kids = [self.positions(c) for c in f[1]]
             sizes = [k[0] for k in kids]
             out_pos = {}
-            for i, (cn, cpos) in enumerate(kids):
+            for i, (_, cpos) in enumerate(kids):
                 outer, inner = math.prod(sizes[:i]), math.prod(sizes[i + 1:])
                 for leaf, arr in cpos.items():
                     if leaf in out_pos:

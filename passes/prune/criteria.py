@@ -6,7 +6,8 @@ criterion sees exactly what removing that index deletes.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,9 +116,10 @@ def taylor(A: Analysis, gm: fx.GraphModule, groups: list[Group], data, loss_fn: 
         for g in groups:
             contrib = np.zeros(g.size)
             for m in g.members:
-                if not m.is_param or wg.get(m.target) is None:
+                product = wg.get(m.target)
+                if not m.is_param or product is None:
                     continue
-                per_pos = wg[m.target].movedim(m.dim, 0).reshape(wg[m.target].shape[m.dim], -1).sum(1).numpy()
+                per_pos = product.movedim(m.dim, 0).reshape(product.shape[m.dim], -1).sum(1).numpy()
                 contrib += _scatter(A, g, m, per_pos)
             totals[g.leaf] += contrib ** 2
         n_batches += 1

@@ -1,8 +1,9 @@
 """Options of the ``prune`` pass."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from fxcompile.errors import PruneError
 

@@ -131,6 +131,20 @@ def _set_arg(node: fx.Node, i: int, name: str, value):
     return node.target, tuple(node.args), {**node.kwargs, name: value}
 
 
+def _shape(R: Rewriter, x) -> tuple[int, ...]:
+    """The unpruned shape of ``x``, a tensor input of a call the analysis took."""
+    shape = R.A.shape(x)
+    assert shape is not None
+    return shape
+
+
+def _dims(R: Rewriter, x) -> list[int]:
+    """The axes of ``x``, a tensor input of a call the analysis took."""
+    dims = R.A.dims(x)
+    assert dims is not None
+    return dims
+
+
 def _merge_sizes(old, new) -> list | None:
     """``old`` size arguments with each concrete int replaced by its pruned size, or None if
     nothing changes. -1 (inferred) and symbolic sizes (a sym_size node or SymInt of a dynamic
@@ -150,8 +164,10 @@ def _sizes(R: Rewriter, node: fx.Node) :
 @rewrite(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
 def _split(R: Rewriter, node: fx.Node) :
     src = node.args[0]
-    n = len(R.A.shape(src))
-    d = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % n
+    n = len(_shape(R, src))
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    assert isinstance(dim, int)  # the schemas' `int dim`
+    d = dim % n
     old = [size_hint(t.shape[d]) for t in node.meta["val"]]
     new = [s[d] for s in R.new_shape(node)]
     if new == old:
@@ -162,12 +178,14 @@ def _split(R: Rewriter, node: fx.Node) :
 @rewrite(aten.slice.Tensor)
 def _slice(R: Rewriter, node: fx.Node) :
     src = node.args[0]
-    n = len(R.A.shape(src))
-    d = (node.args[1] if len(node.args) > 1 else 0) % n
-    kept = R.kept(R.A.dims(src)[d])
+    n = len(_shape(R, src))
+    dim = node.args[1] if len(node.args) > 1 else 0
+    assert isinstance(dim, int)  # the schema's `int dim`
+    d = dim % n
+    kept = R.kept(_dims(R, src)[d])
     if kept is None:
         return None
-    size = R.A.shape(src)[d]
+    size = _shape(R, src)[d]
     start = node.args[2] if len(node.args) > 2 else None
     end = node.args[3] if len(node.args) > 3 else None
     if not all(v is None or isinstance(v, int) for v in (start, end)):
@@ -179,7 +197,7 @@ def _slice(R: Rewriter, node: fx.Node) :
 
 @rewrite(aten.layer_norm.default, getattr(aten, "rms_norm", None) and aten.rms_norm.default)
 def _normalized_shape(R: Rewriter, node: fx.Node) :
-    k = len(node.args[1])
+    k = len(graph_utils.arg_list(node, 1))
     sizes = _merge_sizes(node.args[1], R.new_shape(node)[-k:])
     return None if sizes is None else _set_arg(node, 1, "normalized_shape", sizes)
 
@@ -224,7 +242,7 @@ def _conv_groups(R: Rewriter, node: fx.Node) :
 @rewrite(aten.scaled_dot_product_attention.default)
 def _sdpa_scale(R: Rewriter, node: fx.Node) :
     e = R.A.extra[node]["head_dim"]
-    if R.new_shape(node.args[0])[-1] == e or node.kwargs.get("scale") is not None:
+    if R.new_shape(graph_utils.arg_node(node, 0))[-1] == e or node.kwargs.get("scale") is not None:
         return None
     if len(node.args) > 6 and node.args[6] is not None:
         return None
@@ -246,9 +264,10 @@ def _factory(R: Rewriter, node: fx.Node) :
 
 @rewrite(getattr(aten, "unflatten", None) and aten.unflatten.int)
 def _unflatten(R: Rewriter, node: fx.Node) :
-    n = len(R.A.shape(node.args[0]))
-    d = node.args[1] % n
-    sizes = _merge_sizes(node.args[2], R.new_shape(node)[d:d + len(node.args[2])])
+    n = len(_shape(R, node.args[0]))
+    d = graph_utils.arg_int(node, 1) % n
+    old = graph_utils.arg_list(node, 2)
+    sizes = _merge_sizes(old, R.new_shape(node)[d:d + len(old)])
     return None if sizes is None else _set_arg(node, 2, "sizes", sizes)
 
 
@@ -257,6 +276,7 @@ def check_shapes(R: Rewriter, gm: fx.GraphModule, expected: dict[fx.Node, object
     bad = []
     for node, want in expected.items():
         v = node.meta.get("val")
+        got: tuple[int, ...] | list[tuple[int, ...]]
         if isinstance(v, torch.Tensor):
             got = tuple(size_hint(s) for s in v.shape)
         elif isinstance(v, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in v):

@@ -33,9 +33,13 @@ def reshape_dims(A, in_dims, in_shape, out_shape) -> list[int]:
         pi, po = bi[0][1], bo[0][1]
         while pi != po:
             if pi < po:
-                bi.append(ins[i]); pi *= ins[i][1]; i += 1
+                bi.append(ins[i])
+                pi *= ins[i][1]
+                i += 1
             else:
-                bo.append(outs[j]); po *= outs[j][1]; j += 1
+                bo.append(outs[j])
+                po *= outs[j][1]
+                j += 1
         if len(bi) == 1 and len(bo) == 1:
             out[bo[0][0]] = bi[0][0]
             continue
@@ -211,7 +215,7 @@ def _repeat(A, node):
     reps = list(node.args[1])
     lead = len(reps) - len(src)
     out = [A.ax.new(s) for s in A.shape(node)[:lead]]
-    for a, s, r in zip(src, shape, reps[lead:]):
+    for a, _, r in zip(src, shape, reps[lead:]):
         out.append(a if r == 1 else A.ax.make_cat([a] * r))
     A.set(node, out)
 

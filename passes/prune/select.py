@@ -3,8 +3,8 @@ search for the ratio that meets a FLOPs or parameter reduction target."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -74,7 +74,7 @@ def search(measure: Callable[[float], float], target: float, hi: float, tol: flo
         raise PruneError(f"cannot reach a {what} reduction of {target:.1%}: removing the most this "
                          f"model allows (every prunable group at its max_ratio) gives {top:.1%}. "
                          f"Lower the target, raise max_ratio, or remove ignore patterns.")
-    lo, lo_val, best = 0.0, 0.0, (hi, top)
+    lo, best = 0.0, (hi, top)
     hi_r = hi
     for _ in range(iterations):
         mid = (lo + hi_r) / 2
@@ -85,7 +85,7 @@ def search(measure: Callable[[float], float], target: float, hi: float, tol: flo
         if abs(val - target) <= tol / 4:
             break
         if val < target:
-            lo, lo_val = mid, val
+            lo = mid
         else:
             hi_r = mid
         if hi_r - lo < 1e-4:

@@ -11,7 +11,7 @@ reach insert_fake_quant through the PassContext.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import fx
@@ -41,6 +41,7 @@ def calibrate(model, data: Iterable, method: str = "minmax", *, percentile: floa
     gm = compiled.graph_module if compiled is not None else model
     if not isinstance(gm, fx.GraphModule):
         raise InputError(f"calibrate takes a CompiledModule or a torch.fx.GraphModule, got {type(model).__name__}")
+    batches: FlatBatches | _GraphBatches
     if isinstance(data, FlatBatches):
         batches = data
     elif compiled is not None:
@@ -110,7 +111,7 @@ def _points_to_calibrate(gm: fx.GraphModule, method: str, percentile: float):
         raise QuantizationError("the graph's activations are quantized at run time (activations='dynamic'), "
                                 "so there is nothing to calibrate: fold it as it is, or insert fake-quant "
                                 "with activations='static' to calibrate")
-    if not points:
+    if state is None or not points:
         raise QuantizationError("the graph has no activation fake-quant nodes to calibrate: run the "
                                 "'insert_fake_quant' pass first (compile(..., passes=[..., 'insert_fake_quant']))")
     if state.folded:

@@ -12,8 +12,8 @@ import torch
 from torch import fx
 
 from fxcompile.errors import QuantizationError, describe_node
-from fxcompile.graph_utils import (add_buffer, copy_origin, drop_asserts, drop_unused_attrs, fetch_attr, real_users,
-                                   set_attr, tensor_bytes)
+from fxcompile.graph_utils import (add_buffer, arg_node, attr_target, copy_origin, drop_asserts, drop_unused_attrs,
+                                   fetch_attr, real_users, set_attr, tensor_bytes)
 from fxcompile.registry import register_pass
 
 from . import placement
@@ -34,7 +34,7 @@ def fold_fake_quant(gm: fx.GraphModule) -> int:
     _check_foldable(nodes, state)
     freeze(gm)  # learnable (QAT) scales -> plain buffers
     for node in fake_quant_nodes(gm):
-        if node.args[0].op == "get_attr":
+        if arg_node(node, 0).op == "get_attr":
             _fold_weight(gm, node, state)
         elif node.target is not DYNAMIC_FAKE_QUANT:
             _fold_activation(gm, node, state)
@@ -97,10 +97,12 @@ def _fold_weight(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) ->
     fq = FakeQuantArgs.of(node)
     w = fq.x
     scale, zero_point = _qparams_of(gm, fq)
-    weight = fetch_attr(gm, w.target).detach()
+    weight = fetch_attr(gm, attr_target(w)).detach()
+    fake_quant = node.target
+    assert callable(fake_quant)  # a call_function node (one of FAKE_QUANT_OPS)
     with torch.no_grad():
-        fake = node.target(weight, *[fetch_attr(gm, a.target) if isinstance(a, fx.Node) else a
-                                     for a in node.args[1:]])
+        fake = fake_quant(weight, *[fetch_attr(gm, attr_target(a)) if isinstance(a, fx.Node) else a
+                                    for a in node.args[1:]])
     axis = fq.axis
     if axis is None:
         s, zp = scale.reshape(()), zero_point.reshape(())
@@ -119,7 +121,7 @@ def _fold_weight(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) ->
         dq = gm.graph.create_node("call_function", DEQUANTIZE, (qn, sn, zn, axis or 0),
                                   name=f"dequantize_{w.name}")
     _take_place(node, dq)
-    _rename(state, node.name, dq.name, sn.target, zn.target)
+    _rename(state, node.name, dq.name, attr_target(sn), attr_target(zn))
 
 
 def _take_place(node: fx.Node, new: fx.Node) -> None:
@@ -143,7 +145,7 @@ def _fold_activation(gm: fx.GraphModule, node: fx.Node, state: QuantState | None
                                   name=f"dequantize_{fq.x.name}")
     copy_origin(q, node)
     _take_place(node, dq)
-    _rename(state, node.name, dq.name, sn.target, zn.target)
+    _rename(state, node.name, dq.name, attr_target(sn), attr_target(zn))
 
 
 def _fold_dynamic(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -> None:
@@ -158,9 +160,9 @@ def _fold_dynamic(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -
             raise QuantizationError(f"{describe_node(node)} is quantized at run time but its user "
                                     f"{describe_node(op)} is not a linear or matmul with an int8 weight; "
                                     "only those fold (DynamicQuantizeMatMul)")
-        q, scale, zero_point, axis = w.args
+        q, scale, zero_point = arg_node(w, 0), w.args[1], w.args[2]  # dequantize(q, scale, zero_point, axis)
         if n_by_k:  # [N, K] -> [K, N], scales stay per N
-            q = add_buffer(gm, f"{q.target}_kn", fetch_attr(gm, q.target).t().contiguous(), op)
+            q = add_buffer(gm, f"{q.target}_kn", fetch_attr(gm, attr_target(q)).t().contiguous(), op)
         with gm.graph.inserting_before(op):
             new = gm.graph.create_node("call_function", DYNAMIC_QUANTIZED_MATMUL,
                                        (x, q, scale, zero_point, bias), name=f"dynamic_quantized_{op.name}")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import fx
 
 from fxcompile.errors import QuantizationError, describe_node
-from fxcompile.graph_utils import MAX_POOL_OPS, add_buffer, copy_origin, fetch_attr, module_path, tensor_bytes
+from fxcompile.graph_utils import (MAX_POOL_OPS, add_buffer, arg_node, attr_target, copy_origin, fetch_attr,
+                                   module_path, tensor_bytes)
 from fxcompile.registry import register_pass
 
 from . import placement
@@ -39,9 +41,10 @@ class InsertFakeQuantOptions:
     transformers: QLinearAdd instead of two DequantizeLinear and a float Add, which onnxruntime
     would also fuse with a following LayerNorm into its slower SkipLayerNormalization); adds of
     float tensors and pre-norm residual streams stay float.
-    skip / only: module patterns (as prune's ``ignore``: an exact module path, a prefix naming a
-    sub-tree or an fnmatch glob; fxcompile.graph_utils.pattern_matches), e.g. 'classifier',
-    '*.embeddings', to leave in float / to restrict quantization to.
+    skip / only: module patterns (as prune's ``ignore``: an exact module or parameter path, a
+    prefix naming a sub-tree or an fnmatch glob; fxcompile.graph_utils.pattern_matches), e.g.
+    'classifier', '*.embeddings', 'fc.weight' (the ops that read it), to leave in float / to
+    restrict quantization to.
     keep_first / keep_last: leave the first / last conv, linear or matmul in float.
     per_channel: per-output-channel weight scales (else one per weight).
     reduce_range: keep onnxruntime's U8S8 kernels on x86 CPUs without VNNI from saturating their
@@ -93,7 +96,7 @@ class InsertFakeQuantOptions:
             raise ValueError(f"unknown op families {sorted(unknown)}; known: {', '.join(placement.FAMILIES)}")
         if self.activations == "dynamic" and set(self.ops or ()) - set(placement.DYNAMIC_OPS):
             raise ValueError(f"activations='dynamic' quantizes {', '.join(placement.DYNAMIC_OPS)}; "
-                             f"{', '.join(sorted(set(self.ops) - set(placement.DYNAMIC_OPS)))} need "
+                             f"{', '.join(sorted(set(self.ops or ()) - set(placement.DYNAMIC_OPS)))} need "
                              "activations='static'")
         if self.reduce_range not in ("auto", True, False):
             raise ValueError(f"reduce_range must be 'auto', True or False, got {self.reduce_range!r}")
@@ -101,7 +104,7 @@ class InsertFakeQuantOptions:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
 
-def _pair_limit(site: placement.Site, weight: torch.Tensor) -> int | str | None:
+def _pair_limit(site: placement.Site, weight: torch.Tensor) -> int | Literal["hwio"] | None:
     """How to pair-limit this weight (state.weight_qparams' ``pair_axis``): the axis the op
     sums over in neighbouring pairs (K of a linear or matmul), "hwio" for a conv (onnxruntime
     sums K in (kh, kw, C_in) order). None (8 bits) for a depthwise conv (its own kernel, no pair
@@ -119,7 +122,7 @@ def _pair_limit(site: placement.Site, weight: torch.Tensor) -> int | str | None:
 def _after_relu(node: fx.Node) -> bool:
     """``node`` is a ReLU's output, possibly through max pooling."""
     while node.op == "call_function" and node.target in MAX_POOL_OPS:
-        node = node.args[0]
+        node = arg_node(node, 0)
     return node.op == "call_function" and node.target in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
 
 
@@ -179,7 +182,8 @@ def _plan(gm: fx.GraphModule, opts: InsertFakeQuantOptions) -> placement.Plan:
         _warn_if_convs_stay_float(gm, plan)
     for bn in plan.unfolded_batch_norm[:1]:
         warnings.warn(f"insert_fake_quant: BatchNorm {describe_node(bn)} is not folded into its conv; "
-                      "run 'fold_batch_norm' first so training and deployment agree and int8 kernels fuse")
+                      "run 'fold_batch_norm' first so training and deployment agree and int8 kernels fuse",
+                      stacklevel=1)
     return plan
 
 
@@ -201,8 +205,9 @@ def _quantize_weights(gm: fx.GraphModule, plan: placement.Plan, opts: InsertFake
 def _weight_fake_quant(gm: fx.GraphModule, site: placement.Site, opts: InsertFakeQuantOptions,
                        limits: _WeightLimits, state: QuantState) -> fx.Node:
     """A fake-quant node for ``site``'s weight, with its scales calibrated now, and its QuantPoint."""
+    assert site.weight is not None  # called for the sites with a weight operand
     _, w, axis = site.weight
-    value = fetch_attr(gm, w.target)
+    value = fetch_attr(gm, attr_target(w))
     seven_bit = site.family in limits.seven_bit
     pair_axis = None
     if site.family == "embedding" and opts.target == "onnxruntime":
@@ -228,9 +233,9 @@ def _weight_fake_quant(gm: fx.GraphModule, site: placement.Site, opts: InsertFak
                                   name=f"fq_{w.name}")
     copy_origin(fq, site.node)
     state.points[fq.name] = QuantPoint(
-        name=fq.name, kind="weight", source=w.target, consumers=[], module=module_path(site.node),
+        name=fq.name, kind="weight", source=attr_target(w), consumers=[], module=module_path(site.node),
         quant_min=qrange[0], quant_max=qrange[1], symmetric=symmetric, axis=axis,
-        scale_attr=s.target, zero_point_attr=z.target, method="minmax", lo=lo, hi=hi,
+        scale_attr=attr_target(s), zero_point_attr=attr_target(z), method="minmax", lo=lo, hi=hi,
         bits=7 if seven_bit else 8, pair_limited=site.family in limits.pair and pair_axis is not None)
     return fq
 
@@ -241,7 +246,7 @@ def _quantize_embedding_rows(gm: fx.GraphModule, plan: placement.Plan, state: Qu
     any quantized op reading them (static); dynamic ops requantize the rows at run time."""
     for site in plan.embeddings:
         readers = plan.activations.pop(site.node, None)
-        wfq = site.node.args[0]
+        wfq = arg_node(site.node, 0)
         table = FakeQuantArgs.of(wfq)
         users = list(site.node.users)
         with gm.graph.inserting_after(site.node):
@@ -295,7 +300,7 @@ def _quantize_activations(gm: fx.GraphModule, plan: placement.Plan, opts: Insert
         state.points[fq.name] = QuantPoint(
             name=fq.name, kind="activation", source=tensor.name, consumers=[u.name for u in users],
             module=module_path(origin), quant_min=act_min, quant_max=act_max, symmetric=symmetric,
-            axis=None, scale_attr=s.target if s else "", zero_point_attr=z.target if z else "",
+            axis=None, scale_attr=attr_target(s) if s else "", zero_point_attr=attr_target(z) if z else "",
             method="dynamic" if dynamic else None, dynamic=dynamic)
 
 
@@ -303,7 +308,7 @@ def _calibrate(gm: fx.GraphModule, opts: InsertFakeQuantOptions, state: QuantSta
     """compile(..., calibration_data=...): calibrate the new activation fake-quant nodes now."""
     if not state.activations():
         warnings.warn("insert_fake_quant: no activation needs calibration (activations='dynamic' takes "
-                      "each range at run time); the calibration data is not used")
+                      "each range at run time); the calibration data is not used", stacklevel=1)
         return
     gm.recompile()
     calibrate_graph(gm, data, opts.method, percentile=opts.percentile, progress=opts.progress)

@@ -38,8 +38,8 @@ class Observer:
         x = x.detach().float()
         if x.numel() == 0:
             return
-        lo, hi = torch.aminmax(x)
-        lo, hi = lo.item(), hi.item()
+        lo_t, hi_t = torch.aminmax(x)
+        lo, hi = float(lo_t.item()), float(hi_t.item())
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates into min and max
             bad = (~torch.isfinite(x)).sum().item()
             raise NonFiniteError(f"{bad} of {x.numel()} values are NaN or infinite")
@@ -76,12 +76,17 @@ class Observer:
 
     # -- helpers over the histogram -------------------------------------------------------
     @property
+    def _counts(self) -> torch.Tensor:
+        assert self.hist is not None  # range() uses these helpers only once there is a histogram
+        return self.hist
+
+    @property
     def _width(self) -> float:
         return 2 * self.radius / self.bins
 
     def _abs_hist(self) -> np.ndarray:
         half = self.bins // 2
-        return (self.hist[half:] + self.hist[:half].flip(0)).numpy()
+        return (self._counts[half:] + self._counts[:half].flip(0)).numpy()
 
     def _clip(self, t: float) -> tuple[float, float]:
         return max(self.min, -t), min(self.max, t)
@@ -92,7 +97,7 @@ class Observer:
             cdf = np.cumsum(self._abs_hist())
             j = int(np.searchsorted(cdf, q * cdf[-1]))
             return self._clip((j + 1) * self._width)
-        cdf = np.cumsum(self.hist.numpy())
+        cdf = np.cumsum(self._counts.numpy())
         edges = -self.radius + self._width * np.arange(self.bins + 1)
         lo = edges[int(np.searchsorted(cdf, (1 - q) * cdf[-1]))]
         hi = edges[min(int(np.searchsorted(cdf, q * cdf[-1])) + 1, self.bins)]
@@ -100,7 +105,7 @@ class Observer:
 
     def _mse(self, quant_min: int, quant_max: int, symmetric: bool) -> tuple[float, float]:
         from .state import EPS
-        counts = self.hist
+        counts = self._counts
         centers = -self.radius + self._width * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
         keep = counts > 0
         counts, centers = counts[keep], centers[keep]

@@ -23,13 +23,17 @@ no ONNX-side surgery is needed.
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import torch
 from torch import fx
+from torch.fx.node import Argument
 
 from fxcompile.errors import PassError
-from fxcompile.graph_utils import CONV_OPS, MAX_POOL_OPS, check_patterns, module_paths, pattern_matches, real_users
+from fxcompile.graph_utils import (CONV_OPS, MAX_POOL_OPS, arg_list, arg_node, check_patterns, module_paths,
+                                   pattern_matches, real_users)
 
 aten = torch.ops.aten
 
@@ -89,26 +93,33 @@ def family_of(node: fx.Node) -> str | None:
     return None
 
 
-def is_float_tensor(arg) -> bool:
+def is_float_tensor(arg: object) -> TypeGuard[fx.Node]:
     val = arg.meta.get("val") if isinstance(arg, fx.Node) else None
     return isinstance(val, torch.Tensor) and val.dtype == torch.float32
 
 
-def _is_constant(arg) -> bool:
+def _is_constant(arg: object) -> TypeGuard[fx.Node]:
     return isinstance(arg, fx.Node) and arg.op == "get_attr"
 
 
 def _matches(node: fx.Node, patterns) -> bool:
+    # A module pattern takes the ops of the modules on the node's stack; a parameter path
+    # ('fc.weight', or a glob) takes the ops that read that parameter. A parameter's own module
+    # prefix is not used: a tied weight read under another module's name would drag that module in.
     paths = module_paths(node)
-    return any(pattern_matches(pattern, paths) for pattern in patterns)
+    params = [str(a.target) for a in node.all_input_nodes if a.op == "get_attr"]
+    return any(pattern_matches(pattern, paths) or any(fnmatch.fnmatchcase(t, pattern) for t in params)
+               for pattern in patterns)
 
 
 def check_module_patterns(gm: fx.GraphModule, skip=(), only=()) -> None:
-    """PassError for a skip / only pattern that names no module the graph's ops come from (module
-    patterns as for prune's ``ignore``: fxcompile.graph_utils.pattern_matches)."""
-    paths = {p for n in gm.graph.nodes for p in module_paths(n)}
+    """PassError for a skip / only pattern that takes none of the graph's ops (module patterns as
+    for prune's ``ignore``: fxcompile.graph_utils.pattern_matches)."""
+    nodes = list(gm.graph.nodes)
+    paths = {p for n in nodes for p in module_paths(n)}
     for option, patterns in (("insert_fake_quant skip", skip), ("insert_fake_quant only", only)):
-        check_patterns(option, patterns, paths, PassError)
+        missing = [p for p in patterns if not any(_matches(n, (p,)) for n in nodes)]
+        check_patterns(option, missing, paths, PassError)
 
 
 def _site(node: fx.Node, family: str, per_channel: bool) -> Site | None:
@@ -127,17 +138,7 @@ def _site(node: fx.Node, family: str, per_channel: bool) -> Site | None:
             return None
         return Site(node, family, [x], (1, w, 0 if per_channel else None))
     if family == "matmul":
-        a, b = node.args[0], node.args[1]
-        acts = [t for t in (a, b) if is_float_tensor(t) and not _is_constant(t)]
-        weight = None
-        if _is_constant(b) and is_float_tensor(b) and b.meta["val"].dim() >= 2:
-            # [.., K, N] @ : output channels are the last axis
-            weight = (1, b, b.meta["val"].dim() - 1 if per_channel else None)
-        elif _is_constant(a) or _is_constant(b):
-            return None
-        if not acts:
-            return None
-        return Site(node, family, acts, weight)
+        return _matmul_site(node, per_channel)
     if family == "embedding":
         w = node.args[0]
         if not (_is_constant(w) and is_float_tensor(w)):
@@ -145,30 +146,45 @@ def _site(node: fx.Node, family: str, per_channel: bool) -> Site | None:
         # per tensor: onnxruntime then gathers int8 rows (see Plan.embeddings)
         return Site(node, family, [], (0, w, None))
     if family == "cat":
-        tensors = node.args[0]
+        tensors = arg_list(node, 0)
         acts = [t for t in tensors if is_float_tensor(t) and not _is_constant(t)]
         return Site(node, family, acts) if acts and len(acts) == len(tensors) else None
     # add, pool: the tensor operands
     acts = [a for a in node.args if isinstance(a, fx.Node) and is_float_tensor(a) and not _is_constant(a)]
     if family == "add" and len(acts) != 2:
         return None
-    if node.target is aten.add_.Tensor and real_users(node.args[0]) != [node]:
+    if node.target is aten.add_.Tensor and real_users(arg_node(node, 0)) != [node]:
         return None  # others read the tensor add_ writes: it must stay that tensor
     return Site(node, family, acts[:1] if family == "pool" else acts) if acts else None
+
+
+def _matmul_site(node: fx.Node, per_channel: bool) -> Site | None:
+    a, b = node.args[0], node.args[1]
+    acts = [t for t in (a, b) if is_float_tensor(t) and not _is_constant(t)]
+    weight = None
+    if _is_constant(b) and is_float_tensor(b) and b.meta["val"].dim() >= 2:
+        # [.., K, N] @ : output channels are the last axis
+        weight = (1, b, b.meta["val"].dim() - 1 if per_channel else None)
+    elif _is_constant(a) or _is_constant(b):
+        return None
+    if not acts:
+        return None
+    return Site(node, "matmul", acts, weight)
 
 
 def _exported_as_matmul_add(node: fx.Node) -> bool:
     # A linear over >2-D inputs exports as MatMul + Add; onnxruntime rewrites that into
     # Reshape -> Gemm -> Reshape, and a ReLU after it then keeps the Reshape between Gemm and the
     # QuantizeLinear: no QGemm. Quantizing right after the linear keeps it fusable (measured).
-    val = node.args[0].meta.get("val") if node.target is aten.linear.default else None
+    val = arg_node(node, 0).meta.get("val") if node.target is aten.linear.default else None
     return isinstance(val, torch.Tensor) and val.dim() > 2
 
 
 def output_of(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """The end of the op's onnxruntime unit: follow sole users that are ReLU (or an unfolded BN
     after a conv/linear); also returns those BNs."""
-    out, bns = node, []
+    out = node
+    bns: list[fx.Node] = []
     while True:
         users = real_users(out)
         if len(users) != 1 or not users[0].args or users[0].args[0] is not out:
@@ -192,15 +208,15 @@ def _dynamic_site(site: Site) -> bool:
     return site.family == "linear" or (len(site.activations) == 1 and site.activations[0] is site.node.args[0])
 
 
-def linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, object, bool]:
+def linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, Argument, bool]:
     """(input, weight, bias or None, whether the weight is [N, K]) of a linear, addmm or a
     matmul by a constant."""
     if node.target is aten.addmm.default:
-        return node.args[1], node.args[2], node.args[0], False
+        return arg_node(node, 1), arg_node(node, 2), node.args[0], False
     if node.target is aten.linear.default:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return node.args[0], node.args[1], bias, True
-    return node.args[0], node.args[1], None, False
+        return arg_node(node, 0), arg_node(node, 1), bias, True
+    return arg_node(node, 0), arg_node(node, 1), None, False
 
 
 def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=False, keep_last=False,

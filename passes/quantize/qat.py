@@ -19,8 +19,8 @@ import torch
 from torch import fx
 
 from fxcompile.api import graph_and_capture
-from fxcompile.errors import QuantizationError
-from fxcompile.graph_utils import fetch_attr, set_attr
+from fxcompile.errors import InputError, QuantizationError
+from fxcompile.graph_utils import attr_target, fetch_attr, set_attr
 
 from .ops import (FQ_LEARNABLE_PER_CHANNEL, FQ_LEARNABLE_PER_TENSOR, FQ_PER_CHANNEL, FQ_PER_TENSOR,
                   FakeQuantArgs)
@@ -53,6 +53,9 @@ def trainable(model, learnable_scales: bool = False) -> torch.nn.Module:
     require grad; with ``learnable_scales`` the fake-quant scales are trained too (LSQ, ATen's
     _fake_quantize_learnable_* ops). Returns a TrainableModule (or the GraphModule itself)."""
     gm, captured = graph_and_capture(model)
+    if gm is None:
+        raise InputError(f"trainable needs the graph, which a module loaded from a {model.backend} artifact "
+                         "does not have: compile the model again, or save and load it with backend='eager' (.pt2)")
     state = get_state(gm)
     if state is not None and state.folded:
         raise QuantizationError("the graph is folded to int8; train the fake-quant graph (before fold_fake_quant)")
@@ -67,7 +70,7 @@ def trainable(model, learnable_scales: bool = False) -> torch.nn.Module:
 
 
 def _weights_to_parameters(gm: fx.GraphModule) -> None:
-    targets = set()
+    targets: set[str] = set()
     for node in gm.graph.nodes:
         slots = _WEIGHTED.get(node.target) if node.op == "call_function" else None
         if slots is None:
@@ -77,7 +80,7 @@ def _weights_to_parameters(gm: fx.GraphModule) -> None:
             if isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in (FQ_PER_TENSOR, FQ_PER_CHANNEL):
                 arg = FakeQuantArgs.of(arg).x
             if isinstance(arg, fx.Node) and arg.op == "get_attr":
-                targets.add(arg.target)
+                targets.add(attr_target(arg))
     for target in targets:
         value = fetch_attr(gm, target)
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():

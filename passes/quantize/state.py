@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx
@@ -112,7 +112,7 @@ def qparams(lo: float, hi: float, quant_min: int, quant_max: int, symmetric: boo
 
 
 def weight_qparams(w: torch.Tensor, axis: int | None, reduce_range: bool = False,
-                   pair_axis: int | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   pair_axis: int | Literal["hwio"] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 scales (amax / 127, or amax / 63 with ``reduce_range``: 7-bit values) per
     channel along ``axis`` (or one for the tensor).
 

@@ -204,7 +204,10 @@ def test_engine_cache_hit_returns_the_bytes(tmp_path):
 def test_engine_cache_get_or_build(tmp_path):
     cache = engine_cache.EngineCache(tmp_path)
     builds = []
-    build = lambda: builds.append(1) or b"built"
+
+    def build():
+        builds.append(1)
+        return b"built"
     assert cache.get_or_build(KEY, build) == (b"built", False)
     assert cache.get_or_build(KEY, build) == (b"built", True)
     assert len(builds) == 1
@@ -363,6 +366,27 @@ def test_int8_rewrites_keep_the_quantized_numerics(convbn):
     for node in fp8.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             assert types[node.input[2]] == onnx.TensorProto.FLOAT8E4M3FN
+
+
+def _origins(proto) -> dict[str, list[tuple[str, str]]]:
+    """node name -> its metadata_props, for the nodes that have any."""
+    return {n.name: [(p.key, p.value) for p in n.metadata_props] for n in proto.graph.node if n.metadata_props}
+
+
+def test_precision_rewrites_keep_each_nodes_origin(convbn):
+    """TensorRT parses the rewritten model: its parser errors name the FX node and the user's
+    source line only while every node keeps torch.onnx's metadata_props (onnx_node_origin)."""
+    model, inputs = convbn
+    q = _quantized(model, inputs)
+    proto = _export(q.graph_module, inputs)
+    before = _origins(proto)
+    assert before and all(any(k == "pkg.torch.onnx.fx_node" for k, _ in v) for v in before.values())
+    for precision, float_precision in [("int8", "fp16"), ("fp8", "fp32"), ("fp8", "bf16")]:
+        rewritten = trt_precision.prepare_model(proto, precision, float_precision)
+        assert _origins(rewritten) == before, (precision, float_precision)
+        conv = next(n for n in rewritten.graph.node if n.op_type == "Conv")
+        msg = trt_backend.explain_parser_error(rewritten, conv.name, "Conv", "made up", q.graph_module)
+        assert "%conv2d" in msg and "conftest.py" in msg and "no FX node" not in msg, msg
 
 
 # -- parser errors ----------------------------------------------------------------------------
@@ -544,6 +568,19 @@ def test_save_and_load_round_trip(convbn, tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(BackendError, match="checksum mismatch"):
         trt_backend.load(str(path), manifest, {})
+
+
+@gpu
+@pytest.mark.gpu
+def test_load_with_device_none_takes_the_current_device(convbn, tmp_path):
+    # device=None means torch's current device when compiling; loading reads it the same way.
+    model, inputs = convbn
+    compiled = fxcompile.compile(model, inputs, backend="tensorrt", precision="fp16")
+    path = tmp_path / "model.engine"
+    compiled.save(path)
+    loaded = fxcompile.load(path, device=None)
+    assert loaded.runner.device == torch.cuda.current_device()
+    assert max_error(compiled(*inputs), loaded(*inputs)) <= 1e-6
 
 
 @gpu

@@ -108,7 +108,7 @@ def test_demo_runs_checks_parity_and_skips_unavailable_backends():
     compiled = ["eager", "tensorrt"] if ok else ["eager"]
     assert [r[:2] for r in rows] == [[m, b] for m in ("resnet_style", "bert_style")
                                      for b in ["pytorch (uncompiled)", *compiled]]
-    for model, backend, compile_s, latency, speedup, err, parity in rows:
+    for _model, backend, compile_s, latency, speedup, err, parity in rows:
         assert float(latency) > 0 and speedup.endswith("x")
         if backend in compiled:
             assert float(compile_s) > 0 and float(err) <= 1e-4 and parity == "ok"

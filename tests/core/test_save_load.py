@@ -223,3 +223,14 @@ def test_recompile_a_loaded_eager_module(convbn, tmp_path, backend):
         assert_close(model(x), again(x))
     with pytest.raises(InputError, match=r"dim 0 is 17, outside the range 1\.\.16"):
         again(torch.randn(17, 3, 8, 8))
+
+
+def test_trainable_of_a_module_loaded_from_onnx_says_it_has_no_graph(convbn, tmp_path):
+    # A module loaded from a .onnx artifact keeps no graph: trainable (as recompile does) says so
+    # and what to do, rather than failing inside the quantization code on a missing graph.
+    model, inputs = convbn
+    loaded = fxcompile.load(fxcompile.compile(model, inputs, backend="onnx").save(tmp_path / "m.onnx")[0])
+    with pytest.raises(InputError, match=r"trainable needs the graph, which a module loaded from a onnx artifact"):
+        fxcompile.trainable(loaded)
+    with pytest.raises(InputError, match=r"recompile needs the graph, which a module loaded from a onnx artifact"):
+        fxcompile.recompile(loaded, [])

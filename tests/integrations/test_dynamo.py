@@ -119,10 +119,10 @@ def test_graph_breaks_compile_every_graph_and_both_branches_match():
     torch.manual_seed(0)
     x = torch.randn(4, 8)
     signs = set()
-    for x in (x, -x * 10):
+    for inp in (x, -x * 10):
         with torch.no_grad():
-            ref, out = model(x), compiled(x)
-            signs.add(bool(model.bn(model.fc1(x)).sum() > 0))
+            ref, out = model(inp), compiled(inp)
+            signs.add(bool(model.bn(model.fc1(inp)).sum() > 0))
         assert_close(ref, out)
     assert signs == {True, False}  # both branches ran
     # Graphs: up to the print, from there to the .item(), and one tail per branch taken.
@@ -315,7 +315,7 @@ def test_training_through_torch_compile_matches_eager(extra_term):
     for step in range(3):
         x = torch.randn(2, 3, 8, 8)
         losses = []
-        for m, run in ((ref_model, ref_model), (model, compiled)):
+        for _, run in ((ref_model, ref_model), (model, compiled)):
             loss = run(x).square().mean()
             if extra_term:
                 loss = loss + (bias ** 2).sum()

@@ -4,9 +4,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-import fxcompile  # noqa: E402
-from fxcompile.numerics import max_error  # noqa: E402
-from fxcompile.testing.zoo import ZOO, build  # noqa: E402
+import fxcompile
+from fxcompile.numerics import max_error
+from fxcompile.testing.zoo import ZOO, build
 
 
 @pytest.mark.parametrize("backend", ["eager", "onnx"])

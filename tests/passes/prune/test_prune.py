@@ -161,6 +161,45 @@ def test_ignore_and_per_layer_max_ratio():
     assert _shape(compiled, "c1.weight")[0] == 32 - 8
 
 
+# -- module patterns (ignore; the same rule as insert_fake_quant's skip/only) ------------------
+# Blocks (tests/conftest.py) prunes in 7 groups: each block's attn.inner and mlp.up outputs, and the
+# residual width that the stem, every attn.out and mlp.down output (and the head's input) share.
+# An ignored module keeps its output channels, so ignoring an attn.out keeps the residual width.
+_BLOCKS = range(3)
+_RESIDUAL = {"stem"} | {f"layers.{i}.{m}" for i in _BLOCKS for m in ("attn.out", "mlp.down")}
+
+
+@pytest.mark.parametrize("pattern,kept", [
+    ("layers.1.mlp.up", {"layers.1.mlp.up"}),                                  # exact module path
+    ("layers.1.mlp.up.weight", {"layers.1.mlp.up"}),                           # a parameter path
+    ("layers.1", {"layers.1.attn.inner", "layers.1.mlp.up"} | _RESIDUAL),      # a sub-tree
+    ("*.attn", {f"layers.{i}.attn.inner" for i in _BLOCKS} | _RESIDUAL),       # globs
+    ("layers.?.mlp", {f"layers.{i}.mlp.up" for i in _BLOCKS} | _RESIDUAL),
+    ("layers.[02]", {f"layers.{i}.{m}" for i in (0, 2) for m in ("attn.inner", "mlp.up")} | _RESIDUAL),
+])
+def test_ignore_patterns_keep_exactly_the_matched_modules_channels(blocks, pattern, kept):
+    model, inputs = blocks
+    compiled = fxcompile.compile(model, inputs, passes=[("prune", {"ratio": 0.5, "ignore": [pattern]})])
+    report = compiled.report.extra["prune"]
+    widths = {name: m.out_features for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and name != "head"}  # the head's outputs are the model's
+    assert kept <= widths.keys()
+    for name, width in widths.items():  # ignored: the full width; every other group: half of it
+        assert _shape(compiled, f"{name}.weight")[0] == (width if name in kept else width // 2), (pattern, name)
+    assert any(f"pattern {pattern!r}" in s.reason for s in report.skipped)
+    err, _ = oracle_error(model, inputs, {}, compiled)
+    assert err <= TOL
+
+
+@pytest.mark.parametrize("pattern", ["layers.3", "*.attention", "layers.1.mlp.upp", "layers.1.mlp.up.scale"])
+def test_ignore_pattern_that_matches_nothing_is_named(blocks, pattern):
+    model, inputs = blocks
+    with pytest.raises(PruneError) as info:  # next to a pattern that matches: still refused
+        fxcompile.compile(model, inputs, passes=[("prune", {"ratio": 0.5, "ignore": ["layers.0", pattern]})])
+    msg = str(info.value)
+    assert f"prune ignore: the pattern {pattern!r} matches no module" in msg and "'layers.0.attn.inner'" in msg
+
+
 @pytest.mark.parametrize("opts,match", [
     ({"ratio": 1.0}, "ratio"), ({"ratio": -0.1}, "ratio"), ({"ratio": "half"}, "ratio"),
     ({"flops_reduction": 0.97, "max_ratio": 0.5}, "cannot reach"),

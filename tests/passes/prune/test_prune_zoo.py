@@ -7,14 +7,13 @@ statistics: there the oracle takes those statistics over the kept channels only
 (oracle.masked_reference). onnxruntime's kernels round differently: 1e-4 there.
 """
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
-import fxcompile  # noqa: E402
-from fxcompile.testing.zoo import ZOO, build  # noqa: E402
+import fxcompile
+from fxcompile.testing.zoo import ZOO, build
 
-from tests.passes.prune.oracle import oracle_error  # noqa: E402
+from tests.passes.prune.oracle import oracle_error
 
 FAST = [("bert", "eager", {}), ("gpt2", "eager", {"attention": "both"}),
         ("llama", "eager", {"attention": "both"}), ("convnext", "eager", {})]

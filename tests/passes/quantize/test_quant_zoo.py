@@ -6,11 +6,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-import fxcompile  # noqa: E402
-from fxcompile.numerics import cosine  # noqa: E402
-from fxcompile.testing.zoo import CNNS, ZOO, build  # noqa: E402
+import fxcompile
+from fxcompile.numerics import cosine
+from fxcompile.testing.zoo import CNNS, ZOO, build
 
-from tests.passes.quantize.models import FLOAT_KERNELS, optimized_ops  # noqa: E402
+from tests.passes.quantize.models import FLOAT_KERNELS, optimized_ops
 
 FAST = ("gpt2", "resnet")
 # MobileNetV2's outputs move ~3% under 1% noise on its activations (measured in fp32), so per

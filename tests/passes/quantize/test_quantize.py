@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 import fxcompile
-from fxcompile.errors import FxCompileError, QuantizationError
-from fxcompile.graph_utils import count_ops, fetch_attr
+from fxcompile.errors import FxCompileError, PassError, QuantizationError
+from fxcompile.graph_utils import count_ops, fetch_attr, module_path
 from fxcompile.numerics import max_error
 from fxcompile.passes.quantize.state import u8s8_saturates
 
@@ -214,6 +214,90 @@ def test_skip_patterns_and_keep_first_last():
     assert len(names) == 3
     gm = _fq(model, x, data, ops=("conv",)).graph_module
     assert [n.target for n in _quantized_ops(gm)] == [torch.ops.aten.conv2d.default]
+
+
+# -- module patterns (skip / only; the same rule as prune's ignore) ------------------------------
+# Blocks (tests/conftest.py): stem -> layers.{0,1,2} (attn.inner, attn.out, mlp.up, mlp.down) -> head
+_LAYER = ("attn.inner", "attn.out", "mlp.up", "mlp.down")
+_LINEARS = {"stem", "head"} | {f"layers.{i}.{m}" for i in range(3) for m in _LAYER}
+
+
+def _linear_fake_quant(gm) -> dict[str, tuple[bool, bool]]:
+    """module path -> (input fake-quantized, weight fake-quantized) for every linear of ``gm``."""
+    fq = (FQ_TENSOR, FQ_CHANNEL)
+    return {module_path(n): (str(n.args[0].target) in fq, str(n.args[1].target) in fq)
+            for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default}
+
+
+@pytest.mark.parametrize("pattern,matched", [
+    ("layers.1.mlp.up", {"layers.1.mlp.up"}),                                # exact module path
+    ("layers.1.mlp.up.weight", {"layers.1.mlp.up"}),                         # a parameter path
+    ("layers.1", {f"layers.1.{m}" for m in _LAYER}),                         # a sub-tree
+    ("*.attn", {f"layers.{i}.attn.{m}" for i in range(3) for m in ("inner", "out")}),  # globs
+    ("layers.?", _LINEARS - {"stem", "head"}),
+    ("layers.[02]", {f"layers.{i}.{m}" for i in (0, 2) for m in _LAYER}),
+])
+def test_skip_and_only_take_module_patterns(blocks, pattern, matched):
+    model, (x,) = blocks
+    data = [torch.randn_like(x) for _ in range(2)]
+    for target in ("onnxruntime", "tensorrt"):
+        skipped = _linear_fake_quant(_fq(model, x, data, target=target, skip=(pattern,)).graph_module)
+        only = _linear_fake_quant(_fq(model, x, data, target=target, only=(pattern,)).graph_module)
+        assert skipped.keys() == only.keys() == _LINEARS
+        for fq, left_alone in ((skipped, matched), (only, _LINEARS - matched)):
+            for name, (x_fq, w_fq) in fq.items():
+                if name not in left_alone:
+                    assert x_fq and w_fq, (target, pattern, name)
+                else:  # no fake-quant on its weight; on tensorrt (inputs of quantized ops only) on its input
+                    assert not w_fq and (target == "onnxruntime" or not x_fq), (target, pattern, name)
+
+
+@pytest.mark.parametrize("option", ["skip", "only"])
+@pytest.mark.parametrize("pattern", ["layers.3", "*.attention", "layers.1.mlp.upp", "layers.1.mlp.up.scale"])
+def test_skip_or_only_pattern_that_matches_nothing_is_named(blocks, option, pattern):
+    model, (x,) = blocks
+    with pytest.raises(PassError) as info:  # next to a pattern that matches: still refused
+        _fq(model, x, [x], **{option: ("layers.0", pattern)})
+    msg = str(info.value)
+    assert f"insert_fake_quant {option}: the pattern {pattern!r} matches no module" in msg
+    assert "'layers.0.attn.inner'" in msg
+
+
+def test_skip_by_module_does_not_follow_a_tied_weight_into_another_module():
+    """An embedding table that is also the output projection (``out.weight = emb.weight``): the
+    graph reads it under one of its two names in both ops. Skipping the module that name belongs
+    to leaves the other module's op quantized; the parameter path itself takes both ops."""
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(40, 16), nn.Linear(16, 40, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.out(self.emb(ids))
+
+    torch.manual_seed(0)
+    model, ids = TiedLM().eval(), torch.randint(0, 40, (2, 6))
+    aten = torch.ops.aten
+    table_arg = {aten.embedding.default: 0, aten.linear.default: 1}  # where each op reads the table
+
+    def tables(gm) -> dict[str, str]:  # module path -> what its op reads as the table
+        return {module_path(n): str(n.args[table_arg[n.target]].target) for n in gm.graph.nodes
+                if n.target in table_arg}
+
+    read = tables(fxcompile.capture(model, (ids,)).gm)
+    assert read.keys() == {"emb", "out"} and len(set(read.values())) == 1, read  # one tensor, one name
+    name = read["emb"]
+    owner = name.rsplit(".", 1)[0]
+    (other,) = set(read) - {owner}
+
+    def fake_quantized(**options) -> dict[str, bool]:
+        gm = _fq(model, ids, [ids], **options).graph_module
+        return {path: target in (FQ_TENSOR, FQ_CHANNEL) for path, target in tables(gm).items()}
+
+    assert fake_quantized() == {"emb": True, "out": True}
+    assert fake_quantized(skip=(owner,)) == {owner: False, other: True}
+    assert fake_quantized(skip=(name,)) == {owner: False, other: False}
 
 
 def test_optional_families_add_pool_cat():
