@@ -10,6 +10,8 @@ Contenders per zoo model and batch size (all onnxruntime CPU, the same threads):
   fx int8        fxcompile.quantize_passes("onnxruntime") calibrated on the calibration batches
                  (conv, linear, matmul, embedding tables, residual adds; on x86 CPUs without VNNI
                  pair-limited conv/linear/matmul weights)
+  fx int8 smooth the same with quantize_passes(smooth=True): SmoothQuant scales chosen per
+                 norm -> linear group on the calibration batches (only with --smooth)
   fx int8 -add   the same without "add" in ops: residual adds stay float (onnxruntime then fuses
                  them with LayerNorm into SkipLayerNormalization): more accurate on BERT, slower
                  at larger batches (--skip fx_int8_noadd saves its time)
@@ -48,7 +50,8 @@ from fxcompile.testing.benchmarking import short_error as _short
 from fxcompile.numerics import cosine
 from fxcompile.report import format_table
 
-CONTENDERS = {"fp32": "fxcompile fp32", "fx_int8": "fxcompile int8", "fx_int8_noadd": "fxcompile int8 -add",
+CONTENDERS = {"fp32": "fxcompile fp32", "fx_int8": "fxcompile int8", "fx_int8_smooth": "fxcompile int8 smooth",
+              "fx_int8_noadd": "fxcompile int8 -add",
               "fx_dynamic": "fxcompile int8 dynamic", "ort_static": "ort quantize_static", "ort_static_rr": "ort quantize_static rr",
               "ort_dynamic": "ort quantize_dynamic"}
 TEXT_MODELS = ("bert", "distilbert", "roberta")  # where the dynamic contenders run
@@ -110,8 +113,8 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
         log(f"  {name} batch {batch}: building {CONTENDERS[c.key]}")
         try:
             start = time.perf_counter()
-            if c.key in ("fp32", "fx_int8", "fx_int8_noadd", "fx_dynamic"):
-                ops = {}
+            if c.key in ("fp32", "fx_int8", "fx_int8_smooth", "fx_int8_noadd", "fx_dynamic"):
+                ops: dict = {"smooth": True} if c.key == "fx_int8_smooth" else {}
                 if c.key == "fx_int8_noadd":
                     from fxcompile.passes.quantize.placement import DEFAULT_OPS
                     ops = {"ops": tuple(op for op in DEFAULT_OPS["onnxruntime"] if op != "add")}
@@ -121,7 +124,8 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
                           fxcompile.quantize_passes("onnxruntime", method=args.method, **ops))
                 compiled = fxcompile.compile(model, example_kwargs=kwargs, passes=passes, backend="onnx",
                                              threads=args.threads,
-                                             calibration_data=calib if c.key in ("fx_int8", "fx_int8_noadd") else None)
+                                             calibration_data=calib if c.key in ("fx_int8", "fx_int8_smooth", "fx_int8_noadd")
+                                             else None)
                 c.build_s = time.perf_counter() - start
                 path = os.path.join(tmp, f"{name}{batch}_{c.key}.onnx")
                 compiled.save(path)
@@ -345,6 +349,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip", default="", help=f"contenders to skip: {', '.join(list(CONTENDERS)[1:])}")
     p.add_argument("--no-digits", action="store_true", help="skip the digits accuracy table")
+    p.add_argument("--smooth", action="store_true",
+                   help="also fxcompile int8 with smooth_quant (outlier channels migrated into the weights)")
     p.add_argument("--zoo", action="store_true", help="also the int8 vs fp32 cosine of every zoo model (small)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -368,7 +374,7 @@ def main(argv=None) -> dict:
     rows, digits = [], []
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp, torch.no_grad():
         for name in args.model_list:
-            keys = [k for k in CONTENDERS if k not in args.skip_list
+            keys = [k for k in CONTENDERS if k not in args.skip_list and (args.smooth or k != "fx_int8_smooth")
                     and not (k in ("ort_dynamic", "fx_dynamic") and name not in TEXT_MODELS)]
             for batch in args.batch_list:
                 start = time.perf_counter()

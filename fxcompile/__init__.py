@@ -18,7 +18,7 @@ __all__ = ["compile", "load", "capture", "CompiledModule", "Captured", "register
            "list_passes", "get_pass", "default_pipeline", "backend_names", "run_pipeline", "PassResult",
            "PassContext", "FxCompileError", "CaptureError", "InputError", "PassError", "BackendError",
            "calibrate", "trainable", "recompile", "TrainableModule", "quantize_passes",
-           "QuantizationError", "CalibrationError", "PruneError"]
+           "QuantizationError", "CalibrationError", "PruneError", "compare_quantized"]
 
 
 # Quantization's entry points live in fxcompile.passes.quantize, imported on first use so that
@@ -31,6 +31,10 @@ def __getattr__(name: str):
         from .passes import quantize
         value = globals()[name] = getattr(quantize, name)
         return value
+    if name == "compare_quantized":
+        from .passes.quantize.debug import compare
+        globals()[name] = compare
+        return compare
     raise AttributeError(f"module 'fxcompile' has no attribute {name!r}")
 
 

@@ -34,6 +34,11 @@ def cmd_compile(args) -> int:
             if value is not None:
                 raise InputError(f"{flag} is for --int8 static (calibrated int8); add --int8 static, "
                                  f"or drop {flag}")
+    if args.explain is not None and not args.int8:
+        raise InputError("--explain shows which quantized layers lose accuracy; it is for --int8 (add "
+                         "--int8 static --calibration FILE), or drop --explain")
+    if args.explain is not None and args.explain < 1:
+        raise InputError(f"--explain N takes the number of layers to show (1 or more), got {args.explain}")
     if args.output:
         _check_suffix(args.backend, args.output)
         _check_writable("-o", args.output)
@@ -51,6 +56,8 @@ def cmd_compile(args) -> int:
         err = max_error(model(*example_args, **example_kwargs), compiled(*example_args, **example_kwargs))
     compiled.report.extra["max error vs original"] = f"{err:.2e}"
     print(compiled.report)
+    if args.explain is not None:
+        _explain(args.explain, model, example_args, example_kwargs, passes, calibration)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         files = compiled.save(args.output)
@@ -67,6 +74,26 @@ def cmd_compile(args) -> int:
               f"{LOSSLESS_TOLERANCE:g}", file=sys.stderr)
         return 1
     return 0
+
+
+def _explain(limit: int, model, example_args, example_kwargs, passes: list, calibration) -> None:
+    """--explain N: the N quantized ops that lose the most accuracy, measured on the fake-quant graph
+    before folding, compiled once more on eager: the folded graph keeps no float weights, so only
+    there is each layer's weight error seen too. Data: the calibration batches (--int8 dynamic: the
+    example inputs)."""
+    import fxcompile
+    if calibration is None and example_kwargs:
+        raise InputError("--explain with --int8 dynamic runs the example inputs, which here include keyword "
+                         "inputs; use --int8 static --calibration FILE")
+    data = calibration if calibration is not None else [tuple(example_args)]
+    unfolded = fxcompile.compile(model, example_args, example_kwargs=example_kwargs, calibration_data=data,
+                                 passes=[p for p in passes if p != "fold_fake_quant"])
+    report = fxcompile.compare_quantized(model, unfolded, data)
+    print(f"\nint8 error per quantized op, the worst {min(limit, len(report.rows))} of {len(report.rows)} "
+          "(SQNR of each op's output against the float graph: its own quantization, and all the error "
+          "that reached it from the input):")
+    print(report.summary())
+    print(report.table(limit))
 
 
 def _validate_backend_options(lower: Callable, options: dict) -> None:

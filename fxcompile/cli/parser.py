@@ -40,6 +40,7 @@ examples:
   fxcompile compile program.pt2 --passes none --backend-option threads=1
   fxcompile compile mypkg.models:build -b onnx --int8 dynamic -o int8.onnx
   fxcompile compile mypkg.models:build -b onnx --int8 static --calibration batches.pt
+  fxcompile compile mypkg.models:build -b onnx --int8 static --calibration batches.pt --explain 5
 """
 
 _DEMO_EPILOG = """\
@@ -133,6 +134,10 @@ def _add_compile(sub, formatter) -> None:
     comp.add_argument("--calibration-method", default=None,
                       choices=("minmax", "percentile", "mse", "entropy"),
                       help="how --int8 static turns observed ranges into scales (default: minmax)")
+    comp.add_argument("--explain", nargs="?", type=int, const=10, default=None, metavar="N",
+                      help="with --int8: after compiling, show the N quantized layers (default 10) whose "
+                           "outputs lose the most accuracy (SQNR against the float graph on the "
+                           "calibration batches; compiles the fake-quant graph once more to measure it)")
     comp.add_argument("--verbose", "-v", action="store_true",
                       help="show torch's own warnings and fxcompile's debug log (e.g. the graph traced "
                            "up to a capture failure)")

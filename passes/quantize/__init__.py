@@ -4,6 +4,8 @@
                                  calibration_data=batches, backend="onnx")
 
 Modules, in pipeline order:
+- smooth: the ``smooth_quant`` pass (SmoothQuant: activation outlier channels migrated into the
+  weights, lossless in float, alpha per group from the calibration data; smooth_search: the search)
 - placement: which ops are quantized and which tensors get a fake-quant node, per target backend
 - insert: the ``insert_fake_quant`` pass (weights calibrated at once, activations by calibrate)
 - observers, calibrate: activation ranges from data (minmax, percentile, mse, entropy);
@@ -13,26 +15,31 @@ Modules, in pipeline order:
 - ops: fxcompile's quantize/dequantize ops and a decoder for the ATen fake-quant ops' arguments
 - state: what a quantized graph knows about itself (QuantState), scale arithmetic, the report
 
-Importing the package registers the two passes. Backends translate the ops themselves (the
+Importing the package registers the three passes. Backends translate the ops themselves (the
 onnx backend's translations are in fxcompile.backends.onnx_quant_ops); nothing here imports a
 backend.
 """
-# insert before fold: passes are listed in the order they register
+# smooth, insert, fold: passes are listed in the order they register
+from .smooth import SmoothQuantOptions, smooth_quant  # isort: skip
 from .insert import InsertFakeQuantOptions, insert_fake_quant  # isort: skip
 from .fold import fold_fake_quant, freeze  # isort: skip
 from .calibrate import calibrate, calibrate_graph
 from .qat import TrainableModule, trainable
 from .state import QuantState, get_state, u8s8_saturates, weight_qparams
 
-__all__ = ["quantize_passes", "insert_fake_quant", "fold_fake_quant", "InsertFakeQuantOptions", "calibrate",
+__all__ = ["quantize_passes", "smooth_quant", "SmoothQuantOptions", "insert_fake_quant", "fold_fake_quant",
+           "InsertFakeQuantOptions", "calibrate",
            "calibrate_graph", "trainable", "TrainableModule", "freeze", "QuantState", "get_state",
            "u8s8_saturates", "weight_qparams"]
 
 
-def quantize_passes(target: str = "onnxruntime", fold: bool = True, **options) -> list:
+def quantize_passes(target: str = "onnxruntime", fold: bool = True, smooth: bool | dict = False,
+                    **options) -> list:
     """A pipeline for int8: the default clean-ups, fold_batch_norm (when registered), then
     insert_fake_quant with ``options`` (calibrated by compile's calibration_data) and, with
-    ``fold``, fold_fake_quant.
+    ``fold``, fold_fake_quant. ``smooth`` (True, or a dict of SmoothQuantOptions) runs
+    smooth_quant before insert_fake_quant, simulating the same target and calibration method:
+    for transformers whose activations have outlier channels (trained ones do).
 
         fxcompile.compile(model, x, passes=quantize_passes("onnxruntime", method="entropy"),
                           calibration_data=batches, backend="onnx")
@@ -40,8 +47,11 @@ def quantize_passes(target: str = "onnxruntime", fold: bool = True, **options) -
     from fxcompile.errors import PassError
     from fxcompile.pass_manager import resolve_pipeline
     from fxcompile.registry import default_pipeline, list_passes
-    passes: list = [p for p in default_pipeline() if p not in ("insert_fake_quant", "fold_fake_quant")]
+    passes: list = [p for p in default_pipeline() if p not in ("smooth_quant", "insert_fake_quant", "fold_fake_quant")]
     tail: list = [("insert_fake_quant", {"target": target, **options})] + (["fold_fake_quant"] if fold else [])
+    if smooth:
+        simulated = {k: options[k] for k in ("method", "percentile") if k in options}
+        tail.insert(0, ("smooth_quant", {"target": target, **simulated, **(smooth if isinstance(smooth, dict) else {})}))
     if any(p.name == "fold_batch_norm" for p in list_passes()) and "fold_batch_norm" not in passes:
         for i in range(len(passes), -1, -1):  # the latest place its after/before constraints allow
             candidate = passes[:i] + ["fold_batch_norm"] + passes[i:]

@@ -144,7 +144,8 @@ class _ObservingInterpreter(fx.Interpreter):
             raise CalibrationError(
                 f"calibration batch {index} failed to run through the graph: {type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}. Each batch must be shaped "
-                "like the example inputs given to compile.") from e
+                "like the example inputs given to compile; to calibrate on other batch sizes or sequence "
+                "lengths, compile with dynamic_shapes (torch.export.Dim) for the dimensions that vary.") from e
 
     def run_node(self, n: fx.Node):
         if n.op == "call_function" and n.target in FAKE_QUANT_OPS:

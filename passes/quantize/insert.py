@@ -164,6 +164,8 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
     _quantize_embedding_rows(gm, plan, state, dynamic=opts.activations == "dynamic")
     _quantize_activations(gm, plan, opts, state)
     if not state.points:
+        warnings.warn("insert_fake_quant: nothing was quantized: the graph has no conv, linear or "
+                      "matmul left to quantize after skip/only and the ops option", stacklevel=1)
         return 0
     set_state(gm, state)
     if ctx is not None and ctx.data is not None:
@@ -307,8 +309,10 @@ def _quantize_activations(gm: fx.GraphModule, plan: placement.Plan, opts: Insert
 def _calibrate(gm: fx.GraphModule, opts: InsertFakeQuantOptions, state: QuantState, data) -> None:
     """compile(..., calibration_data=...): calibrate the new activation fake-quant nodes now."""
     if not state.activations():
-        warnings.warn("insert_fake_quant: no activation needs calibration (activations='dynamic' takes "
-                      "each range at run time); the calibration data is not used", stacklevel=1)
+        why = ("activations='dynamic' takes each range at run time" if opts.activations == "dynamic"
+               else "no activation was quantized: check skip/only and the ops option")
+        warnings.warn(f"insert_fake_quant: no activation needs calibration ({why}); the calibration "
+                      "data is not used", stacklevel=1)
         return
     gm.recompile()
     calibrate_graph(gm, data, opts.method, percentile=opts.percentile, progress=opts.progress)

@@ -175,3 +175,29 @@ class FakeQuantArgs:
         head = (self.x, self.scale, self.zero_point) + ((self.axis,) if target in _PER_CHANNEL else ())
         tail = (self.grad_factor,) if target in _LEARNABLE else ()
         return head + (self.quant_min, self.quant_max) + tail
+
+
+# ATen's fake-quant ops have no meta kernel: fake-tensor propagation falls back to running them on
+# concrete stand-ins, which a graph captured with dynamic shapes (a symbolic batch) does not allow.
+# Their outputs are shaped like their input, so these shape-only kernels are exact.
+_CACHEMASK_OPS = ("fake_quantize_per_tensor_affine_cachemask", "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+                  "fake_quantize_per_channel_affine_cachemask")
+_LEARNABLE_OPS = ("_fake_quantize_learnable_per_tensor_affine", "_fake_quantize_learnable_per_channel_affine")
+
+
+def _like_input_and_mask(x, *args, **kwargs):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _like_input(x, *args, **kwargs):
+    return torch.empty_like(x)
+
+
+def _register_shape_kernels() -> None:
+    for names, kernel in ((_CACHEMASK_OPS, _like_input_and_mask), (_LEARNABLE_OPS, _like_input)):
+        for name in names:
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", "Meta"):
+                torch.library.register_fake(f"aten::{name}", kernel)
+
+
+_register_shape_kernels()

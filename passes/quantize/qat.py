@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from fxcompile.api import graph_and_capture
 from fxcompile.errors import InputError, QuantizationError
@@ -91,6 +92,12 @@ def _weights_to_parameters(gm: fx.GraphModule) -> None:
             set_attr(gm, target, torch.nn.Parameter(value.detach().clone(), requires_grad=True))
 
 
+def _hint(size) -> int:
+    """A size as an int: a symbolic (dynamic) one gives its example value, read without ``int()``,
+    which would guard the shape environment and make the graph static."""
+    return optimization_hint(size, fallback=1) if isinstance(size, torch.SymInt) else int(size)
+
+
 def _make_learnable(gm: fx.GraphModule) -> None:
     state = get_state(gm)
     for node in fake_quant_nodes(gm):
@@ -104,11 +111,11 @@ def _make_learnable(gm: fx.GraphModule) -> None:
         symmetric = fq.quant_min < 0
         set_attr(gm, z.target, zero_point if symmetric else torch.nn.Parameter(zero_point))
         val = x.meta.get("val")
-        n = val.numel() if isinstance(val, torch.Tensor) else 1
+        n = _hint(val.numel()) if isinstance(val, torch.Tensor) else 1
         if fq.axis is not None:
-            n //= max(val.shape[fq.axis], 1)
+            n //= max(_hint(val.shape[fq.axis]), 1)
         elif isinstance(val, torch.Tensor) and x.op != "get_attr" and val.dim() > 0:
-            n //= max(val.shape[0], 1)  # per sample
+            n //= max(_hint(val.shape[0]), 1)  # per sample
         grad_factor = 1.0 / math.sqrt(max(n, 1) * fq.quant_max)  # LSQ's gradient scale
         node.target = FQ_LEARNABLE_PER_CHANNEL if fq.axis is not None else FQ_LEARNABLE_PER_TENSOR
         node.args = replace(fq, grad_factor=grad_factor).args_for(node.target)

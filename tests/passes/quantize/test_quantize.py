@@ -830,3 +830,14 @@ def test_import_fxcompile_imports_no_pass_and_quantization_names_resolve_on_use(
             "else:\n    raise AssertionError('no AttributeError')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_skipping_every_op_says_so_instead_of_blaming_dynamic_activations():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="insert_fake_quant") as record:
+        fxcompile.compile(model, (x,), passes=fxcompile.quantize_passes("onnxruntime", fold=False, skip=("*",)),
+                          calibration_data=[x])
+    text = " ".join(str(w.message) for w in record)
+    assert "skip/only" in text and "activations='dynamic'" not in text

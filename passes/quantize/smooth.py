@@ -1,0 +1,351 @@
+"""The smooth_quant pass: SmoothQuant-style scale migration, so static int8 holds on transformers
+whose activations have outlier channels.
+
+Trained transformers have a few hidden channels 20-100x larger than the rest; one per-tensor
+uint8 range across them leaves the other channels a handful of levels. For an activation X read
+by linear-like ops (linear, addmm, matmul by a constant 2-D weight), X W = (X / s)(s W) for any
+per-channel s > 0: dividing X's channels by s flattens the outliers, and the weights, quantized
+per output channel, take them up along their input channels. The division is folded into what
+produces X (a LayerNorm's weight and bias, an RMSNorm's weight, a linear's output rows), so the
+graph keeps its ops, and the pass is exact in float (registered lossless; check=True verifies it).
+Where the producer cannot take it (its output has other readers, e.g. a post-norm residual add),
+a per-channel mul is inserted before the consumers (``fallback="mul"``) or the group is skipped.
+
+The strength alpha is chosen per group on the calibration data (smooth_search.py). The report's
+"smoothing" section lists each group with its alpha and its simulated int8 error before and after.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxcompile.errors import CalibrationError, QuantizationError
+from fxcompile.graph_utils import (VIEW_OPS, add_constant, constant, copy_origin, get_arg, module_path, real_users,
+                                   set_arg)
+from fxcompile.registry import register_pass
+from fxcompile.report import add_report_section
+
+from .observers import METHODS
+from .placement import family_of, is_float_tensor, linear_operands
+from .smooth_search import ChannelStats, Choice, Consumer, choose
+from .state import TARGETS
+
+aten = torch.ops.aten
+PRODUCERS = ("layer_norm", "norm_weight", "linear")
+
+
+@dataclass
+class SmoothQuantOptions:
+    """alpha: 'auto' (chosen per group from ``alphas`` on the calibration data) or one float in
+    [0, 1] for every group (0.5 is SmoothQuant's default; higher moves more of the range into
+    the weights).
+    alphas: the grid searched with alpha='auto'.
+    min_gain: with alpha='auto', a group is smoothed only if that cuts its simulated int8 error
+    by this fraction (else it is left as it was).
+    producers: what may produce a smoothed activation: layer_norm, norm_weight (a mul by a 1-D
+    constant along the channels: RMSNorm's weight) and linear (linear, addmm, matmul by a constant).
+    fallback: 'mul' inserts a per-channel mul where the producer can't absorb the scales (its
+    output has other readers); 'skip' leaves such groups alone.
+    target, method, percentile: the activation quantization the search simulates; set them as
+    insert_fake_quant's (quantize_passes(smooth=True) does).
+    max_rows: rows of each activation kept for the search (the ranges use all the data)."""
+
+    alpha: object = "auto"
+    alphas: tuple = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    min_gain: float = 0.05
+    producers: tuple = PRODUCERS
+    fallback: str = "mul"
+    target: str = "onnxruntime"
+    method: str = "minmax"
+    percentile: float = 99.99
+    max_rows: int = 2048
+
+    def validate(self):
+        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
+            raise ValueError(f"alpha must be 'auto' or a number in [0, 1], got {self.alpha!r}")
+        self.alphas = tuple(self.alphas)
+        if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
+            raise ValueError(f"alphas must be numbers in [0, 1], got {self.alphas!r}")
+        unknown = set(self.producers) - set(PRODUCERS)
+        if unknown:
+            raise ValueError(f"unknown producers {sorted(unknown)}; known: {', '.join(PRODUCERS)}")
+        if self.fallback not in ("mul", "skip"):
+            raise ValueError(f"fallback must be 'mul' or 'skip', got {self.fallback!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+
+@dataclass
+class Group:
+    """An activation (``producer``'s output, channels last) and the linear-like ops reading it."""
+
+    producer: fx.Node
+    kind: str                              # layer_norm | norm_weight | linear
+    consumers: list[fx.Node]
+    entries: list[fx.Node]                 # producer's users leading only to consumers
+    absorbable: bool                       # the producer's output has no other reader
+    stats: ChannelStats = field(default_factory=ChannelStats)
+    choice: Choice | None = None
+    how: str = ""
+
+
+@register_pass("smooth_quant", options=SmoothQuantOptions, lossless=True,
+               after=("fold_batch_norm", "fold_linear_scale", "fuse_attention"), before=("insert_fake_quant",))
+def smooth_quant(gm: fx.GraphModule, opts: SmoothQuantOptions, ctx=None) -> int:
+    """Migrate activation outlier channels into the weights (SmoothQuant), alpha per group from data."""
+    data = ctx.data if ctx is not None else None
+    if data is None:
+        raise QuantizationError(
+            "smooth_quant chooses its scales from calibration data, and none was given: call "
+            "fxcompile.compile(model, x, passes=..., calibration_data=batches) (a few batches like the "
+            "inputs), or leave smooth_quant out of the pipeline (quantize_passes(smooth=False)).")
+    groups = find_groups(gm, opts)
+    batches = _materialize(data)
+    ctx.data = batches  # a generator can be read once: insert_fake_quant calibrates on the same list
+    if groups:
+        _record(gm, groups, batches, opts.max_rows)
+    alphas = opts.alphas if opts.alpha == "auto" else (float(opts.alpha),)  # type: ignore[arg-type]
+    for g in groups:
+        g.choice = choose(g.stats, [_consumer(gm, c) for c in g.consumers], alphas, opts.min_gain,
+                          opts.target, opts.method, opts.percentile)
+        if g.choice.s is not None:
+            g.how = _apply(gm, g, g.choice.s, opts.fallback)
+        else:
+            g.how = "left: no alpha helped"
+    add_report_section(gm, "smoothing", SmoothReport(groups))
+    return sum(g.how.startswith(("folded", "mul")) for g in groups)
+
+
+# -- groups ------------------------------------------------------------------------------------
+def find_groups(gm: fx.GraphModule, opts: SmoothQuantOptions) -> list[Group]:
+    groups = []
+    for node in gm.graph.nodes:
+        kind = _producer_kind(gm, node)
+        if kind is None or kind not in opts.producers or not is_float_tensor(node):
+            continue
+        consumers, entries, others = _readers(node)
+        if consumers:
+            groups.append(Group(node, kind, consumers, entries, absorbable=not others))
+    return groups
+
+
+def _producer_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    if node.op != "call_function":
+        return None
+    if node.target is aten.layer_norm.default:
+        shape, weight, bias = node.args[1], get_arg(node, "weight"), get_arg(node, "bias")
+        ok = (isinstance(shape, (list, tuple)) and len(shape) == 1 and all(a is None or constant(gm, a) is not None for a in (weight, bias)))
+        return "layer_norm" if ok else None
+    if node.target is aten.mul.Tensor:
+        return "norm_weight" if _channel_constant(gm, node) is not None else None
+    if family_of(node) in ("linear", "matmul") and _consumer_weight(gm, node) is not None:
+        bias = linear_operands(node)[2]
+        return "linear" if bias is None or constant(gm, bias) is not None else None
+    return None
+
+
+def _channel_constant(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """Index of the operand of a mul that is a constant varying only along the last axis."""
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        return None
+    for i in (0, 1):
+        c, other = constant(gm, node.args[i]), node.args[1 - i]
+        if (c is not None and c.dim() >= 1 and c.shape[-1] == out.shape[-1] and c.numel() == out.shape[-1]
+                and isinstance(other, fx.Node) and other.meta.get("val") is not None
+                and other.meta["val"].shape == out.shape):
+            return i
+    return None
+
+
+def _consumer_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The constant 2-D weight of a linear, addmm or matmul (as stored), else None."""
+    if family_of(node) not in ("linear", "matmul") or node.target is aten.bmm.default:
+        return None
+    if node.target is aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
+        return None
+    w = constant(gm, linear_operands(node)[1])
+    return w if w is not None and w.dim() == 2 and w.is_floating_point() else None
+
+
+def _readers(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node], bool]:
+    """(consumers reading ``node`` as their input, directly or through views keeping the last
+    axis; the users of ``node`` that lead only to them; whether anything else reads it)."""
+    consumers: list[fx.Node] = []
+    entries, others = [], False
+    for user in real_users(node):
+        found = _consumers_below(user, node)
+        if found is None:
+            others = True
+        else:
+            consumers += found
+            entries.append(user)
+    return consumers, entries, others
+
+
+def _consumers_below(user: fx.Node, source: fx.Node) -> list[fx.Node] | None:
+    """[user] if it is a consumer reading ``source`` as its input; the consumers below a view of
+    ``source`` that keeps the channels last; None if anything else reads it."""
+    gm = user.graph.owning_module
+    assert isinstance(gm, fx.GraphModule)
+    if _consumer_weight(gm, user) is not None and linear_operands(user)[0] is source:
+        return [user]
+    src, out = source.meta.get("val"), user.meta.get("val")
+    if (user.target not in VIEW_OPS or not isinstance(out, torch.Tensor) or not isinstance(src, torch.Tensor)
+            or out.shape[-1] != src.shape[-1]):
+        return None
+    found: list[fx.Node] = []
+    for u in real_users(user):
+        below = _consumers_below(u, user)
+        if below is None:
+            return None
+        found += below
+    return found or None
+
+
+def _consumer(gm: fx.GraphModule, node: fx.Node) -> Consumer:
+    """The consumer's weight as [K, N] and its bias."""
+    w = _consumer_weight(gm, node)
+    assert w is not None  # groups hold consumers only
+    bias = linear_operands(node)[2]
+    return Consumer(w.t() if node.target is aten.linear.default else w,
+                    constant(gm, bias) if isinstance(bias, fx.Node) else None)
+
+
+# -- calibration -----------------------------------------------------------------------------
+def _materialize(data) -> list:
+    batches = []
+    for flat in data:
+        if isinstance(flat, Exception):
+            raise flat
+        batches.append(flat)
+    if not batches:
+        raise CalibrationError("smooth_quant: the calibration data is empty; give at least one batch "
+                                "(a generator that was already consumed is empty too)")
+    return batches
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, groups: list[Group], keep: int):
+        super().__init__(gm)
+        self.by_node = {g.producer: g for g in groups}
+        self.keep = keep
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        group = self.by_node.get(n)
+        if group is not None:
+            group.stats.update(out, self.keep)
+        return out
+
+
+def _record(gm: fx.GraphModule, groups: list[Group], batches: list, max_rows: int) -> None:
+    recorder = _Recorder(gm, groups, max(1, max_rows // len(batches)))
+    with torch.no_grad():
+        for i, flat in enumerate(batches):
+            try:
+                recorder.run(*flat)
+            except Exception as e:
+                raise CalibrationError(
+                    f"smooth_quant: calibration batch {i} failed to run through the graph: "
+                    f"{type(e).__name__}: {e}. Each batch must be shaped like the example inputs.") from e
+
+
+# -- rewriting ---------------------------------------------------------------------------------
+# The operand names holding a linear-like op's weight and bias, and whether its weight is [N, K].
+_WEIGHT_ARGS = {aten.linear.default: ("weight", "bias", True), aten.addmm.default: ("mat2", "self", False),
+                aten.matmul.default: ("other", None, False), aten.mm.default: ("mat2", None, False)}
+
+
+def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor, fallback: str) -> str:
+    """X / s at the producer (or a mul), s into every consumer's weight columns; how it was done."""
+    if g.absorbable:
+        _fold_into_producer(gm, g, s.double())
+        how = f"folded into {g.kind}"
+    elif fallback == "mul":
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        first = min(g.entries, key=order.__getitem__)  # the mul must come before every reader
+        inv = add_constant(gm, (1 / s.double()).float(), f"{g.producer.name}_smooth", first)
+        with gm.graph.inserting_before(first):
+            mul = gm.graph.call_function(aten.mul.Tensor, (g.producer, inv))
+        copy_origin(mul, g.producer)
+        mul.meta["val"] = g.producer.meta.get("val")
+        for entry in g.entries:
+            entry.replace_input_with(g.producer, mul)
+        how = "mul inserted (output has other readers)"
+    else:
+        before = g.choice.before if g.choice else 0.0
+        g.choice = Choice(None, before, before, None)  # the report shows it as it stays
+        return "skipped: output has other readers"
+    for c in g.consumers:
+        name, _, n_by_k = _WEIGHT_ARGS[c.target]  # type: ignore[index]  # consumers are these ops
+        w = constant(gm, get_arg(c, name))
+        assert w is not None
+        scaled = w.double() * (s.double()[None, :] if n_by_k else s.double()[:, None])
+        _replace(gm, c, name, scaled.to(w.dtype), "smoothed_weight")
+    return how
+
+
+def _fold_into_producer(gm: fx.GraphModule, g: Group, s: torch.Tensor) -> None:
+    node = g.producer
+    if g.kind == "layer_norm":
+        weight, bias = constant(gm, get_arg(node, "weight")), constant(gm, get_arg(node, "bias"))
+        dtype = node.meta["val"].dtype
+        base = weight.double() if weight is not None else torch.ones_like(s)
+        _replace(gm, node, "weight", (base / s).to(dtype), "smoothed_weight")
+        if bias is not None:
+            _replace(gm, node, "bias", (bias.double() / s).to(bias.dtype), "smoothed_bias")
+        return
+    if g.kind == "norm_weight":
+        i = _channel_constant(gm, node)
+        assert i is not None
+        c = constant(gm, node.args[i])
+        assert c is not None
+        new = add_constant(gm, (c.double() / s.reshape(c.shape)).to(c.dtype), f"{node.name}_smoothed", node)
+        node.update_arg(i, copy_origin(new, node))
+        return
+    name, bias_name, n_by_k = _WEIGHT_ARGS[node.target]  # type: ignore[index]  # a linear-like producer
+    w = constant(gm, get_arg(node, name))
+    assert w is not None
+    _replace(gm, node, name, (w.double() / (s[:, None] if n_by_k else s[None, :])).to(w.dtype), "smoothed_weight")
+    bias = constant(gm, get_arg(node, bias_name)) if bias_name else None
+    if bias is not None and bias_name is not None:
+        _replace(gm, node, bias_name, (bias.double() / s).to(bias.dtype), "smoothed_bias")
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, arg: str, value: torch.Tensor, hint: str) -> None:
+    """Point ``node``'s operand ``arg`` at a fresh constant (the old one may be shared)."""
+    old = get_arg(node, arg)
+    base = str(old.target) if isinstance(old, fx.Node) and old.op == "get_attr" else node.name
+    new = add_constant(gm, value, f"{base}_{hint}", node)
+    set_arg(node, arg, copy_origin(new, node))
+
+
+# -- report ------------------------------------------------------------------------------------
+class SmoothReport:
+    """The report's "smoothing" section: one row per group."""
+
+    def __init__(self, groups: list[Group]):
+        self.smoothed = sum(g.how.startswith(("folded", "mul")) for g in groups)
+        self.rows: list[dict[str, Any]] = [{"input of": g.producer.name, "module": module_path(g.producer) or "<root>",
+                                            "kind": g.kind,
+                      "consumers": ", ".join(c.name for c in g.consumers),
+                      "alpha": "-" if g.choice is None or g.choice.alpha is None else f"{g.choice.alpha:g}",
+                      "error before": g.choice.before if g.choice else None,
+                      "error after": g.choice.after if g.choice else None, "how": g.how}
+                     for g in groups]
+
+    def __str__(self) -> str:
+        from fxcompile.report import format_table
+        cols = ("input of", "module", "kind", "consumers", "alpha", "error before", "error after", "how")
+        rows = [tuple(f"{r[c]:.3g}" if isinstance(r[c], float) else r[c] for c in cols) for r in self.rows]
+        head = (f"{self.smoothed} of {len(self.rows)} "
+                "activation groups smoothed (error: simulated int8 relative squared error on calibration rows)")
+        return head + ("\n" + format_table([cols, *rows]) if rows else "")
+
+    __repr__ = __str__

@@ -1,0 +1,259 @@
+"""smooth_quant: activation outlier channels migrated into the weights before static int8.
+
+The test models are small and built here; the outlier pattern of trained transformers (a few
+hidden channels 30-100x the rest after a norm) is put into a norm's weight by hand.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxcompile
+from fxcompile.errors import CalibrationError, QuantizationError
+from fxcompile.graph_utils import fetch_attr, op_list
+from fxcompile.numerics import cosine, max_error
+from fxcompile.passes.quantize import quantize_passes
+from fxcompile.registry import default_pipeline
+from tests.passes.quantize.models import single_thread  # noqa: F401  # a fixture
+
+OUTLIERS = [3, 17, 40]
+FACTORS = torch.tensor([30.0, 60.0, 100.0])
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: LayerNorm -> q/k/v -> attention -> out proj, LayerNorm -> MLP."""
+
+    def __init__(self, d: int = 64, heads: int = 4, norm: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = norm(d), norm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, -1) @ v
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm as Hugging Face writes it (pow, mean, rsqrt, mul by a weight)."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def outlier_block(norm: type[nn.Module] = nn.LayerNorm, seed: int = 0):
+    """A Block whose first norm scales 3 channels by 30-100x; the q/k/v weights of those channels
+    are smaller by the cube root of that (trained models learn to use outliers without letting
+    them dominate). Returns (model, example, calibration batches, held-out batch)."""
+    torch.manual_seed(seed)
+    m = Block(norm=norm).eval()
+    with torch.no_grad():
+        m.norm1.weight[OUTLIERS] *= FACTORS
+        for p in (m.q, m.k, m.v):
+            p.weight[:, OUTLIERS] /= FACTORS ** (1 / 3)
+    return m, torch.randn(2, 16, 64), [torch.randn(2, 16, 64) for _ in range(8)], torch.randn(2, 16, 64)
+
+
+def _int8(model, x, data, backend: str, smooth, **options):
+    return fxcompile.compile(model, x, passes=quantize_passes(fold=backend != "eager", smooth=smooth, **options),
+                             calibration_data=data, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])  # eager: the fake-quant graph; onnx: int8 kernels
+def test_outlier_channels_int8_cosine(single_thread, backend):  # noqa: F811
+    model, x, data, held_out = outlier_block()
+    ref = model(held_out)
+    plain = cosine(ref, _int8(model, x, data, backend, smooth=False)(held_out))
+    smoothed = cosine(ref, _int8(model, x, data, backend, smooth=True)(held_out))
+    assert smoothed >= 0.999, (plain, smoothed)
+    assert plain <= 0.99, (plain, smoothed)  # the outliers do hurt without smoothing
+    assert 1 - smoothed <= (1 - plain) / 10, (plain, smoothed)
+
+
+def _smoothed_fp32(model, x, data, **options):
+    """compile with the default pipeline plus smooth_quant only (no quantization), check=True."""
+    passes = default_pipeline() + [("smooth_quant", options)]
+    return fxcompile.compile(model, x, passes=passes, calibration_data=data, backend="eager", check=True)
+
+
+def _weights(compiled) -> list[torch.Tensor]:
+    gm = compiled.graph_module
+    return [fetch_attr(gm, str(n.target)) for n in gm.graph.nodes if n.op == "get_attr"]
+
+
+def test_smoothing_is_exact_in_fp32_and_adds_no_ops(single_thread):  # noqa: F811
+    model, x, data, held_out = outlier_block()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = fxcompile.compile(model, x, backend="eager")
+    smoothed = _smoothed_fp32(model, x, data)
+    ref = model(held_out)
+    assert max_error(ref, smoothed(held_out)) <= 1e-4
+    assert op_list(smoothed.graph_module) == op_list(plain.graph_module)  # folded into the LayerNorm
+    norm_weights = [w for w in _weights(smoothed) if w.shape == (64,)]
+    assert not any(torch.equal(w, model.norm1.weight) for w in norm_weights)  # the norm took 1/s
+    q_weight = smoothed.graph_module.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)[0]
+    assert not torch.equal(fetch_attr(smoothed.graph_module, str(q_weight.args[1].target)), model.q.weight)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model is untouched
+    rows = smoothed.report.extra["smoothing"].rows
+    assert rows[0]["how"] == "folded into layer_norm" and rows[0]["error after"] < rows[0]["error before"]
+
+
+def test_rms_norm_producer(single_thread):  # noqa: F811
+    model, x, data, held_out = outlier_block(norm=RMSNorm)
+    smoothed = _smoothed_fp32(model, x, data)
+    assert max_error(model(held_out), smoothed(held_out)) <= 1e-4
+    rows = smoothed.report.extra["smoothing"].rows
+    first = rows[0]
+    assert first["kind"] == "norm_weight" and first["how"] == "folded into norm_weight", rows
+    assert first["consumers"].count("linear") == 3  # q, k and v share the scales
+    ref = model(held_out)
+    plain = cosine(ref, _int8(model, x, data, "eager", smooth=False)(held_out))
+    assert cosine(ref, _int8(model, x, data, "eager", smooth=True)(held_out)) >= max(0.999, plain)
+
+
+def test_zoo_llama_rms_norms_are_smoothed(single_thread):  # noqa: F811
+    pytest.importorskip("transformers")
+    from fxcompile.testing.zoo import build
+    model, inputs = build("llama")
+    data = [{k: torch.randint(0, 100, v.shape) if k == "input_ids" else v.clone() for k, v in inputs.items()}
+            for _ in range(2)]
+    smoothed = fxcompile.compile(model, example_kwargs=inputs, passes=default_pipeline() + ["smooth_quant"],
+                                 calibration_data=data, backend="eager", check=True)
+    rows = smoothed.report.extra["smoothing"].rows
+    assert sum(r["kind"] == "norm_weight" for r in rows) >= 4, rows  # 2 layers x (attention, MLP)
+    assert all(r["how"] != "mul inserted (output has other readers)" for r in rows if r["kind"] == "norm_weight")
+
+
+class TwoGroups(nn.Module):
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.ln_a, self.ln_b = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.a(self.ln_a(x)) + self.b(self.ln_b(x))
+
+
+def test_alpha_is_chosen_per_group(single_thread):  # noqa: F811
+    torch.manual_seed(0)
+    model = TwoGroups().eval()
+    with torch.no_grad():
+        # a: outliers its weights barely read (smoothing should move nearly all into the weights);
+        # b: outliers on a positive offset (the uint8 range already covers them better)
+        model.ln_a.weight[[1, 5]] *= 100
+        model.a.weight[:, [1, 5]] *= 0.01
+        model.ln_b.weight[[1, 5]] *= 100
+        model.ln_b.bias.copy_(model.ln_b.weight.abs() * 2)
+    x, data = torch.randn(4, 16, 32), [torch.randn(4, 16, 32) for _ in range(4)]
+    rows = _smoothed_fp32(model, x, data).report.extra["smoothing"].rows
+    alphas = {r["consumers"]: float(r["alpha"]) for r in rows}
+    assert len(alphas) == 2 and alphas["linear"] > alphas["linear_1"], rows
+    fixed = _smoothed_fp32(model, x, data, alpha=0.5).report.extra["smoothing"].rows
+    assert [r["alpha"] for r in fixed] == ["0.5", "0.5"]
+
+
+class PostNorm(nn.Module):
+    """A post-norm residual (BERT): the LayerNorm's output feeds a linear and the residual add."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return h + self.fc(h)
+
+
+def test_producer_with_other_readers_gets_a_mul_or_is_skipped(single_thread):  # noqa: F811
+    torch.manual_seed(0)
+    model = PostNorm().eval()
+    with torch.no_grad():
+        model.ln.weight[[2, 7]] *= 80
+    x, data = torch.randn(2, 8, 32), [torch.randn(2, 8, 32) for _ in range(4)]
+    plain_ops = op_list(fxcompile.compile(model, x, backend="eager").graph_module)
+    with_mul = _smoothed_fp32(model, x, data)
+    assert max_error(model(x), with_mul(x)) <= 1e-4
+    assert op_list(with_mul.graph_module).count("aten.mul.Tensor") == plain_ops.count("aten.mul.Tensor") + 1
+    assert with_mul.report.extra["smoothing"].rows[0]["how"].startswith("mul inserted")
+    skipped = _smoothed_fp32(model, x, data, fallback="skip")
+    assert op_list(skipped.graph_module) == plain_ops
+    assert skipped.report.extra["smoothing"].rows[0]["how"].startswith("skipped")
+
+
+def test_without_calibration_data_is_an_error():
+    model, x, _, _ = outlier_block()
+    with pytest.raises(QuantizationError, match="calibration_data"):
+        fxcompile.compile(model, x, passes=quantize_passes(smooth=True), backend="eager")
+    with pytest.raises(CalibrationError, match="empty"):
+        fxcompile.compile(model, x, passes=quantize_passes(smooth=True), calibration_data=[], backend="eager")
+
+
+def test_generator_calibration_data_serves_smoothing_and_calibration(single_thread):  # noqa: F811
+    """smooth_quant reads the batches first; insert_fake_quant must still calibrate on them."""
+    model, x, data, held_out = outlier_block()
+    from_list = _int8(model, x, data, "eager", smooth=True)
+    from_generator = _int8(model, x, (b for b in data), "eager", smooth=True)
+    assert torch.equal(from_list(held_out), from_generator(held_out))
+
+
+def test_quantize_passes_places_smoothing_before_insertion():
+    names = [p if isinstance(p, str) else p[0] for p in quantize_passes(smooth={"alpha": 0.6}, method="entropy")]
+    assert names.index("fold_batch_norm") < names.index("smooth_quant") == names.index("insert_fake_quant") - 1
+    smooth = dict(quantize_passes(smooth={"alpha": 0.6}, method="entropy")[names.index("smooth_quant")][1])
+    assert smooth == {"target": "onnxruntime", "method": "entropy", "alpha": 0.6}
+    assert "smooth_quant" not in [p if isinstance(p, str) else p[0] for p in quantize_passes()]
+
+
+class Variants(nn.Module):
+    """Producers and consumers besides LayerNorm -> linear: a LayerNorm without weight and bias, a
+    linear feeding a linear, a view to 2-D feeding addmm (Hugging Face's Conv1D), a matmul by a
+    constant [K, N] weight."""
+
+    def __init__(self, kind: str, d: int = 32):
+        super().__init__()
+        self.kind = kind
+        self.ln = nn.LayerNorm(d, elementwise_affine=kind != "bare_layer_norm")
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.w = nn.Parameter(torch.randn(d, d) * 0.2)
+        self.bias = nn.Parameter(torch.randn(d) * 0.1)
+
+    def forward(self, x):
+        if self.kind == "linear":
+            return self.fc2(self.fc1(x))
+        h = self.ln(x)
+        if self.kind == "addmm":
+            return torch.addmm(self.bias, h.view(-1, h.shape[-1]), self.w)
+        if self.kind == "matmul":
+            return h @ self.w
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("kind, producer", [("bare_layer_norm", "layer_norm"), ("linear", "linear"),
+                                            ("addmm", "layer_norm"), ("matmul", "layer_norm")])
+def test_other_producers_and_consumers_fold(single_thread, kind, producer):  # noqa: F811
+    torch.manual_seed(0)
+    model = Variants(kind).eval()
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        if kind == "linear":
+            model.fc1.weight[[2, 7]] *= 80  # two output channels of fc1 carry outliers
+            model.fc1.bias[[2, 7]] *= 80
+        elif kind != "bare_layer_norm":
+            model.ln.weight[[2, 7]] *= 80
+    data = [torch.randn(2, 8, 32) for _ in range(4)]
+    smoothed = _smoothed_fp32(model, x, data, alpha=0.5)
+    plain_ops = op_list(fxcompile.compile(model, x, backend="eager").graph_module)
+    assert max_error(model(x), smoothed(x)) <= 1e-4
+    assert op_list(smoothed.graph_module) == plain_ops
+    rows = smoothed.report.extra["smoothing"].rows
+    assert [r["how"] for r in rows if r["kind"] == producer][:1] == [f"folded into {producer}"], rows
