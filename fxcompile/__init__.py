@@ -18,7 +18,7 @@ __all__ = ["compile", "load", "capture", "CompiledModule", "Captured", "register
            "list_passes", "get_pass", "default_pipeline", "backend_names", "run_pipeline", "PassResult",
            "PassContext", "FxCompileError", "CaptureError", "InputError", "PassError", "BackendError",
            "calibrate", "trainable", "recompile", "TrainableModule", "quantize_passes",
-           "QuantizationError", "CalibrationError", "PruneError", "compare_quantized"]
+           "QuantizationError", "CalibrationError", "PruneError", "compare_quantized", "quantize_within_budget"]
 
 
 # Quantization's entry points live in fxcompile.passes.quantize, imported on first use so that
@@ -35,6 +35,10 @@ def __getattr__(name: str):
         from .passes.quantize.debug import compare
         globals()[name] = compare
         return compare
+    if name == "quantize_within_budget":
+        from .passes.quantize.mixed import quantize_within_budget
+        globals()[name] = quantize_within_budget
+        return quantize_within_budget
     raise AttributeError(f"module 'fxcompile' has no attribute {name!r}")
 
 

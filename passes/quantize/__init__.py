@@ -14,6 +14,8 @@ Modules, in pipeline order:
 - fold: the ``fold_fake_quant`` pass (int8 weights, quantize/dequantize pairs)
 - ops: fxcompile's quantize/dequantize ops and a decoder for the ATen fake-quant ops' arguments
 - state: what a quantized graph knows about itself (QuantState), scale arithmetic, the report
+- debug (debug_plot): ``compare_quantized``, the per-layer error of a quantized graph, ranked
+- mixed: ``quantize_within_budget``, layers returned to float until an accuracy budget is met
 
 Importing the package registers the three passes. Backends translate the ops themselves (the
 onnx backend's translations are in fxcompile.backends.onnx_quant_ops); nothing here imports a
