@@ -186,21 +186,23 @@ def refresh_meta(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> int:
     """
     example_inputs = list(example_inputs)
     symbolic = _symbolic_placeholders(gm)
-    # Each propagation makes its own unbacked symbols; bindings to an earlier run's symbols (u0
-    # in both) would be taken for a stale memo and rejected, so they are recomputed from scratch.
-    for node in gm.graph.nodes:
-        node.meta.pop("unbacked_bindings", None)
     mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
     fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     with FlopCounterMode(display=False) as counter:
-        _FakeAttrProp(gm, mode).propagate_dont_convert_inputs(*fake)
+        _propagate(gm, mode, fake)
     if symbolic is not None:
         sym_mode, values = symbolic
-        for node in gm.graph.nodes:
-            node.meta.pop("unbacked_bindings", None)
-        fake = [v if v is not None else x for v, x in zip(values, example_inputs)]
-        _FakeAttrProp(gm, sym_mode).propagate_dont_convert_inputs(*fake)
+        _propagate(gm, sym_mode, [v if v is not None else x for v, x in zip(values, example_inputs)])
     return _known_flops(counter.get_total_flops())
+
+
+def _propagate(gm: fx.GraphModule, mode: FakeTensorMode, fake_inputs: list) -> None:
+    """One fake-tensor propagation of meta['val']. Each makes its own unbacked symbols; bindings
+    to an earlier run's symbols (u0 in both) would be taken for a stale memo and rejected, so they
+    are dropped first and recomputed."""
+    for node in gm.graph.nodes:
+        node.meta.pop("unbacked_bindings", None)
+    _FakeAttrProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
 
 
 def _known_flops(total) -> int:

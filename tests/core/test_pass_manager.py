@@ -144,6 +144,17 @@ def test_default_pipeline_respects_constraints():
     assert "test_relu_to_clamp" not in order  # not marked default
 
 
+def _install_plugin(tmp_path, monkeypatch, module: str, entry: str) -> None:
+    """Make ``tmp_path/<module>.py`` an installed distribution whose 'fxcompile.passes' entry
+    point is ``entry``, and let the registry load entry points again."""
+    dist = tmp_path / f"{module}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[fxcompile.passes]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_loaded", False)
+
+
 def test_entry_point_plugin(tmp_path, monkeypatch, convbn):
     """A third-party distribution exposing a pass through the 'fxcompile.passes' group."""
     (tmp_path / "my_plugin.py").write_text(
@@ -154,12 +165,7 @@ def test_entry_point_plugin(tmp_path, monkeypatch, convbn):
         "    with gm.graph.inserting_before(out):\n"
         "        new = [gm.graph.call_function(torch.ops.aten.mul.Tensor, (a, 2.0)) for a in out.args[0]]\n"
         "    out.args = (tuple(new),)\n")
-    dist = tmp_path / "my_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[fxcompile.passes]\ndouble_output = my_plugin:double_output\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_loaded", False)
+    _install_plugin(tmp_path, monkeypatch, "my_plugin", "double_output = my_plugin:double_output")
     try:
         info = fxcompile.get_pass("double_output")
         assert info.doc.startswith("Multiply every output by two")
@@ -264,12 +270,7 @@ def test_plugin_with_a_taken_name_is_skipped_with_a_warning(tmp_path, monkeypatc
         "def cse(gm):\n"
         "    '''A plugin pass that happens to be called cse.'''\n"
         "    raise AssertionError('the plugin replaced the built-in pass')\n")
-    dist = tmp_path / "clashing_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clashing-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[fxcompile.passes]\ncse = clashing_plugin:cse\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_loaded", False)
+    _install_plugin(tmp_path, monkeypatch, "clashing_plugin", "cse = clashing_plugin:cse")
     monkeypatch.setitem(registry._PASSES, "cse", registry._PASSES["cse"])  # restored afterwards
     try:
         with pytest.warns(UserWarning, match="pass plugin 'cse'.*already registered"):
