@@ -1,5 +1,5 @@
 """Latency side by side, in one process: eager PyTorch, torch.compile (inductor),
-torch.onnx.export + onnxruntime, and fxcompile's eager and onnx backends (default passes).
+torch.onnx.export + onnxruntime, and fxcompile's eager, onnx and inductor backends (default passes).
 
     python benchmarks/bench_latency.py --models resnet,bert --size base --batch 1,8 --seq 128 \
         --runs 10 --out benchmarks/results/latency.md
@@ -46,6 +46,7 @@ CONTENDERS = {
     "ort": "torch.onnx + onnxruntime",
     "fx_eager": "fxcompile eager",
     "fx_onnx": "fxcompile onnx",
+    "fx_inductor": "fxcompile inductor",
 }
 HEADER = ("model", "input", "contender", "compile s", "median ms", "min ms", "vs eager", "max err")
 WARMUP = 2
@@ -67,6 +68,9 @@ def _build(key: str, model: torch.nn.Module, kwargs: dict, threads: int) -> Call
         return lambda: compiled(**kwargs)
     if key == "fx_onnx":
         compiled = fxcompile.compile(model, example_kwargs=kwargs, backend="onnx", threads=threads)
+        return lambda: compiled(**kwargs)
+    if key == "fx_inductor":  # fxcompile's passes, then inductor with frozen weights
+        compiled = fxcompile.compile(model, example_kwargs=kwargs, backend="inductor")
         return lambda: compiled(**kwargs)
     raise KeyError(key)
 

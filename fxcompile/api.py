@@ -188,7 +188,7 @@ def _example_data(examples: list, gm: fx.GraphModule) -> list:
 
 
 # The built-in backends that take torch.export's dynamic_shapes (over the flat inputs) as an option.
-DYNAMIC_BACKENDS = ("eager", "onnx", "tensorrt")
+DYNAMIC_BACKENDS = ("eager", "onnx", "tensorrt", "inductor")
 
 
 def check_backend(gm: fx.GraphModule, runner: Lowered, inputs: list, report: Report) -> None:

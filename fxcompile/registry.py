@@ -140,6 +140,7 @@ _BACKENDS: dict[str, Callable | str] = {
     "eager": "fxcompile.backends.eager:lower",
     "onnx": "fxcompile.backends.onnx:lower",
     "tensorrt": "fxcompile.backends.tensorrt:lower",
+    "inductor": "fxcompile.backends.inductor:lower",
 }
 _LOADERS: dict[str, Callable | str] = {}
 _loaded = False

@@ -105,7 +105,7 @@ def _validate_backend_options(lower: Callable, options: dict) -> None:
 
 
 # What each built-in backend's save() writes, by file suffix (the first is the usual one).
-_SUFFIXES = {"eager": (".pt2",), "onnx": (".onnx",), "tensorrt": (".engine", ".plan")}
+_SUFFIXES = {"eager": (".pt2",), "inductor": (".pt2",), "onnx": (".onnx",), "tensorrt": (".engine", ".plan")}
 
 
 def _check_suffix(backend: str, output: str) -> None:

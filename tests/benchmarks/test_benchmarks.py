@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_latency.py: one small model, every contender but inductor.
+"""Smoke test of benchmarks/bench_latency.py: one small model, every contender but the two inductor ones (the inductor backend has its own tests).
 
 Times are not asserted (tests don't time things, DESIGN §6): only that the table has one row per
 contender with the expected columns, and that the compiled models agree with eager PyTorch.
@@ -28,7 +28,7 @@ def bench():
 def test_bench_latency_small_resnet(bench, tmp_path):
     out = tmp_path / "latency.md"
     result = bench.main(["--models", "resnet", "--size", "small", "--batch", "1", "--runs", "3",
-                         "--skip", "inductor", "--out", str(out)])
+                         "--skip", "inductor,fx_inductor", "--out", str(out)])
     rows = result["rows"]
     labels = [r["contender"] for r in rows]
     assert labels == ["eager PyTorch", "torch.onnx + onnxruntime", "fxcompile eager", "fxcompile onnx"]
@@ -47,7 +47,7 @@ def test_bench_latency_small_resnet(bench, tmp_path):
     assert out.read_text() == md
     assert "machine: " in md and "onnxruntime " in md and "threads 2" in md
     assert ("command: `python benchmarks/bench_latency.py --models resnet --size small --batch 1 "
-            "--runs 3 --skip inductor") in md
+            "--runs 3 --skip inductor,fx_inductor") in md
     table = [ln for ln in md.splitlines() if ln.startswith("|")]
     assert [c.strip() for c in table[0].strip("|").split("|")] == list(bench.HEADER)
     assert len(table) == 2 + len(rows)
@@ -63,7 +63,7 @@ def test_bench_latency_records_a_failing_contender(bench, monkeypatch):
 
     monkeypatch.setattr(bench, "_build", broken)
     result = bench.main(["--models", "resnet", "--size", "small", "--runs", "1",
-                         "--skip", "inductor,ort,fx_eager"])
+                         "--skip", "inductor,ort,fx_eager,fx_inductor"])
     by = {r["contender"]: r for r in result["rows"]}
     assert by["fxcompile onnx"]["median ms"] == "failed: RuntimeError: simulated failure / with a pipe"
     assert float(by["eager PyTorch"]["median ms"]) > 0

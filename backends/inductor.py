@@ -1,0 +1,159 @@
+"""The inductor backend: the transformed graph compiled by torch._inductor (C++/OpenMP kernels on
+the CPU, Triton on the GPU), fxcompile's passes first, inductor's code generation after.
+
+    compiled = fxcompile.compile(model, x, backend="inductor")              # compiled at once
+    compiled = fxcompile.compile(model, x, backend="inductor", mode="max-autotune")
+
+The graph is compiled by ``torch.compile(graph, backend="inductor", fullgraph=True)`` on the
+example inputs inside ``lower``, so a graph inductor can't compile fails at compile time, not at
+the first call. Weights are frozen into the generated code (``freezing``: constant folding,
+oneDNN weight prepacking on the CPU); the runner is for inference and runs under ``no_grad``.
+
+Dynamic shapes: the dims compile was given as dynamic are marked dynamic on the example inputs
+before that first compilation, so one kernel set serves the whole range (the CompiledModule
+checks every call against the dims' bounds before the runner sees it).
+
+Save/load: ``save`` writes the graph as a torch.export program (``.pt2``, as the eager backend
+does) and ``load`` compiles it again on its first call (inductor caches kernels on disk, so a
+second compile of the same graph is mostly cache hits). int8 graphs run: fxcompile's
+quantize/dequantize ops stay calls into their own kernels and the convs and matmuls between
+them run in float; ``describe()`` (the report) says how many.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxcompile.backend_api import check_options
+from fxcompile.errors import BackendError
+
+from .eager import EagerRunner, constant_outputs
+
+DEFAULTS: dict[str, Any] = {
+    # torch.compile's mode: None (default), "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    "mode": None,
+    # inductor's freezing: weights become constants of the generated code (folded, prepacked)
+    "freezing": True,
+    # torch.export's dynamic_shapes over the flat inputs (compile passes them on)
+    "dynamic_shapes": None,
+}
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_QUANT_OPS = ("fxcompile::quantize", "fxcompile::dequantize", "fxcompile::dynamic_quantized_matmul")
+
+
+class InductorRunner(EagerRunner):
+    """The graph and its inductor-compiled function; saves the graph like the eager backend."""
+
+    backend = "inductor"
+
+    def __init__(self, gm: fx.GraphModule, example_inputs, options: dict):
+        super().__init__(gm, example_inputs, (), options["dynamic_shapes"])
+        self._options = {k: options[k] for k in ("mode", "freezing")}
+        self._fn = _compile(gm, self._options)
+
+    def forward(self, *flat):
+        with torch.no_grad():
+            out = self._fn(*flat)
+        out = tuple(out)
+        if not self._constant_outputs:
+            return out
+        return tuple(o.clone() if i in self._constant_outputs and isinstance(o, torch.Tensor) else o
+                     for i, o in enumerate(out))
+
+    def warm_up(self, example_inputs: list) -> None:
+        """Compile now, on the example inputs with their dynamic dims marked."""
+        inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs]
+        for i, dims in enumerate(self._dynamic_shapes or ()):
+            for dim, spec in (dims or {}).items() if isinstance(dims, dict) else ():
+                bounds = {k: v for k, v in (("min", getattr(spec, "min", None)), ("max", getattr(spec, "max", None)))
+                          if isinstance(v, int) and 0 <= v < 2 ** 31}
+                torch._dynamo.mark_dynamic(inputs[i], dim, **bounds)
+        try:
+            from fxcompile.state import trial_run
+            trial_run(self, inputs)  # the graph's buffers come back as they were
+        except Exception as e:
+            raise BackendError(f"inductor backend: torch.compile could not compile the graph: "
+                               f"{type(e).__name__}: {str(e)[:800]}") from e
+
+    def describe(self) -> dict:
+        quant = sum(1 for n in self.gm.graph.nodes if n.op == "call_function" and _op_name(n.target) in _QUANT_OPS)
+        info = {"inductor": f"mode={self._options['mode'] or 'default'}, freezing={self._options['freezing']}"}
+        if quant:
+            info["inductor int8"] = (f"{quant} fxcompile quantize/dequantize ops run as their own kernels; "
+                                     "the convs and matmuls between them run in float")
+        return info
+
+    def manifest(self) -> dict:
+        return {"options": dict(self._options)}
+
+
+def _op_name(target) -> str:
+    return getattr(getattr(target, "_schema", None), "name", "")
+
+
+def _compile(gm: fx.GraphModule, options: dict):
+    return torch.compile(gm, backend="inductor", fullgraph=True, mode=options["mode"],
+                         options={"freezing": bool(options["freezing"])})
+
+
+def validate_options(options: dict) -> dict:
+    options = check_options("inductor", options, DEFAULTS)
+    if options["mode"] not in MODES:
+        raise BackendError(f"inductor option mode must be one of {', '.join(map(repr, MODES))}, "
+                           f"got {options['mode']!r}")
+    return options
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor's CPU code generation would use ($CXX, g++, c++ or clang++)."""
+    import os
+    import shutil
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else []
+    return next((path for name in [*names, "g++", "c++", "clang++"] if (path := shutil.which(name))), None)
+
+
+def lower(gm: fx.GraphModule, example_inputs, options: dict) -> InductorRunner:
+    """Compile ``gm`` with inductor on the example inputs (its dynamic dims marked dynamic)."""
+    options = validate_options(options)
+    on_cpu = all(x.device.type == "cpu" for x in example_inputs if isinstance(x, torch.Tensor))
+    if on_cpu and cpp_compiler() is None:
+        raise BackendError("inductor backend: no C++ compiler found ($CXX, g++, c++, clang++); inductor "
+                           "generates C++ for the CPU. Install one (e.g. apt install g++) or use "
+                           "backend='eager' or 'onnx'.")
+    importlib.import_module("fxcompile.passes.quantize.ops")  # the ops int8 graphs call
+    gm.recompile()
+    runner = InductorRunner(gm, example_inputs, options)
+    runner.warm_up(list(example_inputs))
+    return runner
+
+
+class LoadedInductorRunner(InductorRunner):
+    """A saved .pt2 program brought back and compiled again on its first call."""
+
+    def __init__(self, gm, path: str, options: dict):
+        torch.nn.Module.__init__(self)
+        self.gm = gm
+        self._source = path
+        self._cl_inputs = frozenset()
+        self._dynamic_shapes = None
+        self._constant_outputs = constant_outputs(gm)
+        self._options = options
+        self._fn = _compile(gm, options)
+
+    def save(self, path: str) -> list[str]:
+        import os
+        import shutil
+        if os.path.abspath(path) != os.path.abspath(self._source):
+            shutil.copyfile(self._source, path)
+        return [path]
+
+
+def load(path: str, manifest: dict, options: dict) -> LoadedInductorRunner:
+    """The .pt2 program written by ``save``, compiled with the options it was compiled with."""
+    check_options("inductor", options, {})
+    importlib.import_module("fxcompile.passes.quantize.ops")
+    saved = {**{k: DEFAULTS[k] for k in ("mode", "freezing")}, **manifest.get("options", {})}
+    return LoadedInductorRunner(torch.export.load(path).module(), path, saved)
