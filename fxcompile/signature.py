@@ -128,33 +128,7 @@ class InputSignature:
                 raise InputError(problem)
 
     def _shape_problem(self, flat: list) -> str:
-        seen: dict[str, tuple[int, str, int]] = {}
-        for name, x, dims in zip(self.arg_names, flat, self.dims):
-            if dims is None:
-                continue
-            shape = tuple(x.shape)
-            head = f"input '{name}' has shape {shape}; the model was compiled for {_dims_str(dims)}: "
-            if len(shape) != len(dims):
-                return head + f"{len(shape)} dims instead of {len(dims)}. Pass a tensor of {len(dims)} dims."
-            for j, (got, want) in enumerate(zip(shape, dims)):
-                if isinstance(want, int):
-                    if got != want:
-                        return head + (f"dim {j} is {got}, compiled as static {want}. Compile with an "
-                                       f"example of this size, or make dim {j} dynamic with "
-                                       "dynamic_shapes=... in compile.")
-                    continue
-                low, high, sym = want
-                if got < low or (high is not None and got > high):
-                    return head + (f"dim {j} is {got}, outside the range {_range_str(want)} of its "
-                                   f"dynamic_shapes Dim. Compile with a torch.export.Dim whose min and "
-                                   f"max include {got}.")
-                if sym is not None:
-                    first = seen.setdefault(sym, (got, name, j))
-                    if first[0] != got:
-                        return head + (f"dim {j} is {got}, but input '{first[1]}' dim {first[2]} is "
-                                       f"{first[0]}: the compiled graph has one size for both, so they "
-                                       "must be equal.")
-        return ""
+        return shape_problem(self.arg_names, flat, self.dims)
 
     def export_dynamic_shapes(self) -> list | None:
         """``dims`` as torch.export's ``dynamic_shapes`` over the flat inputs (None when all are
@@ -178,6 +152,38 @@ class InputSignature:
                 entry[j] = shared[sym]
             spec.append(entry or None)
         return spec
+
+
+def shape_problem(names: list[str], flat: list, all_dims: list) -> str:
+    """What keeps the flat inputs ``flat`` (named ``names``) from fitting ``all_dims`` (as
+    ``InputSignature.dims``), or '' when they fit."""
+    seen: dict[str, tuple[int, str, int]] = {}
+    for name, x, dims in zip(names, flat, all_dims):
+        if dims is None:
+            continue
+        shape = tuple(x.shape)
+        head = f"input '{name}' has shape {shape}; the model was compiled for {_dims_str(dims)}: "
+        if len(shape) != len(dims):
+            return head + f"{len(shape)} dims instead of {len(dims)}. Pass a tensor of {len(dims)} dims."
+        for j, (got, want) in enumerate(zip(shape, dims)):
+            if isinstance(want, int):
+                if got != want:
+                    return head + (f"dim {j} is {got}, compiled as static {want}. Compile with an "
+                                   f"example of this size, or make dim {j} dynamic with "
+                                   "dynamic_shapes=... in compile.")
+                continue
+            low, high, sym = want
+            if got < low or (high is not None and got > high):
+                return head + (f"dim {j} is {got}, outside the range {_range_str(want)} of its "
+                               f"dynamic_shapes Dim. Compile with a torch.export.Dim whose min and "
+                               f"max include {got}.")
+            if sym is not None:
+                first = seen.setdefault(sym, (got, name, j))
+                if first[0] != got:
+                    return head + (f"dim {j} is {got}, but input '{first[1]}' dim {first[2]} is "
+                                   f"{first[0]}: the compiled graph has one size for both, so they "
+                                   "must be equal.")
+    return ""
 
 
 def input_dims(gm: fx.GraphModule, range_constraints: dict | None = None) -> list[tuple | None]:
@@ -342,17 +348,29 @@ def batch_as_call(batch, index: int) -> tuple[tuple, dict]:
                            "a tuple of positional inputs or a dict of keyword inputs")
 
 
+class BatchInputError(CalibrationError, InputError):
+    """A calibration batch the compiled model could not take as a call: of another structure,
+    dtype or shape (a static dim changed, a dynamic one outside its Dim's range). Ranges taken on
+    it would describe inputs the model never runs on."""
+
+
 def _flatten_batch(batch, signature: InputSignature, index: int):
     args, kwargs = batch_as_call(batch, index)
     try:
         flat = signature.flatten(args, kwargs)
     except InputError as e:
-        return CalibrationError(
+        return BatchInputError(
             f"calibration batch {index} does not fit the model's inputs: {e}\nA batch is what you would "
             "pass to the model (a tensor, a tuple of positional inputs, a dict of keyword inputs); "
             "for (input, label) pairs from a DataLoader pass (x for x, _ in loader).")
     for name, got, want in zip(signature.names, flat, signature.examples):
         if isinstance(want, torch.Tensor) and got.dim() != want.dim():
-            return CalibrationError(f"calibration batch {index}: input '{name}' has {got.dim()} dimensions "
-                                    f"{tuple(got.shape)}; the model was compiled for {tuple(want.shape)}")
+            return BatchInputError(f"calibration batch {index}: input '{name}' has {got.dim()} dimensions "
+                                   f"{tuple(got.shape)}; the model was compiled for {tuple(want.shape)}")
+    problem = shape_problem(signature.arg_names, flat, signature.dims)
+    if problem:  # the graph may well run on it (a conv net on larger images): only the signature tells
+        return BatchInputError(f"calibration batch {index}: {problem} Calibration batches are calls the "
+                               "compiled model takes: to calibrate on other batch sizes or sequence lengths, "
+                               "compile with dynamic_shapes (torch.export.Dim) for the dims that vary (on the command "
+                               "line: --dynamic-batch).")
     return flat

@@ -29,29 +29,17 @@ def cmd_compile(args) -> int:
     resolve_pipeline(passes)
     options = parse_backend_options(args.backend_option)
     _validate_backend_options(get_backend(args.backend), options)
-    if not args.int8:
-        for flag, value in (("--calibration", args.calibration), ("--calibration-method", args.calibration_method)):
-            if value is not None:
-                raise InputError(f"{flag} is for --int8 static (calibrated int8); add --int8 static, "
-                                 f"or drop {flag}")
-    if args.explain is not None and not args.int8:
-        raise InputError("--explain shows which quantized layers lose accuracy; it is for --int8 (add "
-                         "--int8 static --calibration FILE), or drop --explain")
-    if args.explain is not None and args.explain < 1:
-        raise InputError(f"--explain N takes the number of layers to show (1 or more), got {args.explain}")
-    if args.output:
-        _check_suffix(args.backend, args.output)
-        _check_writable("-o", args.output)
-    if args.report_json:
-        _check_writable("--report-json", args.report_json)
+    _check_flags(args)
     calibration = None
     if args.int8:
         passes, calibration = _int8_pipeline(args)
     model, example_args, example_kwargs = load_target(args.target)
+    dynamic = None if args.dynamic_batch is None else _batch_dims(model, example_args, example_kwargs,
+                                                                   args.dynamic_batch)
     compiled = fxcompile.compile(model, example_args, passes=passes,
                                  backend=args.backend, check=args.check, example_kwargs=example_kwargs,
                                  progress=args.progress and sys.stderr.isatty(),
-                                 calibration_data=calibration, **options)
+                                 calibration_data=calibration, dynamic_shapes=dynamic, **options)
     with torch.no_grad():
         err = max_error(model(*example_args, **example_kwargs), compiled(*example_args, **example_kwargs))
     compiled.report.extra["max error vs original"] = f"{err:.2e}"
@@ -94,6 +82,45 @@ def _explain(limit: int, model, example_args, example_kwargs, passes: list, cali
           "that reached it from the input):")
     print(report.summary())
     print(report.table(limit))
+
+
+def _check_flags(args) -> None:
+    """Flags that don't go together or take bad values: fail before the model is imported."""
+    if not args.int8:
+        for flag, value in (("--calibration", args.calibration), ("--calibration-method", args.calibration_method)):
+            if value is not None:
+                raise InputError(f"{flag} is for --int8 static (calibrated int8); add --int8 static, "
+                                 f"or drop {flag}")
+    if args.explain is not None and not args.int8:
+        raise InputError("--explain shows which quantized layers lose accuracy; it is for --int8 (add "
+                         "--int8 static --calibration FILE), or drop --explain")
+    if args.explain is not None and args.explain < 1:
+        raise InputError(f"--explain N takes the number of layers to show (1 or more), got {args.explain}")
+    if args.dynamic_batch is not None and args.dynamic_batch < 1:
+        raise InputError(f"--dynamic-batch MAX takes the largest batch size (1 or more), got {args.dynamic_batch}")
+    if args.output:
+        _check_suffix(args.backend, args.output)
+        _check_writable("-o", args.output)
+    if args.report_json:
+        _check_writable("--report-json", args.report_json)
+
+
+def _batch_dims(model, example_args, example_kwargs, largest: int) -> dict:
+    """--dynamic-batch: torch.export dynamic_shapes making dim 0 of every top-level tensor input
+    one shared Dim "batch" in 1..largest (keyed by the forward's parameter names)."""
+    import inspect
+
+    import torch
+    try:
+        bound = inspect.signature(model.forward).bind(*example_args, **example_kwargs).arguments
+    except TypeError as e:
+        raise InputError(f"--dynamic-batch: the example inputs do not fit {type(model).__name__}.forward: {e}") from e
+    batch = torch.export.Dim("batch", min=1, max=largest)
+    shapes = {name: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() >= 1 else None)
+              for name, v in bound.items()}
+    if not any(shapes.values()):
+        raise InputError("--dynamic-batch: the model has no tensor input with a batch dim (dim 0)")
+    return shapes
 
 
 def _validate_backend_options(lower: Callable, options: dict) -> None:

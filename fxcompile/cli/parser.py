@@ -131,6 +131,10 @@ def _add_compile(sub, formatter) -> None:
                            "and matmul inputs at run time (onnxruntime only, no data)")
     comp.add_argument("--calibration", metavar="FILE",
                       help="for --int8 static: a list of input batches saved with torch.save")
+    comp.add_argument("--dynamic-batch", nargs="?", type=int, const=1024, default=None, metavar="MAX",
+                      help="compile for any batch size from 1 to MAX (default 1024): dim 0 of every "
+                           "top-level tensor input is dynamic; calibration batches may then have any "
+                           "batch size in that range")
     comp.add_argument("--calibration-method", default=None,
                       choices=("minmax", "percentile", "mse", "entropy"),
                       help="how --int8 static turns observed ranges into scales (default: minmax)")

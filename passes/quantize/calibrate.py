@@ -19,7 +19,7 @@ from torch import fx
 from fxcompile.errors import CalibrationError, InputError, QuantizationError, describe_node, suggest
 from fxcompile.graph_utils import fetch_attr
 from fxcompile.report import report_sections
-from fxcompile.signature import FlatBatches, batch_as_call, iterate_batches
+from fxcompile.signature import BatchInputError, FlatBatches, batch_as_call, iterate_batches, shape_problem
 
 from .observers import METHODS, NonFiniteError, Observer
 from .ops import FAKE_QUANT_OPS, FakeQuantArgs
@@ -211,6 +211,13 @@ class _GraphBatches:
                     return CalibrationError(
                         f"calibration batch {index}: input '{p.name}' is {got.dtype} {tuple(got.shape)}; "
                         f"the graph takes {want.dtype} tensors shaped like {tuple(want.shape)}")
+        # static dims must match (a graph can run on other sizes and give ranges of inputs it never
+        # takes); a bare graph keeps no Dim ranges, so its dynamic dims take any size
+        dims = [tuple(d if isinstance(d, int) else (0, None, None) for d in p.meta["val"].shape)
+                if isinstance(p.meta.get("val"), torch.Tensor) else None for p in self.placeholders]
+        problem = shape_problem([p.name for p in self.placeholders], flat, dims)
+        if problem:
+            return BatchInputError(f"calibration batch {index}: {problem}")
         return flat
 
 

@@ -246,6 +246,25 @@ def test_compile_int8_dynamic_and_static_to_onnx(tmp_path, capsys):
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(out)).graph.node}
 
 
+def test_compile_dynamic_batch_takes_calibration_batches_of_any_size(tmp_path, capsys):
+    model, (x,) = factories.small_convnet()
+    batches = tmp_path / "batches.pt"
+    torch.save([torch.randn(n, *x.shape[1:]) for n in (5, 1, 8)], batches)
+    args = ["compile", "tests.cli.factories:small_convnet", "-b", "onnx", "--int8", "static",
+            "--calibration", str(batches)]
+    assert cli.main(args) == 2  # the graph is static in its batch: batch 5 could never run
+    assert "calibration batch 0" in capsys.readouterr().err
+    out = tmp_path / "dyn.onnx"
+    assert cli.main([*args, "--dynamic-batch", "16", "-o", str(out)]) == 0
+    loaded = fxcompile.load(out)
+    y = torch.randn(11, *x.shape[1:])
+    assert fxcompile.numerics.max_error(model(y), loaded(y)) <= 0.1
+    with pytest.raises(fxcompile.InputError, match="outside the range 1..16"):
+        loaded(torch.randn(17, *x.shape[1:]))
+    assert cli.main(["compile", "tests.cli.factories:small_convnet", "--dynamic-batch", "0"]) == 2
+    assert "--dynamic-batch MAX takes the largest batch size" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--int8", "static"], "--int8 static needs --calibration FILE"),
     (["--int8", "static", "--calibration", "nope.pt"], "no such file: nope.pt"),

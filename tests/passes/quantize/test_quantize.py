@@ -379,60 +379,35 @@ def test_qat_straight_through_gradients_and_learnable_scales():
     assert max_error(trained, folded(x)) <= 1e-5
 
 
-# -- accuracy on digits (~20 s) ----------------------------------------------------------------
-class DigitsCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.fc1, self.fc2 = nn.Linear(32 * 16, 64), nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.b1(self.c1(x)))
-        x = nn.functional.max_pool2d(torch.relu(self.b2(self.c2(x))), 2)
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+# -- accuracy on digits (trained models; ~20 s each) ---------------------------------------------
+@pytest.fixture(scope="module")
+def digits_data():
+    pytest.importorskip("sklearn")
+    from fxcompile.testing import digits
+    return digits.split()
 
 
-def digits_split():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.5, random_state=0, stratify=y)
-    return xtr, ytr, xte, yte
+@pytest.mark.parametrize("name", ["cnn", "transformer"])
+def test_digits_ptq_and_qat_accuracy(digits_data, name):
+    """int8 on onnxruntime costs a trained model at most 0.5 points of top-1 accuracy after
+    calibration (PTQ) and 0.2 after 3 epochs of QAT. 899 test images: a point is 9 images. The
+    graph has a dynamic batch: calibrated on batches of 64, tested on all 899 images at once."""
+    from torch.export import Dim
 
-
-def train(net, x, y, epochs, lr=3e-3, seed=0):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    return net
-
-
-def accuracy(fn, x, y) -> float:
-    with torch.no_grad():
-        return (fn(x).argmax(1) == y).float().mean().item() * 100
-
-
-def test_digits_ptq_and_qat_accuracy():
-    xtr, ytr, xte, yte = digits_split()
-    torch.manual_seed(0)
-    model = train(DigitsCNN(), xtr, ytr, epochs=12).eval()
+    from fxcompile.testing.digits import accuracy, train, trained
+    xtr, ytr, xte, yte = digits_data
+    model = trained(name, xtr, ytr)
     fp32 = accuracy(model, xte, yte)
-    assert fp32 > 95
+    assert fp32 > 95, fp32
     calib = list(xtr[:512].split(64))
     passes = fxcompile.quantize_passes("onnxruntime", fold=False, method="percentile")
-    fq = fxcompile.compile(model, (xte,), passes=passes, calibration_data=calib)
+    fq = fxcompile.compile(model, (calib[0],), passes=passes, calibration_data=calib,
+                           dynamic_shapes={"x": {0: Dim("batch", min=1, max=1024)}})
+    assert len(_quantized_ops(fq.graph_module)) >= 4  # the convs/linears (and the transformer's matmuls)
     ptq = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
     ptq_acc = accuracy(ptq, xte, yte)
     assert ptq_acc >= fp32 - 0.5, (fp32, ptq_acc)
-    net = fxcompile.trainable(fq)
-    train(net, xtr, ytr, epochs=3, lr=5e-4, seed=1)
+    train(fxcompile.trainable(fq), xtr, ytr, epochs=3, lr=2e-4, seed=1)
     qat = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
     qat_acc = accuracy(qat, xte, yte)
     assert qat_acc >= fp32 - 0.2, (fp32, qat_acc)

@@ -144,6 +144,66 @@ def test_qat_on_another_batch_size_then_fold(name, target, activations):
 
 def test_static_graph_calibrated_on_another_sequence_length_names_dynamic_shapes():
     model, kwargs, _, batch, _ = _bert()
-    with pytest.raises(CalibrationError, match=r"batch 0 failed.*compile with dynamic_shapes"):
+    with pytest.raises(CalibrationError, match=r"batch 0.*dim 1 is 12, compiled as static 8.*compile with dynamic_shapes"):
         fxcompile.compile(model, example_kwargs=kwargs, calibration_data=[batch(1, 2, 12)],
                           passes=fxcompile.quantize_passes("onnxruntime", fold=False))
+
+
+# -- calibration batches the compiled model could never take at run time ----------------------
+def _compile_conv(data, dims=True):
+    model, kwargs, dynamic, _, _ = _conv()
+    return fxcompile.compile(model, example_kwargs=kwargs, dynamic_shapes=dynamic if dims else None,
+                             calibration_data=data, passes=fxcompile.quantize_passes("onnxruntime", fold=False,
+                                                                                     method="minmax"))
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((17, 3, 8, 8), r"batch 1.*input 'x'.*dim 0 is 17, outside the range 1\.\.16"),  # above the Dim's max
+    ((4, 3, 16, 16), r"batch 1.*input 'x'.*dim 2 is 16, compiled as static 8"),   # a static dim changed
+])
+def test_calibration_batch_outside_the_dims_is_refused(shape, message):
+    # the conv net runs on both (convs and a spatial mean): only the signature can tell
+    data = [torch.randn(3, 3, 8, 8), torch.randn(shape)]
+    with pytest.raises(InputError, match=message):
+        _compile_conv(data)
+    fq = _compile_conv(data[:1])
+    with pytest.raises(InputError, match=message):  # fxcompile.calibrate checks the same
+        fxcompile.calibrate(fq, data, method="minmax")
+
+
+def test_calibration_sequence_outside_its_dim_names_input_and_range():
+    model, kwargs, dims, batch, _ = _bert()
+    with pytest.raises(InputError, match=r"batch 1.*input 'input_ids'.*dim 1 is 40, outside the range 2\.\.32"):
+        fxcompile.compile(model, example_kwargs=kwargs, dynamic_shapes=dims,
+                          calibration_data=[batch(1, 2, 8), batch(2, 2, 40)],
+                          passes=fxcompile.quantize_passes("onnxruntime", fold=False))
+
+
+def _activation_scales(compiled) -> dict:
+    from fxcompile.passes.quantize.state import get_state
+    return {p.name: (p.lo, p.hi) for p in get_state(compiled.graph_module).activations()}
+
+
+def test_calibration_on_batches_of_other_sizes_within_the_dims_sees_every_sample():
+    # minmax over batches of 3, 1 and 7 images is the range over the 11 images in one batch: each
+    # batch ran whole, at its own size
+    batches = [torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(n)) for n in (3, 1, 7)]
+    split, whole = _compile_conv(batches), _compile_conv([torch.cat(batches)])
+    assert _activation_scales(split) == _activation_scales(whole)
+    assert len(_activation_scales(split)) > 2
+
+
+def test_static_graph_refuses_calibration_batches_of_another_batch_size():
+    # compiled without dynamic_shapes the model takes batches of 2 only; calibrating on batches of 7
+    # would set ranges from data the model never takes (and graphs with a baked batch size would
+    # mix samples): the error says how to calibrate on other sizes
+    with pytest.raises(InputError, match=r"batch 0.*input 'x'.*dim 0 is 7, compiled as static 2.*dynamic_shapes"):
+        _compile_conv([torch.randn(7, 3, 8, 8)], dims=False)
+    assert _activation_scales(_compile_conv([torch.randn(2, 3, 8, 8)], dims=False))
+
+
+def test_calibrating_a_bare_graph_module_checks_its_static_dims():
+    gm = _compile_conv([torch.randn(3, 3, 8, 8)]).graph_module
+    with pytest.raises(InputError, match=r"batch 0.*input 'x'.*dim 2 is 16, compiled as static 8"):
+        fxcompile.calibrate(gm, [torch.randn(4, 3, 16, 16)], progress=False)
+    fxcompile.calibrate(gm, [torch.randn(9, 3, 8, 8)], progress=False)  # its batch dim is dynamic
