@@ -12,6 +12,9 @@ Contenders per zoo model and batch size (all onnxruntime CPU, the same threads):
                  pair-limited conv/linear/matmul weights)
   fx int8 smooth the same with quantize_passes(smooth=True): SmoothQuant scales chosen per
                  norm -> linear group on the calibration batches (only with --smooth)
+  fx int8 budget fxcompile.quantize_within_budget(min_cosine=0.99 by default) on the calibration
+                 batches (with smooth_quant under --smooth): layers returned to float until the
+                 output cosine holds; the row says how many (only with --budget)
   fx int8 -add   the same without "add" in ops: residual adds stay float (onnxruntime then fuses
                  them with LayerNorm into SkipLayerNormalization): more accurate on BERT, slower
                  at larger batches (--skip fx_int8_noadd saves its time)
@@ -23,6 +26,8 @@ Contenders per zoo model and batch size (all onnxruntime CPU, the same threads):
   ort static rr  the same with reduce_range=True (7-bit weights, what onnxruntime suggests on
                  CPUs without VNNI, where its U8S8 kernels can saturate otherwise)
   ort dynamic    quantize_dynamic (int8 weights, activations quantized at run time); text models
+--outliers gives every transformer outlier channels first (fxcompile.testing.zoo.inject_outliers),
+as trained transformers have them and the randomly initialised zoo does not.
 cos = cosine similarity of all outputs with the fp32 graph's on a held-out input
 (fxcompile.numerics.cosine); vs fp32 = fp32 ms / contender ms (> 1: faster), from medians of
 interleaved rounds; size = the .onnx file (plus external data).
@@ -51,7 +56,7 @@ from fxcompile.numerics import cosine
 from fxcompile.report import format_table
 
 CONTENDERS = {"fp32": "fxcompile fp32", "fx_int8": "fxcompile int8", "fx_int8_smooth": "fxcompile int8 smooth",
-              "fx_int8_noadd": "fxcompile int8 -add",
+              "fx_int8_budget": "fxcompile int8 budget", "fx_int8_noadd": "fxcompile int8 -add",
               "fx_dynamic": "fxcompile int8 dynamic", "ort_static": "ort quantize_static", "ort_static_rr": "ort quantize_static rr",
               "ort_dynamic": "ort quantize_dynamic"}
 TEXT_MODELS = ("bert", "distilbert", "roberta")  # where the dynamic contenders run
@@ -105,6 +110,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
     params = sum(p.numel() for p in model.parameters())
     test = _inputs(name, batch, args, seed=1234)
     calib = [_inputs(name, batch, args, seed=s) for s in range(args.calib)]
+    label = _with_outliers(name, model, calib, params, args)
     shape = "x".join(str(d) for d in next(iter(kwargs.values())).shape)
     fp32_path = os.path.join(tmp, f"{name}{batch}_fp32.onnx")
     contenders = [Contender(k, CONTENDERS[k]) for k in keys]
@@ -113,7 +119,11 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
         log(f"  {name} batch {batch}: building {CONTENDERS[c.key]}")
         try:
             start = time.perf_counter()
-            if c.key in ("fp32", "fx_int8", "fx_int8_smooth", "fx_int8_noadd", "fx_dynamic"):
+            if c.key == "fx_int8_budget":
+                c.fn, c.label, c.size = _budget_contender(model, kwargs, test, calib, args, os.path.join(tmp, f"{name}{batch}_budget.onnx"))
+                c.build_s = time.perf_counter() - start
+                c.cos = cosine(reference, c.fn())
+            elif c.key in ("fp32", "fx_int8", "fx_int8_smooth", "fx_int8_noadd", "fx_dynamic"):
                 ops: dict = {"smooth": True} if c.key == "fx_int8_smooth" else {}
                 if c.key == "fx_int8_noadd":
                     from fxcompile.passes.quantize.placement import DEFAULT_OPS
@@ -177,11 +187,46 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
             ms = c.median_ms
             cells = (f"{c.build_s:.1f}", f"{ms:.2f}", f"{base / ms:.2f}x" if base else "-",
                      f"{c.cos:.5f}", f"{c.size / 2**20:.1f}")
-        rows.append((f"{name} ({params / 1e6:.1f}M)", shape, CONTENDERS[c.key]) + cells)
+        rows.append((label, shape, c.label) + cells)
     for c in contenders:
         c.fn = None
     gc.collect()
     return rows
+
+
+def _with_outliers(name: str, model: nn.Module, calib: list[dict], params: int, args) -> str:
+    """Under --outliers, give a transformer outlier channels (set on the calibration batches; the
+    test input is held out). Returns the model's label for the table."""
+    label = f"{name} ({params / 1e6:.1f}M)"
+    if not args.outliers or name in zoo.CNNS:
+        return label
+    zoo.inject_outliers(model, calib)
+    return label + " +outliers"
+
+
+class _Positional(nn.Module):
+    """A zoo model called with positional inputs (quantize_within_budget passes them so)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs):
+        return self.model(**dict(zip(self.names, inputs)))
+
+
+def _budget_contender(model, kwargs: dict, test: dict, calib: list[dict], args, path: str):
+    """quantize_within_budget(min_cosine=args.budget) on the calibration batches (with smooth_quant
+    under --smooth): (run once, the row's label with the layers kept in float, file size)."""
+    names = list(kwargs)
+    compiled, report = fxcompile.quantize_within_budget(
+        _Positional(model, names), tuple(kwargs.values()), [tuple(b[n] for n in names) for b in calib],
+        min_cosine=args.budget, backend="onnx", timing_runs=0, method=args.method, smooth=args.smooth)
+    compiled.save(path)
+    met = "" if report.met else ", not met"
+    label = f"{CONTENDERS['fx_int8_budget']} (cos >= {args.budget:g}: {len(report.float_layers)} layers float{met})"
+    feed = tuple(test[n] for n in names)
+    return (lambda: compiled(*feed)), label, _file_size(path)
 
 
 def _flat(out):
@@ -191,85 +236,69 @@ def _flat(out):
 
 
 # -- digits: accuracy of PTQ and QAT ---------------------------------------------------------
-class DigitsCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.fc1, self.fc2 = nn.Linear(32 * 16, 64), nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.b1(self.c1(x)))
-        x = nn.functional.max_pool2d(torch.relu(self.b2(self.c2(x))), 2)
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-
-def _train(net, x, y, epochs, lr, seed):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x)).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    return net
-
-
-def _accuracy(fn, x, y) -> float:
-    with torch.no_grad():
-        return (fn(x).argmax(1) == y).float().mean().item() * 100
-
-
 def bench_digits(args, tmp: str, log) -> list[tuple]:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    xtr, xte, ytr, yte = train_test_split(x, torch.tensor(d.target), test_size=0.5, random_state=0,
-                                          stratify=d.target)
-    start = time.perf_counter()
-    with torch.enable_grad():
-        torch.manual_seed(0)
-        model = _train(DigitsCNN(), xtr, ytr, epochs=12, lr=3e-3, seed=0).eval()
-    log(f"  digits: trained fp32 in {time.perf_counter() - start:.0f} s")
-    calib = list(xtr[:512].split(64))
-    fp32 = _accuracy(model, xte, yte)
-    rows = [("fp32 (eager)", f"{fp32:.2f}", "0.00", f"train {len(xtr)} / test {len(xte)} images")]
+    """Top-1 accuracy on scikit-learn's digits of fxcompile.testing.digits' CNN and patch
+    transformer, trained here, in fp32 and int8 on onnxruntime (PTQ, smooth, QAT) and with
+    onnxruntime's quantize_static; every int8 graph has a dynamic batch (calibrated on batches of
+    64, tested on all test images at once)."""
+    from fxcompile.testing import digits
+    xtr, ytr, xte, yte = digits.split()
+    rows: list[tuple] = []
+    for name in ("cnn", "transformer"):
+        start = time.perf_counter()
+        model = digits.trained(name, xtr, ytr)
+        log(f"  digits {name}: trained fp32 in {time.perf_counter() - start:.0f} s")
+        rows += _digits_rows(name, model, (xtr, ytr, xte, yte), args, tmp)
+    return rows
 
-    def row(label, acc, note=""):
-        rows.append((label, f"{acc:.2f}", f"{acc - fp32:+.2f}", note))
 
-    batch = torch.export.Dim("batch", min=1, max=4096)  # onnxruntime calibrates it on batches of 64
-    fp32_onnx = fxcompile.compile(model, (xte,), backend="onnx", threads=args.threads,
-                                  dynamic_shapes={"x": {0: batch}})
-    fp32_path = os.path.join(tmp, "digits_fp32.onnx")
-    fp32_onnx.save(fp32_path)
+def _digits_rows(name: str, model, data, args, tmp: str) -> list[tuple]:
+    from torch.export import Dim
+
+    from fxcompile.testing.digits import accuracy, train
+    xtr, ytr, xte, yte = data
+    calib, batch = list(xtr[:512].split(64)), Dim("batch", min=1, max=4096)
+    fp32 = accuracy(model, xte, yte)
+    rows = [(f"{name}: fp32 (eager)", f"{fp32:.2f}", "0.00",
+             f"{sum(p.numel() for p in model.parameters())} parameters; train {len(xtr)} / test {len(xte)} images")]
+
+    def row(label, acc, note="onnxruntime, 512 calibration images"):
+        rows.append((f"{name}: {label}", f"{acc:.2f}", f"{acc - fp32:+.2f}", note))
+
+    def fake_quant(method, **options):
+        return fxcompile.compile(model, (calib[0],), calibration_data=calib, dynamic_shapes={"x": {0: batch}},
+                                 passes=fxcompile.quantize_passes("onnxruntime", fold=False, method=method, **options))
+
+    def int8(fq):
+        return fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx", threads=args.threads)
+
+    smooth = (False, True) if name == "transformer" else (False,)
     for method in ("minmax", "percentile", "mse", "entropy"):
-        fq = fxcompile.compile(model, (xte,), calibration_data=calib,
-                               passes=fxcompile.quantize_passes("onnxruntime", fold=False, method=method))
-        int8 = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx", threads=args.threads)
-        row(f"fxcompile PTQ int8, {method}", _accuracy(int8, xte, yte), "onnxruntime, 512 calibration images")
-    with torch.enable_grad():
-        net = fxcompile.trainable(fq)
-        _train(net, xtr, ytr, epochs=3, lr=5e-4, seed=1)
-    qat = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx", threads=args.threads)
-    row("fxcompile QAT int8 (3 epochs from entropy PTQ)", _accuracy(qat, xte, yte), "onnxruntime")
-    with torch.enable_grad():
-        fq = fxcompile.compile(model, (xte,), calibration_data=calib,
-                               passes=fxcompile.quantize_passes("onnxruntime", fold=False, method="minmax"))
-        net = fxcompile.trainable(fq, learnable_scales=True)
-        _train(net, xtr, ytr, epochs=3, lr=5e-4, seed=1)
-    qat = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx", threads=args.threads)
-    row("fxcompile QAT int8, learnable scales (3 epochs)", _accuracy(qat, xte, yte), "onnxruntime")
-    out = os.path.join(tmp, "digits_ort_static.onnx")
+        for s in smooth:
+            row(f"fxcompile PTQ int8, {method}" + (", smooth" if s else ""), accuracy(int8(fake_quant(method, smooth=s)),
+                                                                                  xte, yte))
+    for label, method, learnable in (("", "percentile", False), (", learnable scales", "minmax", True)):
+        fq = fake_quant(method)
+        train(fxcompile.trainable(fq, learnable_scales=learnable), xtr, ytr, epochs=3, lr=2e-4, seed=1)
+        row(f"fxcompile QAT int8{label} (3 epochs from {method} PTQ)", accuracy(int8(fq), xte, yte), "onnxruntime")
+    row("ort quantize_static (QDQ U8S8 per-channel, MinMax)",
+        accuracy(_ort_digits(model, calib, xte, args, tmp, name), xte, yte))
+    return rows
+
+
+def _ort_digits(model, calib, xte, args, tmp: str, name: str):
+    """onnxruntime's quantize_static model of fxcompile's fp32 ONNX file (with a dynamic batch:
+    onnxruntime calibrates it on batches of 64) as a function of the images."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    fp32_onnx = fxcompile.compile(model, (xte,), backend="onnx", threads=args.threads, dynamic_shapes={"x": {0: batch}})
+    fp32_path, out = os.path.join(tmp, f"digits_{name}_fp32.onnx"), os.path.join(tmp, f"digits_{name}_ort.onnx")
+    fp32_onnx.save(fp32_path)
     names = [i.name for i in fp32_onnx.runner.session.get_inputs()]
     quantize_static(fp32_path, out, _Reader([{names[0]: b} for b in calib], names), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
-    sess = _session(out, args.threads)
-    ort_out = torch.from_numpy(sess.run(None, {names[0]: xte.numpy()})[0])
-    row("ort quantize_static (QDQ U8S8 per-channel, MinMax)", (ort_out.argmax(1) == yte).float().mean().item() * 100)
-    return rows
+    session = _session(out, args.threads)
+    return lambda x: torch.from_numpy(session.run(None, {names[0]: x.numpy()})[0])
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -282,12 +311,18 @@ def render(rows, digits, args, command, done=True) -> str:
              f"input. Calibration: {args.calib} random batches of the same shape ({args.method} for "
              "fxcompile, MinMax for onnxruntime). build s: fxcompile rows include capture, passes, "
              "calibration and export; ort rows the quantization of the fp32 file.")
-    parts = ["# int8 on onnxruntime", "", machine_line(args.threads), "", f"command: `{command}`", "",
+    title = "# int8 on onnxruntime" + (", transformers with injected outlier channels" if args.outliers else "")
+    if args.outliers:
+        notes += (" +outliers: the transformer was given outlier channels (fxcompile.testing.zoo.inject_outliers "
+                  "on the calibration batches: 2 channels of every LayerNorm / RMSNorm output 30x and 100x the "
+                  "median channel's max|x|), a different model than the zoo's: int8 is compared with its own fp32.")
+    parts = [title, "", machine_line(args.threads), "", f"command: `{command}`", "",
              notes, f"1-minute load average: {args.load_start} at start, {load_average()} at the end.", ""]
     if rows:
         parts.append(format_table([HEADER] + rows, markdown=True))
     if digits:
-        parts += ["", "## Accuracy on scikit-learn digits (small CNN with BatchNorm, int8 on onnxruntime)", "",
+        parts += ["", "## Accuracy on scikit-learn digits (a small CNN with BatchNorm and a small patch "
+                  "transformer, fxcompile.testing.digits; int8 on onnxruntime)", "",
                   format_table([DIGITS_HEADER] + digits, markdown=True)]
     if not done:
         parts += ["", "(incomplete: the run is still going)"]
@@ -351,6 +386,11 @@ def parse_args(argv):
     p.add_argument("--no-digits", action="store_true", help="skip the digits accuracy table")
     p.add_argument("--smooth", action="store_true",
                    help="also fxcompile int8 with smooth_quant (outlier channels migrated into the weights)")
+    p.add_argument("--outliers", action="store_true",
+                   help="give every transformer benchmarked outlier channels (zoo.inject_outliers: a few norm "
+                        "output channels 30-100x the median, as trained transformers have)")
+    p.add_argument("--budget", type=float, nargs="?", const=0.99, default=None, metavar="MIN_COSINE",
+                   help="also fxcompile.quantize_within_budget with this min_cosine (default 0.99)")
     p.add_argument("--zoo", action="store_true", help="also the int8 vs fp32 cosine of every zoo model (small)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -375,6 +415,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp, torch.no_grad():
         for name in args.model_list:
             keys = [k for k in CONTENDERS if k not in args.skip_list and (args.smooth or k != "fx_int8_smooth")
+                    and (args.budget is not None or k != "fx_int8_budget")
                     and not (k in ("ort_dynamic", "fx_dynamic") and name not in TEXT_MODELS)]
             for batch in args.batch_list:
                 start = time.perf_counter()

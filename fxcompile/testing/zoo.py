@@ -9,6 +9,9 @@ imported when a model is built, not when this module is.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 
@@ -157,3 +160,162 @@ def _trained_like(model: torch.nn.Module) -> None:
             if m.affine:
                 m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
                 m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+
+
+# -- outlier channels, as trained transformers have them ---------------------------------------
+OFFSET_SHARE = 0.75  # of an outlier's size a steady offset, in norms with a bias
+
+
+def _norms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The LayerNorm / RMSNorm-like modules: a 1-D weight over the hidden channels."""
+    found = []
+    for m in model.modules():
+        name = type(m).__name__
+        weight = getattr(m, "weight", None)
+        if (isinstance(m, torch.nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm"))) and \
+                isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            found.append(m)
+    return found
+
+
+def _width(norm: torch.nn.Module) -> int:
+    weight = norm.weight
+    assert isinstance(weight, torch.Tensor)  # _norms keeps only norms with a 1-D weight
+    return int(weight.shape[0])
+
+
+def _consumer_weights(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.Tensor, int]]:
+    """(module, weight, axis of its input channels) of every linear (transformers' GPT-2 Conv1D
+    stores its weight as [in, out])."""
+    out: list[tuple[torch.nn.Module, torch.Tensor, int]] = []
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Linear):
+            out.append((m, m.weight, 1))
+        elif type(m).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            out.append((m, weight, 0))
+    return out
+
+
+def _observe(model, batches: list[dict], norm, consumers) -> tuple[torch.Tensor, list]:
+    """``norm``'s outputs over ``batches`` as rows of channels, and the linears that read them."""
+    seen: dict[str, Any] = {"rows": [], "readers": {}}
+
+    def on_norm(_m, _args, out):
+        seen["out"] = out
+        seen["rows"].append(out.detach().double().reshape(-1, out.shape[-1]))
+
+    def on_linear(entry):
+        def hook(_m, args):
+            if args and args[0] is seen.get("out"):
+                seen["readers"][id(entry[0])] = entry
+        return hook
+
+    handles = [norm.register_forward_hook(on_norm)]
+    handles += [m.register_forward_pre_hook(on_linear((m, w, axis))) for m, w, axis in consumers]
+    try:
+        for batch in batches:
+            seen.pop("out", None)
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(seen["rows"]), list(seen["readers"].values())
+
+
+def _execution_order(model, inputs: dict, norms: list) -> list:
+    """The norms in the order they first run."""
+    order: list = []
+    handles = [n.register_forward_hook(lambda m, _a, _o: order.append(m) if m not in order else None)
+               for n in norms]
+    try:
+        model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+@torch.no_grad()
+def inject_outliers(model: torch.nn.Module, inputs: dict | Sequence[dict], channels: int | Sequence[int] = 2,
+                    factor: float | tuple[float, float] = (30.0, 100.0), weight_power: float = 1 / 3,
+                    seed: int = 0) -> list[int]:
+    """Give a zoo transformer the activation outlier channels of trained ones, **in place**.
+
+    Trained transformers have a few hidden channels (the same few in every layer: BERT's
+    "outlier dimensions", LLMs' "massive activations") whose norm outputs are 20-100x the median
+    channel's; one per-tensor int8 range across them wipes out the rest (LLM.int8(), SmoothQuant).
+    Randomly initialised models have none. This scales those channels of every LayerNorm /
+    RMSNorm's weight (and bias) so that, on ``inputs`` (keyword inputs, or a list of them: more
+    tokens give steadier ratios), each norm's output has max|x| in those channels ``factor`` times
+    the median channel's (a range spreads the factors over the channels; on other inputs the
+    ratios scatter around these). The norms
+    are set in the order they run, so a norm is measured after the ones feeding it: in a post-LN
+    model (BERT) the outliers also ride the residual stream into the next norm, as in trained BERTs.
+    Every linear that reads a norm's output gets the weight columns of those channels divided by
+    the same scale ** ``weight_power`` (trained models learn to use outlier channels without
+    letting them drown the others; 0: weights untouched, 1: the linear's output unchanged).
+    The last norm to run (the final norm before the model's output or head) is not given
+    outliers: where its input carries them (post-LN) its channels are scaled down to the median,
+    so the outputs' cosine weighs every channel, as a sentence embedding's does.
+
+    The result is a different model: compare its int8 versions with its own fp32 outputs.
+    Returns the outlier channel indices.
+    """
+    batches = [inputs] if isinstance(inputs, dict) else list(inputs)
+    norms = _norms(model)
+    if not norms:
+        raise ValueError(f"inject_outliers: {type(model).__name__} has no LayerNorm / RMSNorm to put outliers in")
+    hidden = _width(norms[0])
+    if isinstance(channels, int):
+        g = torch.Generator().manual_seed(seed)
+        picked = torch.randperm(hidden, generator=g)[:channels].sort().values.tolist()
+    else:
+        picked = sorted(int(c) for c in channels)
+    lo, hi = (float(factor), float(factor)) if isinstance(factor, (int, float)) else map(float, factor)
+    targets = torch.linspace(lo, hi, len(picked), dtype=torch.float64)
+    consumers = _consumer_weights(model)
+    order = _execution_order(model, batches[0], [n for n in norms if _width(n) == hidden])
+    for i, norm in enumerate(order):
+        rows, readers = _observe(model, batches, norm, consumers)
+        _set_outliers(norm, readers, rows, picked, targets if i < len(order) - 1 else None, weight_power)
+    return picked
+
+
+def _set_outliers(norm, readers: list, rows: torch.Tensor, picked: list[int], targets: torch.Tensor | None,
+                  weight_power: float) -> None:
+    """Scale ``norm``'s channels ``picked`` to ``targets`` times the median channel's max|x| over
+    ``rows`` (its outputs); None: down to the median, if above it."""
+    size = rows.abs().amax(0)  # per channel, over every token
+    others = torch.ones(rows.shape[1], dtype=torch.bool)
+    others[picked] = False
+    median = size[others].median()
+    if targets is None:
+        scale = grow = torch.minimum(size[picked], median.expand(len(picked))) / size[picked]
+        offset = torch.zeros_like(scale)
+    else:
+        want = targets * median
+        # with a bias, most of the outlier is a steady offset (trained models' massive
+        # activations are nearly constant across tokens), the rest varies with the token
+        share = OFFSET_SHARE if isinstance(getattr(norm, "bias", None), torch.Tensor) else 0.0
+        grow = want / size[picked]  # the channel's max|x|, new over old
+        scale = (1 - share) * grow
+        offset = share * want * torch.where(rows[:, picked].mean(0) < 0, -1.0, 1.0)
+    dead = size[picked] == 0
+    scale, grow = scale.masked_fill(dead, 1.0), grow.masked_fill(dead, 1.0)
+    _scale_channels(norm, readers, picked, scale, offset, grow.pow(weight_power))
+
+
+def _scale_channels(norm, readers: list, picked: list[int], scale: torch.Tensor, offset: torch.Tensor,
+                    divide: torch.Tensor) -> None:
+    """The norm's output channels ``picked`` times ``scale`` plus ``offset``; the linears reading
+    them divided by ``divide`` along those input channels."""
+    norm.weight[picked] *= scale.to(norm.weight.dtype)
+    bias = getattr(norm, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias[picked] = (bias[picked] * scale + offset).to(bias.dtype)
+    for _m, weight, axis in readers:
+        shape = [1, 1]
+        shape[axis] = len(picked)
+        index = (slice(None), picked) if axis == 1 else (picked, slice(None))
+        weight[index] /= divide.reshape(shape).to(weight.dtype)

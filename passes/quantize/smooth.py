@@ -8,8 +8,11 @@ per-channel s > 0: dividing X's channels by s flattens the outliers, and the wei
 per output channel, take them up along their input channels. The division is folded into what
 produces X (a LayerNorm's weight and bias, an RMSNorm's weight, a linear's output rows), so the
 graph keeps its ops, and the pass is exact in float (registered lossless; check=True verifies it).
-Where the producer cannot take it (its output has other readers, e.g. a post-norm residual add),
-a per-channel mul is inserted before the consumers (``fallback="mul"``) or the group is skipped.
+Where the producer's output has other readers and they are post-norm residual adds (BERT) of a
+linear's output, the residual carries X/s: that linear takes 1/s in its rows and a mul by s
+follows the add (which stays quantized, see _residual_adds). Where other readers are anything
+else, a per-channel mul is inserted before the consumers (``fallback="mul"``) or the group is
+skipped.
 
 The strength alpha is chosen per group on the calibration data (smooth_search.py). The report's
 "smoothing" section lists each group with its alpha and its simulated int8 error before and after.
@@ -48,7 +51,8 @@ class SmoothQuantOptions:
     producers: what may produce a smoothed activation: layer_norm, norm_weight (a mul by a 1-D
     constant along the channels: RMSNorm's weight) and linear (linear, addmm, matmul by a constant).
     fallback: 'mul' inserts a per-channel mul where the producer can't absorb the scales (its
-    output has other readers); 'skip' leaves such groups alone.
+    output has other readers, besides post-norm residual adds, which are rescaled); 'skip'
+    leaves such groups alone.
     target, method, percentile: the activation quantization the search simulates; set them as
     insert_fake_quant's (quantize_passes(smooth=True) does).
     max_rows: rows of each activation kept for the search (the ranges use all the data)."""
@@ -264,9 +268,14 @@ _WEIGHT_ARGS = {aten.linear.default: ("weight", "bias", True), aten.addmm.defaul
 
 def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor, fallback: str) -> str:
     """X / s at the producer (or a mul), s into every consumer's weight columns; how it was done."""
+    residual = None if g.absorbable else _residual_adds(gm, g)
     if g.absorbable:
         _fold_into_producer(gm, g, s.double())
         how = f"folded into {g.kind}"
+    elif residual is not None:
+        _fold_into_producer(gm, g, s.double())
+        _rescale_residual(gm, residual, s.double())
+        how = f"folded into {g.kind}, residual add rescaled"
     elif fallback == "mul":
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         first = min(g.entries, key=order.__getitem__)  # the mul must come before every reader
@@ -289,6 +298,50 @@ def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor, fallback: str) -> str:
         scaled = w.double() * (s.double()[None, :] if n_by_k else s.double()[:, None])
         _replace(gm, c, name, scaled.to(w.dtype), "smoothed_weight")
     return how
+
+
+def _residual_adds(gm: fx.GraphModule, g: Group) -> list[tuple[fx.Node, fx.Node]] | None:
+    """(add, partner) for every reader of the producer outside the group, if each is a residual
+    add whose other operand is a linear-like op read by nothing else (post-norm transformers:
+    BERT's LayerNorm output + the sublayer's last linear); else None.
+
+    Then X/s can run down the residual: the partner takes 1/s in its output rows, the add's sum is
+    (X + Y)/s, and a mul by s after the add gives its readers what they read before. A mul before
+    the consumers instead would leave the add's operand X unquantized, and onnxruntime runs the
+    add in float, fused with the next LayerNorm into SkipLayerNormalization (~3x slower on CPU)."""
+    entries, shape = set(g.entries), _shape(g.producer)
+    plan = []
+    for user in real_users(g.producer):
+        if user in entries:
+            continue
+        if user.target is not aten.add.Tensor or len(user.args) != 2 or user.kwargs.get("alpha", 1) != 1:
+            return None
+        a, b = user.args
+        other = b if a is g.producer else a
+        if (not isinstance(other, fx.Node) or other is g.producer or _producer_kind(gm, other) != "linear"
+                or len(real_users(other)) != 1 or not shape or _shape(other) != shape or _shape(user) != shape):
+            return None
+        plan.append((user, other))
+    return plan or None
+
+
+def _shape(node: fx.Node) -> tuple | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _rescale_residual(gm: fx.GraphModule, plan: list[tuple[fx.Node, fx.Node]], s: torch.Tensor) -> None:
+    """Each partner linear's output divided by s (its rows), each add's output multiplied by s."""
+    for add, partner in plan:
+        _fold_into_producer(gm, Group(partner, "linear", [], [], True), s)
+        readers = list(add.users)
+        scale = add_constant(gm, s.float(), f"{add.name}_unsmooth", add)
+        with gm.graph.inserting_after(add):
+            mul = gm.graph.call_function(aten.mul.Tensor, (add, scale))
+        copy_origin(mul, add)
+        mul.meta["val"] = add.meta.get("val")
+        for r in readers:
+            r.replace_input_with(add, mul)
 
 
 def _fold_into_producer(gm: fx.GraphModule, g: Group, s: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ import fxcompile
 from fxcompile.errors import CalibrationError, QuantizationError
 from fxcompile.graph_utils import fetch_attr, op_list
 from fxcompile.numerics import cosine, max_error
-from fxcompile.passes.quantize import quantize_passes
+from fxcompile.passes.quantize import get_state, quantize_passes
 from fxcompile.registry import default_pipeline
 from tests.passes.quantize.models import single_thread  # noqa: F401  # a fixture
 
@@ -134,6 +134,20 @@ def test_zoo_llama_rms_norms_are_smoothed(single_thread):  # noqa: F811
     assert all(r["how"] != "mul inserted (output has other readers)" for r in rows if r["kind"] == "norm_weight")
 
 
+def test_zoo_bert_post_norms_are_rescaled_down_the_residual(single_thread):  # noqa: F811
+    pytest.importorskip("transformers")
+    from fxcompile.testing.zoo import build, inject_outliers
+    model, inputs = build("bert")
+    data = [{k: torch.randint(0, 100, v.shape) if k == "input_ids" else v.clone() for k, v in inputs.items()}
+            for _ in range(2)]
+    inject_outliers(model, data)
+    smoothed = fxcompile.compile(model, example_kwargs=inputs, passes=default_pipeline() + ["smooth_quant"],
+                                 calibration_data=data, backend="eager", check=True)
+    rows = smoothed.report.extra["smoothing"].rows
+    rescaled = [r for r in rows if r["how"] == "folded into layer_norm, residual add rescaled"]
+    assert len(rescaled) >= 4, rows  # the embeddings' and 2 layers x (attention, output) norms, but the last
+
+
 class TwoGroups(nn.Module):
     def __init__(self, d: int = 32):
         super().__init__()
@@ -163,15 +177,50 @@ def test_alpha_is_chosen_per_group(single_thread):  # noqa: F811
 
 
 class PostNorm(nn.Module):
-    """A post-norm residual (BERT): the LayerNorm's output feeds a linear and the residual add."""
+    """A post-norm residual (BERT): the LayerNorm's output feeds a linear and the residual add;
+    ``partner``: what the add adds to it (the sublayer's last linear, or the block's input)."""
 
-    def __init__(self, d: int = 32):
+    def __init__(self, d: int = 32, partner: str = "input"):
         super().__init__()
-        self.ln, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+        self.partner = partner
+        self.ln, self.fc, self.fc2, self.ln2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d), nn.LayerNorm(d)
 
     def forward(self, x):
         h = self.ln(x)
-        return h + self.fc(h)
+        y = self.fc(h)
+        if self.partner == "input":
+            return h + x + y[..., :x.shape[-1]]
+        return self.ln2(h + self.fc2(torch.relu(y)))
+
+
+def test_post_norm_residual_is_rescaled_and_its_add_stays_quantized(single_thread):  # noqa: F811
+    """BERT's LayerNorm output feeds the next linears and the residual add (with the sublayer's
+    last linear). A mul before the linears would leave the add's operand unquantized: onnxruntime
+    then runs the add in float fused into SkipLayerNormalization, ~3x slower than QLinearAdd. So
+    1/s goes into the LayerNorm and the partner linear's rows, and a mul by s after the add."""
+    torch.manual_seed(0)
+    model = PostNorm(partner="linear").eval()
+    with torch.no_grad():
+        model.ln.weight[[2, 7]] *= 80
+        model.ln.bias[[2, 7]] = 40.0
+    x, data = torch.randn(2, 8, 32), [torch.randn(2, 8, 32) for _ in range(4)]
+    plain_ops = op_list(fxcompile.compile(model, x, backend="eager").graph_module)
+    smoothed = _smoothed_fp32(model, x, data)
+    assert max_error(model(x), smoothed(x)) <= 1e-4
+    rows = smoothed.report.extra["smoothing"].rows
+    assert rows[0]["how"] == "folded into layer_norm, residual add rescaled", rows
+    ops = op_list(smoothed.graph_module)
+    assert ops.count("aten.mul.Tensor") == plain_ops.count("aten.mul.Tensor") + 1
+    assert ops.index("aten.add.Tensor") + 1 == ops.index("aten.mul.Tensor")  # the mul follows the add
+    quantized = _int8(model, x, data, "eager", smooth=True)
+    gm = quantized.graph_module
+    add = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.add.Tensor)[0]
+    state = get_state(gm)
+    assert state is not None
+    # both operands are quantized linears' tensors, so the add is quantized too
+    assert sum(add.name in p.consumers for p in state.points.values()) == 2
+    ref = model(x)
+    assert cosine(ref, quantized(x)) >= max(0.999, cosine(ref, _int8(model, x, data, "eager", smooth=False)(x)))
 
 
 def test_producer_with_other_readers_gets_a_mul_or_is_skipped(single_thread):  # noqa: F811
