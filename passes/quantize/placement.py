@@ -61,6 +61,22 @@ OUTPUT_QUANTIZED = ("conv", "linear", "matmul", "add")  # onnxruntime: quantized
 RELU = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
         aten.clamp.default}
 BATCH_NORM = {aten.batch_norm.default}
+# Ops that compute in float whatever their input (onnxruntime has no int8 kernel for them, or
+# fxcompile does not quantize them). With ``float_outputs``, a linear or matmul output that only
+# these read keeps a float output: onnxruntime then runs DequantizeLinear -> MatMul/Gemm as one
+# int8 kernel with a float output (QGemm without an output scale, its bias as int32:
+# fold._fold_float_output_bias; MatMulIntegerToFloat), where a quantized output costs a
+# DequantizeLinear pass and a rounding step (BERT-base's GELU feed-forward at batch 8: the
+# [8, 128, 3072] DequantizeLinear, 1.1-1.6 of ~30 ms per layer in onnxruntime's profile).
+# Not for conv: onnxruntime has no int8 conv with a float output, the conv would run in float.
+# Off by default: on the digits patch transformer, QAT from that placement ends 1-3 test images
+# lower for some seeds (within the seed-to-seed spread, but across the 0.2-point bar).
+FLOAT_READERS = {*RELU, aten.gelu.default, aten.tanh.default, aten.sigmoid.default, aten.silu.default,
+                 aten.mish.default, aten.elu.default, aten.erf.default, aten.exp.default,
+                 aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+                 aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
+                 aten.mul.Tensor, aten.div.Tensor}
+FLOAT_OUTPUT = ("linear", "matmul")  # families whose int8 kernels have a float-output form
 
 
 @dataclass
@@ -220,7 +236,7 @@ def linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, Argument, bool]:
 
 
 def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=False, keep_last=False,
-         per_channel=True, dynamic=False) -> Plan:
+         per_channel=True, dynamic=False, float_outputs=False) -> Plan:
     """Choose the quantized ops and the tensors to fake-quantize (see the module docstring)."""
     check_module_patterns(gm, skip, only)
     sites = []
@@ -255,7 +271,7 @@ def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=Fals
     # it per tensor would cost accuracy for no conversion saved).
     for site in kept:
         if site.family != "add":
-            _place(result, site, target)
+            _place(result, site, target, float_outputs=float_outputs)
     anchored = set(result.activations)  # inputs and outputs of the quantized ops so far
     for site in kept:
         if site.family == "add" and all(x in anchored for x in site.activations):
@@ -265,7 +281,7 @@ def plan(gm: fx.GraphModule, target: str, ops, skip=(), only=(), keep_first=Fals
     return result
 
 
-def _place(result: Plan, site: Site, target: str, outputs: bool = True) -> None:
+def _place(result: Plan, site: Site, target: str, outputs: bool = True, float_outputs: bool = False) -> None:
     result.sites.append(site)
     for x in site.activations:
         users = result.activations.setdefault(x, set())
@@ -276,5 +292,12 @@ def _place(result: Plan, site: Site, target: str, outputs: bool = True) -> None:
     if target == "onnxruntime" and outputs and site.family in OUTPUT_QUANTIZED:
         out, bns = output_of(site.node)
         result.unfolded_batch_norm += bns
-        if is_float_tensor(out):
+        if is_float_tensor(out) and not (float_outputs and site.family in FLOAT_OUTPUT and read_in_float(out)):
             result.activations[out] = None
+
+
+def read_in_float(node: fx.Node) -> bool:
+    """Whether every reader of the tensor computes in float (FLOAT_READERS): quantizing it
+    would only add a uint8 round trip. A graph output is not such a reader."""
+    users = list(node.users)
+    return bool(users) and all(u.op == "call_function" and u.target in FLOAT_READERS for u in users)
