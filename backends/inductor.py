@@ -22,6 +22,7 @@ them run in float; ``describe()`` (the report) says how many.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 import torch
@@ -113,6 +114,16 @@ def cpp_compiler() -> str | None:
     import shutil
     names = [os.environ["CXX"]] if os.environ.get("CXX") else []
     return next((path for name in [*names, "g++", "c++", "clang++"] if (path := shutil.which(name))), None)
+
+
+def available() -> tuple[bool, str]:
+    """(usable here, why not): CPU code generation needs a C++ compiler; CUDA needs Triton."""
+    if cpp_compiler() is not None:
+        return True, ""
+    why = "no C++ compiler for CPU code ($CXX, g++, c++, clang++)"
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        return True, why + "; CUDA inputs work (Triton)"
+    return False, why
 
 
 def lower(gm: fx.GraphModule, example_inputs, options: dict) -> InductorRunner:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
@@ -19,7 +20,8 @@ from fxcompile.errors import BackendError, describe_node
 from fxcompile.graph_utils import arg_list, fetch_attr
 
 from .onnx_quant_ops import TRANSLATIONS as QUANT_TRANSLATIONS
-from .onnx_runner import OnnxRunner, take_state_initializers
+from .onnx_runner import (DATA_FILE, EXTERNAL_ALIGNMENT, EXTERNAL_MIN_BYTES, MODEL_FILE, ExternalWeights,
+                          OnnxRunner, take_state_initializers)
 
 aten = torch.ops.aten
 DEFAULTS = {
@@ -29,6 +31,10 @@ DEFAULTS = {
     "optimize": True,         # the exporter's ONNX optimizer (constant folding, redundancy removal)
     "graph_optimization_level": "all",  # onnxruntime: disable | basic | extended | all
     "external_data_threshold": 1 << 30,  # bytes: larger models are saved with external data
+    # onnxruntime pre-packs matmul weights into its kernels' layout: a second copy of them in the
+    # session (the mapped file's pages are released). False keeps one copy, read from the
+    # memory-mapped file, at a cost: BERT-base ran 1.25x (seq 128) to 1.8x (seq 8) slower.
+    "prepack": True,
     "dynamic_shapes": None,   # passed to torch.onnx.export (see torch.export's dynamic_shapes)
 }
 # Translations for ops the exporter has none for (DESIGN §4): {op overload: onnxscript function}.
@@ -67,14 +73,19 @@ def prepare_for_export(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
-def export_onnx(gm: fx.GraphModule, example_inputs, options: dict):
-    """torch.onnx.export of the graph -> a checked onnx.ModelProto.
+def export_onnx(gm: fx.GraphModule, example_inputs, options: dict, directory: str | None = None):
+    """torch.onnx.export of the graph -> (a checked onnx.ModelProto, the input names).
+
+    The exporter's model is written straight to a file (``MODEL_FILE``; tensors of
+    ``EXTERNAL_MIN_BYTES`` or more in ``DATA_FILE`` beside it, aligned so onnxruntime can map them)
+    and checked there: a ModelProto over 2 GB can be neither checked nor serialized in memory.
+    With ``directory`` the files stay there and the returned proto refers to the external data
+    instead of holding it (the weights are never in memory twice); without, the proto holds them.
 
     A graph that updates buffers in place is refused (the model would keep their compile-time
     values): ``lower`` first makes them inputs and outputs with ``carry_state``; a backend without
     state between calls (tensorrt) cannot.
     """
-    import onnx
     _refuse_mutated_buffers(gm)
     names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     prepared = prepare_for_export(gm)
@@ -89,17 +100,32 @@ def export_onnx(gm: fx.GraphModule, example_inputs, options: dict):
     except Exception as e:
         raise BackendError(_explain_export_failure(gm, e)) from e
     assert program is not None  # the dynamo exporter returns its program (only the legacy one None)
-    # Materialise the model through the exporter's own save: program.model_proto may reference
-    # tensor memory of the exporter instead of holding the weights.
-    with tempfile.TemporaryDirectory(prefix="fxcompile-export-") as tmp:
-        program.save(os.path.join(tmp, "model.onnx"), external_data=True)
-        proto = onnx.load(os.path.join(tmp, "model.onnx"), load_external_data=True)
-    _distinct_outputs(proto)
+    keep = contextlib.nullcontext(directory) if directory else tempfile.TemporaryDirectory(prefix="fxcompile-export-")
+    with keep as where:
+        proto = _save_and_check(program.model, where)
+        if directory is None:
+            from onnx.external_data_helper import load_external_data_for_model
+            load_external_data_for_model(proto, where)
+    return proto, names
+
+
+def _save_and_check(model, directory: str):
+    """Save the exporter's ``model`` (an onnx_ir Model) in ``directory``; give its outputs values
+    of their own there; check the file. Returns the saved ModelProto without external data."""
+    import onnx
+    path = os.path.join(directory, MODEL_FILE)
+    save = onnx_ir().save
+    # onnx_ir < 1.1 has no alignment argument: it aligns tensors over 1 MB to 64 KB itself
+    aligned = {"alignment": EXTERNAL_ALIGNMENT} if "alignment" in inspect.signature(save).parameters else {}
+    save(model, path, external_data=DATA_FILE, size_threshold_bytes=EXTERNAL_MIN_BYTES, **aligned)
+    proto = onnx.load(path, load_external_data=False)
+    if _distinct_outputs(proto):
+        onnx.save_model(proto, path)  # the weights stay where they are, in DATA_FILE
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        onnx.checker.check_model(path, full_check=False)
     except Exception as e:
         raise BackendError(f"torch.onnx.export produced an ONNX model that onnx.checker rejects: {e}") from e
-    return proto, names
+    return proto
 
 
 def _refuse_mutated_buffers(gm: fx.GraphModule) -> None:
@@ -143,19 +169,20 @@ def carry_state(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.Ten
     return fx.GraphModule(gm, graph, class_name=type(gm).__name__), values
 
 
-def _distinct_outputs(proto) -> None:
+def _distinct_outputs(proto) -> bool:
     """Give every graph output a value of its own: ONNX (SSA) forbids an output that is a graph
     input or initializer, and a value listed as two outputs (``return x, x * 2``, ``return y, y``).
 
     Edited in place, not through onnx-graphsurgeon: its round trip would drop the nodes'
     ``metadata_props``, which onnxruntime and TensorRT errors are mapped back to the user's
-    source line through (``onnx_runner.onnx_node_origin``)."""
+    source line through (``onnx_runner.onnx_node_origin``). Returns whether anything changed."""
     import onnx
     graph = proto.graph
     # torch.onnx writes an output that is an input as Identity(x) -> x: not SSA, and a no-op
     selfish = [n for n in graph.node if n.op_type == "Identity" and list(n.input) == list(n.output)]
     for node in selfish:
         graph.node.remove(node)
+    changed = bool(selfish)
     taken = {v.name for v in graph.input} | {t.name for t in graph.initializer}
     used = {name for node in graph.node for name in node.output} | taken
     seen: set[str] = set()
@@ -168,7 +195,9 @@ def _distinct_outputs(proto) -> None:
             graph.node.append(onnx.helper.make_node("Identity", [out.name], [new], name=f"output{i}_{new}"))
             used.add(new)
             out.name = new
+            changed = True
         seen.add(out.name)
+    return changed
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -265,8 +294,9 @@ def validate_options(options: dict, defaults: dict = DEFAULTS) -> dict:
     if options["graph_optimization_level"] not in _ORT_LEVELS:
         raise BackendError(f"backend 'onnx': graph_optimization_level must be one of {', '.join(_ORT_LEVELS)}, "
                            f"got {options['graph_optimization_level']!r}")
-    if not isinstance(options["optimize"], bool):
-        raise BackendError(f"backend 'onnx': optimize must be True or False, got {options['optimize']!r}")
+    for name in ("optimize", "prepack"):
+        if not isinstance(options[name], bool):
+            raise BackendError(f"backend 'onnx': {name} must be True or False, got {options[name]!r}")
     providers = options["providers"]
     if providers is not None and (isinstance(providers, str) or not isinstance(providers, (list, tuple))):
         raise BackendError(f"backend 'onnx': providers must be a list such as ['CPUExecutionProvider'], "
@@ -289,9 +319,12 @@ def lower(gm: fx.GraphModule, example_inputs, options: dict) -> OnnxRunner:
     if state_values and isinstance(dynamic, (list, tuple)):
         dynamic = list(dynamic) + [None] * len(state_values)  # buffers have static shapes
     inputs = list(example_inputs) + [v.clone() for v in state_values.values()]
-    proto, names = export_onnx(carried, inputs, {**options, "dynamic_shapes": dynamic})
+    # the exported model's files live as long as the runner: onnxruntime maps the weights from there
+    files = tempfile.TemporaryDirectory(prefix="fxcompile-onnx-")
+    proto, names = export_onnx(carried, inputs, {**options, "dynamic_shapes": dynamic}, directory=files.name)
     names = names[:len(names) - len(state_values)]
-    return OnnxRunner(proto, names, len(outputs), options, constants, state=state_values, gm=gm)
+    return OnnxRunner(proto, names, len(outputs), options, constants, state=state_values, gm=gm,
+                      weights=ExternalWeights(files.name, files))
 
 
 def _placeholder_model():
@@ -312,7 +345,8 @@ def load(path: str, manifest: dict, options: dict) -> OnnxRunner:
     import onnx
     saved = {**DEFAULTS, **manifest["options"]}
     options = validate_options(options, saved)
-    proto = onnx.load(path, load_external_data=True)
-    state_values = take_state_initializers(proto, manifest.get("state_names", []))
+    proto = onnx.load(path, load_external_data=False)  # large weights stay in the file for onnxruntime
+    folder = os.path.dirname(os.path.abspath(path))
+    state_values = take_state_initializers(proto, manifest.get("state_names", []), folder)
     return OnnxRunner(proto, manifest["input_names"], manifest["n_outputs"], options,
-                      manifest["constant_outputs"], state=state_values)
+                      manifest["constant_outputs"], state=state_values, weights=ExternalWeights(folder))

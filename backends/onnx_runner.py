@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,24 @@ from torch import fx
 
 from fxcompile.backend_api import Lowered
 from fxcompile.errors import BackendError, describe_node, user_frame
+
+
+# Where the exported model's large tensors go: into DATA_FILE beside MODEL_FILE, each at an offset
+# onnxruntime can memory-map (a multiple of EXTERNAL_ALIGNMENT, which covers the page sizes and
+# Windows' allocation granularity), so the weights are read from the file instead of being held
+# in a ModelProto, serialized and copied again into the session.
+MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+EXTERNAL_MIN_BYTES = 1 << 20
+EXTERNAL_ALIGNMENT = 1 << 16
+
+
+@dataclass
+class ExternalWeights:
+    """The folder that the external data of a runner's ModelProto is relative to; ``owner`` (a
+    TemporaryDirectory) keeps a folder of the runner's own alive as long as the runner."""
+
+    folder: str
+    owner: Any = None
 
 
 class OnnxRunner(Lowered):
@@ -27,15 +46,20 @@ class OnnxRunner(Lowered):
     returns its new value as an extra output after the graph's; the runner keeps the values
     between calls. Pickled or copied, the runner holds the serialized model, the state reached
     and the options, and starts a new session.
+
+    ``model_proto`` holds the graph and small tensors; with ``weights``, tensors of
+    EXTERNAL_MIN_BYTES or more are external data in ``weights.folder`` (see ``full_proto``).
     """
 
     backend = "onnx"
 
     def __init__(self, model_proto, input_names: list[str], n_outputs: int, options: dict,
                  constant_outputs: dict[int, Any] | None = None,
-                 state: dict[str, torch.Tensor] | None = None, gm: fx.GraphModule | None = None):
+                 state: dict[str, torch.Tensor] | None = None, gm: fx.GraphModule | None = None,
+                 weights: ExternalWeights | None = None):
         super().__init__()
         self.model_proto = model_proto
+        self.weights = weights if weights is not None and external_tensors(model_proto) else None
         self.options = options
         self._input_names = list(input_names)
         # Outputs that are Python values in the graph (e.g. a size) are not ONNX outputs.
@@ -60,11 +84,17 @@ class OnnxRunner(Lowered):
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
                                               _ORT_LEVELS[options["graph_optimization_level"]])
         providers = options["providers"] or ["CPUExecutionProvider"]
-        if self.model_proto.ByteSize() < options["external_data_threshold"]:
+        if not options.get("prepack", True):  # models saved before the option existed: the default
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        if self.weights is not None:  # onnxruntime reads (maps) the large tensors from their file
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        self.weights.folder)
+            source = self.model_proto.SerializeToString()  # the graph and small tensors only
+        elif inline_bytes(self.model_proto) < options["external_data_threshold"]:
             source = self.model_proto.SerializeToString()
         else:
             self._tmp = tempfile.TemporaryDirectory(prefix="fxcompile-onnx-")
-            source = os.path.join(self._tmp.name, "model.onnx")
+            source = os.path.join(self._tmp.name, MODEL_FILE)
             save_proto(self.model_proto, source, external=True)
         try:
             self.session = ort.InferenceSession(source, so, providers=providers)
@@ -105,10 +135,25 @@ class OnnxRunner(Lowered):
     def save(self, path: str) -> list[str]:
         """Write the .onnx file (weights in ``<path>.data`` beside it when the model is large).
         Carried state is saved as it is now, as the initial values of the state inputs."""
-        external = self.model_proto.ByteSize() >= self.options["external_data_threshold"]
+        path = os.fspath(path)
+        external = model_bytes(self.model_proto) >= self.options["external_data_threshold"]
         with _state_as_initializers(self.model_proto, dict(zip(self._state_names, self._state))):
-            save_proto(self.model_proto, path, external)
+            if external and self.weights is not None:
+                _save_beside(self.model_proto, self.weights.folder, path)
+            else:
+                save_proto(self.full_proto(), path, external)
         return [path, path + ".data"] if external else [path]
+
+    def full_proto(self):
+        """The ModelProto with every tensor in it (a copy where the large ones are external)."""
+        if self.weights is None:
+            return self.model_proto
+        from onnx.external_data_helper import load_external_data_for_model
+        import onnx
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.model_proto)
+        load_external_data_for_model(proto, self.weights.folder)
+        return proto
 
     def manifest(self) -> dict[str, Any]:
         return {"input_names": self._input_names, "n_outputs": self._n_outputs,
@@ -127,8 +172,9 @@ class OnnxRunner(Lowered):
         state = dict(self.__dict__)
         state.pop("session", None)
         state.pop("_tmp", None)
+        state["weights"] = None
         try:
-            state["model_proto"] = self.model_proto.SerializeToString()
+            state["model_proto"] = self.full_proto().SerializeToString()
         except ValueError as e:  # protobuf refuses messages over 2 GB
             raise BackendError("this onnx model is too large to pickle or copy (over 2 GB): save it with "
                                ".save(path) and bring it back with fxcompile.load(path)") from e
@@ -146,6 +192,63 @@ def _to_numpy(x):
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().contiguous().numpy()
     return x
+
+
+def external_tensors(proto) -> list:
+    """The initializers of ``proto`` whose data lives in an external file."""
+    from onnx import TensorProto
+    return [t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+
+
+def inline_bytes(proto) -> int:
+    """About the serialized size of ``proto``: the data of its initializers and Constant nodes
+    held in it, plus the rest. Computed from shapes, without serializing (ByteSize and
+    SerializeToString refuse messages over 2 GB) or reading a tensor's bytes (a copy each)."""
+    from onnx import TensorProto
+    tensors = [t for t in proto.graph.initializer if t.data_location != TensorProto.EXTERNAL]
+    tensors += [a.t for node in proto.graph.node for a in node.attribute if a.HasField("t")]
+    nodes = len(proto.graph.node)
+    return sum(_tensor_bytes(t) for t in tensors) + 512 * nodes  # 512: a node's names and metadata
+
+
+def _tensor_bytes(tensor) -> int:
+    import numpy as np
+    from onnx import TensorProto, helper
+    if tensor.data_type == TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 8
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+def model_bytes(proto) -> int:
+    """About the size of the whole model, external data included, without serializing it."""
+    external = sum(int(next((e.value for e in t.external_data if e.key == "length"), 0) or 0)
+                   for t in external_tensors(proto))
+    return inline_bytes(proto) + external
+
+
+def _save_beside(proto, folder: str, path: str) -> None:
+    """Write ``proto`` (whose large tensors are external data in ``folder``) to ``path``, the
+    external data copied file to file into ``path + ".data"``: the weights never pass through memory."""
+    import shutil
+    import onnx
+    locations = {e.value for t in external_tensors(proto) for e in t.external_data if e.key == "location"}
+    if len(locations) != 1:  # several data files (a model saved elsewhere): gather them in memory
+        raise BackendError(f"cannot re-save an ONNX model whose weights are spread over {len(locations)} "
+                           "files; load it with onnx.load and save it with onnx.save_model")
+    source, target = os.path.join(folder, locations.pop()), path + ".data"
+    if os.path.abspath(source) != os.path.abspath(target):
+        shutil.copyfile(source, target)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for t in external_tensors(out):
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = os.path.basename(target)
+    onnx.save_model(out, path)
 
 
 def save_proto(proto, path: str, external: bool) -> None:
@@ -176,15 +279,22 @@ class _state_as_initializers:
             del self.proto.graph.initializer[-len(self.added):]
 
 
-def take_state_initializers(proto, names: list[str]) -> dict[str, torch.Tensor]:
+def take_state_initializers(proto, names: list[str], folder: str | None = None) -> dict[str, torch.Tensor]:
     """Remove the initializers of the state inputs ``names`` from ``proto`` (a saved model, see
-    ``_state_as_initializers``) and return their values: the runner feeds the state itself."""
-    from onnx import numpy_helper
+    ``_state_as_initializers``) and return their values: the runner feeds the state itself.
+    ``folder``: where the external data of ``proto`` is (when it was loaded without it)."""
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor
     found = {init.name: init for init in proto.graph.initializer if init.name in names}
     missing = [n for n in names if n not in found]
     if missing:
         raise BackendError(f"the saved ONNX model has no initial value for its state input '{missing[0]}': "
                            "the file is not the one that was saved with it. Save the compiled model again.")
+    for init in found.values():
+        if init.data_location == TensorProto.EXTERNAL and folder is not None:
+            load_external_data_for_tensor(init, folder)
+            del init.external_data[:]
+            init.data_location = TensorProto.DEFAULT
     values = {n: torch.from_numpy(numpy_helper.to_array(found[n]).copy()) for n in names}
     kept = [init for init in proto.graph.initializer if init.name not in names]
     del proto.graph.initializer[:]

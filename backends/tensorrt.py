@@ -356,7 +356,8 @@ def build_engine(model, profile: dict[str, tuple], settings: dict, timing_cache:
 
 
 def _parse(parser, model) -> bool:
-    if model.ByteSize() < _MAX_PROTO:
+    from .onnx_runner import inline_bytes  # ByteSize() itself fails on a ModelProto over 2 GB
+    if inline_bytes(model) < _MAX_PROTO:
         return parser.parse(model.SerializeToString())
     from .onnx_runner import save_proto as _save_proto
     with tempfile.TemporaryDirectory(prefix="fxcompile-trt-") as tmp:

@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from .backend_api import Lowered
-from .capture import Captured, capture, serialised
+from .capture import Captured, borrowed_versions, capture, check_borrowed, serialised
 from .errors import BackendError, InputError
 from .numerics import LOSSLESS_TOLERANCE, max_error
 from .pass_manager import resolve_pipeline, run_pipeline
@@ -35,6 +35,10 @@ class CompiledModule(torch.nn.Module):
         self.runner = runner
         self.report = report
         self._captured = captured
+        # A runner that executes the graph itself reads the weights it shares with the model.
+        gm = captured.gm
+        runs_graph = gm is not None and getattr(runner, "graph_module", None) is gm
+        self._borrowed = borrowed_versions(gm) if gm is not None and runs_graph else []
 
     @property
     def graph_module(self) -> fx.GraphModule | None:
@@ -52,6 +56,7 @@ class CompiledModule(torch.nn.Module):
         sig = self._captured.inputs
         flat = sig.flatten(args, kwargs)
         sig.check_shapes(flat)
+        check_borrowed(self._borrowed)
         with torch.no_grad():
             out = self.runner(*flat)
         return self._captured.unflatten_outputs(out)
@@ -79,6 +84,9 @@ def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backe
     lowering, failing on a lossless step that changes them. ``calibration_data``: batches like
     the inputs (each a tensor, a tuple of positional inputs or a dict of keyword inputs) for
     quantization passes to calibrate on (insert_fake_quant does). The user's model is never modified.
+    Its weights are not copied either: the graph shares those no pass rewrites (passes create new
+    tensors). Changing them in place after compiling makes a module that runs the graph (eager,
+    inductor) raise InputError at its next call; compile ``copy.deepcopy(model)`` for a snapshot.
     """
     report = Report(model=type(model).__name__, backend=backend)
     get_backend(backend)  # fail on bad names before any slow work
@@ -163,6 +171,7 @@ def graph_and_capture(model) -> tuple[fx.GraphModule | None, Captured | None]:
         return model, None
     captured = getattr(model, "_captured", None)
     if isinstance(model, torch.nn.Module) and isinstance(captured, Captured):
+        check_borrowed(getattr(model, "_borrowed", []))
         gm = model.graph_module  # None for a CompiledModule loaded from a non-eager artifact
         return (gm if isinstance(gm, fx.GraphModule) else None), captured
     raise InputError(f"expected a CompiledModule, a TrainableModule or a GraphModule, got {type(model).__name__}")

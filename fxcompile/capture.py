@@ -19,6 +19,7 @@ import re
 import sys
 import sysconfig
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch import fx
 
 from . import state
 from .errors import CaptureError, InputError
-from .graph_utils import fetch_attr
+from .graph_utils import fetch_attr, set_attr
 from .outputs import encoder_for, decode_outputs, holds_cache
 from .signature import InputSignature, forward_signature, split_bound, input_dims
 
@@ -108,7 +109,9 @@ def capture(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | No
             dynamic_shapes=None) -> Captured:
     """Capture ``model`` called as ``model(*example_inputs, **example_kwargs)`` into the IR.
 
-    The model is copied and put in eval mode; the user's module is never changed.
+    The model is copied and put in eval mode; the user's module is never changed. The copy shares
+    the model's parameters and buffers (``_borrowed_copy``): the graph holds the user's weights
+    without a second copy; buffers the forward updates are copied (``_own_mutated_buffers``).
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"fxcompile compiles torch.nn.Module instances; got {type(model).__name__}. "
@@ -131,7 +134,7 @@ def capture(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | No
 
     if dynamic_shapes is not None:
         dynamic_shapes = _dynamic_shapes_for_encoder(dynamic_shapes, args, kwargs)
-    work = copy.deepcopy(model).eval()
+    work = _borrowed_copy(model).eval()
     try:
         with _partial_graph_to_debug_log(), state.buffer_assignments(work) as assigned:
             ep = torch.export.export(encoder_for(work, len(args), list(kwargs)), args, kwargs,
@@ -141,11 +144,88 @@ def capture(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | No
         raise CaptureError(_explain_export_failure(model, e)) from e
     state.refuse_buffer_reassignment(model, assigned)
     gm, in_spec, out_spec = _flat_graph_module(ep)
+    _own_mutated_buffers(gm, model)
     names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     flat = pytree.tree_leaves((args, kwargs))
     dims = input_dims(gm, ep.range_constraints)
     return Captured(gm, InputSignature(sig, in_spec, names, flat, dims), out_spec, flat,
                     type(model).__name__)
+
+
+# Tensors of the graph that alias the user's parameters and buffers (see _borrowed_copy). Passes
+# never write into a graph's weights (they create new constants); what would change one in place,
+# training the graph (passes/quantize/qat), first replaces a borrowed tensor with a copy.
+# By id with a weak reference (a WeakSet would compare tensors with ==, elementwise).
+_BORROWED: dict[int, weakref.ref] = {}
+
+
+def is_borrowed(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` aliases the memory of a user's parameter or buffer: write into a copy."""
+    ref = _BORROWED.get(id(tensor))
+    return ref is not None and ref() is tensor
+
+
+def borrowed_versions(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor, int]]:
+    """(name, tensor, version counter) of each tensor of ``gm`` that borrows a user's weight.
+
+    An alias shares the version counter of the user's tensor, so ``check_borrowed`` sees any
+    in-place change made to the model after compiling (an optimizer step, load_state_dict)."""
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    return [(name, t, t._version) for name, t in named if is_borrowed(t)]
+
+
+def check_borrowed(records: list[tuple[str, torch.Tensor, int]]) -> None:
+    """Raise InputError when a borrowed weight changed in place since ``borrowed_versions``: the
+    graph would mix the new values with weights its passes computed from the old ones."""
+    for name, tensor, version in records:  # a pickled or deep-copied module owns copies: not borrowed
+        if tensor._version != version and is_borrowed(tensor):
+            raise InputError(
+                f"the model's weight '{name}' was changed in place after compiling (training, "
+                "load_state_dict, ...). The compiled graph shares the weights no pass rewrote with the "
+                "model, and the folded ones were computed from the old values, so it can no longer "
+                "give the model's answers: compile again, or compile copy.deepcopy(model) to keep a "
+                "snapshot that later changes to the model don't reach.")
+
+
+def _mark_borrowed(tensor: torch.Tensor) -> None:
+    key = id(tensor)
+
+    def forget(_ref: weakref.ref) -> None:  # the tensor is gone: its id may be reused
+        _BORROWED.pop(key, None)
+    _BORROWED[key] = weakref.ref(tensor, forget)
+
+
+def _borrowed_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` (its modules, attributes and hooks) whose parameters and buffers
+    are new tensor objects on the user's memory: compiling costs no copy of the weights, and
+    flags set on the graph's tensors stay the graph's. Tied weights stay tied.
+
+    The graph's parameters do not require grad (fxcompile.trainable turns that on where it
+    trains): a pass computing a new weight from one that did would keep autograd's saved
+    tensors (float64 intermediates of BN folding: 3x ResNet-50's weights) alive with the result."""
+    memo: dict[int, Any] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in memo:
+            continue
+        alias = tensor.detach()
+        if isinstance(tensor, torch.nn.Parameter):
+            alias = torch.nn.Parameter(alias, requires_grad=False)
+        memo[id(tensor)] = alias
+    return copy.deepcopy(model, memo)
+
+
+def _own_mutated_buffers(gm: fx.GraphModule, model: torch.nn.Module) -> None:
+    """Record which tensors of ``gm`` borrow ``model``'s memory (torch.export's unlifting makes
+    new tensor objects on it), and copy the buffers the forward updates in place: running the
+    graph writes into them."""
+    theirs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    for tensor in [*gm.parameters(), *gm.buffers()]:
+        if tensor.untyped_storage().data_ptr() in theirs:
+            _mark_borrowed(tensor)
+    for target in state.mutated_buffers(gm):
+        value = fetch_attr(gm, target)
+        if is_borrowed(value):
+            set_attr(gm, target, value.detach().clone())
 
 
 def _dynamic_shapes_for_encoder(dynamic_shapes, args: tuple, kwargs: dict):

@@ -5,7 +5,8 @@
     ... train net with any optimizer: ATen's fake-quant ops pass straight-through gradients ...
     int8 = fxcompile.recompile(compiled, passes=["fold_fake_quant"], backend="onnx")
 
-``trainable`` works on the compiled module's own graph (no copy): training changes it, and
+``trainable`` works on the compiled module's own graph (no copy of the graph; weights it shares with
+the user's model, see fxcompile.capture.is_borrowed, are copied once): training changes it, and
 ``fxcompile.recompile`` (fxcompile/api.py) lowers its current state; fold_fake_quant turns learned
 scales back into buffers. BatchNorm should be folded before fake-quant is inserted
 (``fold_batch_norm``, which quantize_passes includes), so the trained graph is the deployed one.
@@ -20,6 +21,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from fxcompile.api import graph_and_capture
+from fxcompile.capture import is_borrowed
 from fxcompile.errors import InputError, QuantizationError
 from fxcompile.graph_utils import attr_target, fetch_attr, set_attr
 
@@ -86,7 +88,7 @@ def _weights_to_parameters(gm: fx.GraphModule) -> None:
         value = fetch_attr(gm, target)
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             continue
-        if isinstance(value, torch.nn.Parameter):
+        if isinstance(value, torch.nn.Parameter) and not is_borrowed(value):
             value.requires_grad_(True)
         else:
             set_attr(gm, target, torch.nn.Parameter(value.detach().clone(), requires_grad=True))

@@ -228,3 +228,78 @@ def test_export_onnx_refuses_state_it_cannot_carry():
     msg = str(info.value)
     assert "'calls'" in msg and "%add_" in msg and "self.calls += 1" in msg
     assert "test_state.py" in msg and "backend='eager'" in msg
+
+
+# -- large models: weights straight to external data, never a > 2 GB ModelProto in memory ----------
+class Wide(nn.Module):
+    def __init__(self, vocab: int = 512, width: int = 1024):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)  # 2 MB at the defaults: external data
+        self.fc = nn.Linear(width, 8)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+def _check_by_path_only(monkeypatch):
+    """onnx.checker refuses a ModelProto over 2 GB in memory (protobuf's limit), not a file:
+    the onnx backend must check the saved file."""
+    import os
+
+    import onnx.checker
+    real = onnx.checker.check_model
+
+    def by_path(model, *args, **kwargs):
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB")
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(onnx.checker, "check_model", by_path)
+
+
+def test_onnx_weights_stay_in_external_data_through_save_load_and_pickle(tmp_path, monkeypatch):
+    import pickle
+
+    from fxcompile.backends.onnx_runner import inline_bytes, model_bytes
+    _check_by_path_only(monkeypatch)
+    torch.manual_seed(0)
+    model, ids = Wide().eval(), torch.randint(0, 512, (2, 5))
+    expected = model(ids)
+    compiled = fxcompile.compile(model, (ids,), backend="onnx", external_data_threshold=16)
+    assert_close(expected, compiled(ids))
+    proto = compiled.runner.model_proto
+    assert inline_bytes(proto) < (1 << 20), "the embedding table was loaded into the ModelProto"
+    assert model_bytes(proto) >= 512 * 1024 * 4
+    files = compiled.save(tmp_path / "a.onnx")  # the data file is copied file to file
+    assert files[:2] == [str(tmp_path / "a.onnx"), str(tmp_path / "a.onnx.data")]
+    on_disk = sum((tmp_path / f).stat().st_size for f in ("a.onnx", "a.onnx.data"))
+    assert abs(model_bytes(proto) - on_disk) < 0.1 * on_disk
+    loaded = fxcompile.load(tmp_path / "a.onnx")
+    assert_close(expected, loaded(ids))
+    loaded.save(tmp_path / "b.onnx")  # a loaded model saves from the files it was loaded from
+    loaded.save(tmp_path / "a.onnx")  # ... also over themselves
+    for path in ("a.onnx", "b.onnx"):
+        assert_close(expected, fxcompile.load(tmp_path / path)(ids))
+    assert_close(expected, pickle.loads(pickle.dumps(compiled))(ids))
+    small = fxcompile.compile(model, (ids,), backend="onnx")  # under the threshold: one file
+    assert small.save(tmp_path / "c.onnx")[0] == str(tmp_path / "c.onnx")
+    assert not (tmp_path / "c.onnx.data").exists()
+    assert_close(expected, fxcompile.load(tmp_path / "c.onnx")(ids))
+
+
+def test_onnx_prepack_option():
+    model, ids = Wide().eval(), torch.randint(0, 512, (2, 5))
+    compiled = fxcompile.compile(model, (ids,), backend="onnx", prepack=False)
+    assert_close(model(ids), compiled(ids))
+    with pytest.raises(BackendError, match="prepack must be True or False"):
+        fxcompile.compile(model, (ids,), backend="onnx", prepack="no")
+
+
+@pytest.mark.slow
+def test_onnx_model_over_2gb(tmp_path):
+    torch.manual_seed(0)
+    model, ids = Wide(vocab=540_000).eval(), torch.randint(0, 540_000, (2, 5))  # 2.2 GB of weights
+    expected = model(ids)
+    compiled = fxcompile.compile(model, (ids,), backend="onnx")
+    assert_close(expected, compiled(ids))
+    compiled.save(tmp_path / "big.onnx")
+    assert_close(expected, fxcompile.load(tmp_path / "big.onnx")(ids))
