@@ -176,6 +176,40 @@ def op_list(gm: fx.GraphModule) -> list[str]:
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
 
 
+class GraphFingerprint:
+    """What the chores between passes (lint, dead code, recompile) and ``refresh_meta`` depend on,
+    so the pass manager can tell that a pass left the graph exactly as it was and skip them.
+
+    It holds the objects themselves (nodes, their args and kwargs tuples, targets, meta['val'],
+    the module's tensors and submodules) and compares them by identity, so it costs a walk over
+    the nodes and never a comparison of values. fx replaces a node's args tuple on every edit, so
+    an edited, inserted, removed or reordered node, a new graph, a replaced or resized tensor, or a
+    lost meta['val'] all make the fingerprints differ. Equal fingerprints mean "unchanged"; an
+    edit that keeps every object (an in-place change of a weight's values) is not seen, which is
+    harmless here: shapes and FLOPs do not depend on values. Holding the objects keeps ids from
+    being reused; it also keeps what it saw alive, so keep a fingerprint only until the next one.
+    It costs about 1 ms on BERT-base (the refresh it saves, ~300 ms)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        graph = gm.graph
+        objects: list[Any] = [graph, graph._codegen]
+        for n in graph.nodes:
+            objects += (n, n.op, n.target, n.name, n.args, n.kwargs, n.meta.get("val"))
+        shapes: list[Any] = []
+        for name, value in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False),
+                            *vars(gm).items(), *gm.named_modules(remove_duplicate=False)]:
+            if isinstance(value, (torch.Tensor, torch.nn.Module)):
+                objects.append(value)
+                shapes.append(name)
+            if isinstance(value, torch.Tensor):
+                shapes += (value.shape, value.stride(), value.dtype, value.device)
+        self.objects, self.shapes = objects, shapes
+
+    def same_as(self, other: GraphFingerprint | None) -> bool:
+        return (other is not None and len(self.objects) == len(other.objects)
+                and all(a is b for a, b in zip(self.objects, other.objects)) and self.shapes == other.shapes)
+
+
 def refresh_meta(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> int:
     """Recompute every node's meta['val'] with fake tensors and return the graph's FLOPs (at the
     example inputs' shapes). A graph captured with dynamic shapes keeps them: its placeholders'

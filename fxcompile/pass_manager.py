@@ -82,7 +82,7 @@ def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: 
     dump = _GraphDump.from_env(name)
     if dump:
         dump.write(gm, 0, "captured")
-    flops = graph_utils.refresh_meta(gm, ctx.example_inputs)
+    chores = _Chores(gm, ctx.example_inputs)
     records = []
     # Buffers the forward updates start every run from the compile-time state: check runs compare
     # like with like, and passes that run the graph (calibration) don't advance what users see.
@@ -92,20 +92,15 @@ def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: 
     bar = tqdm(pipeline, desc="passes", unit="pass", disable=not progress, leave=False)
     for index, (info, opts) in enumerate(bar, start=1):
         bar.set_postfix_str(info.name)
-        nodes, params = len(gm.graph.nodes), graph_utils.count_params(gm)
+        nodes, params, flops = len(gm.graph.nodes), chores.params, chores.flops
         start = time.perf_counter()
         gm, rewrites = _apply(info, opts, gm, ctx)
-        _chores(gm)
+        chores.tidy(gm, rewrites)
         state.reset_buffers(gm, initial_state)
         seconds = time.perf_counter() - start
-        try:
-            new_flops = graph_utils.refresh_meta(gm, ctx.example_inputs)
-        except Exception as e:
-            raise PassError(f"after pass '{info.name}' the graph no longer runs on the example inputs "
-                            f"(shape propagation failed): {type(e).__name__}: {e}") from e
+        chores.refresh(gm, rewrites, info.name)
         record = PassRecord(info.name, seconds, rewrites, nodes, len(gm.graph.nodes), params,
-                            graph_utils.count_params(gm), flops, new_flops, info.lossless)
-        flops = new_flops
+                            chores.params, flops, chores.flops, info.lossless)
         if check:
             out = _run(gm, ctx.example_inputs)
             record.max_error = max_error(reference, out)
@@ -128,6 +123,42 @@ def _apply(info: PassInfo, opts, gm: fx.GraphModule, ctx: PassContext) -> PassRe
         raise
     except Exception as e:
         raise PassError(f"pass '{info.name}' failed: {type(e).__name__}: {e}") from e
+
+
+class _Chores:
+    """The work between passes: the chores (lint, dead code, unused attributes, recompile) and the
+    refresh of shapes, FLOPs and parameter count. Each is skipped after a pass that reports no
+    rewrite (0, or None: not counted) and left the graph as it was the last time that chore ran
+    (graph_utils.GraphFingerprint); the numbers then stay those of the last refresh. Most passes
+    find nothing to do on a given model, and the refresh (a fake-tensor run of the whole graph)
+    costs far more than the pass that looked."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: list[Any]):
+        self.inputs = inputs
+        self.flops = graph_utils.refresh_meta(gm, inputs)
+        self.params = graph_utils.count_params(gm)
+        self.refreshed: graph_utils.GraphFingerprint | None = graph_utils.GraphFingerprint(gm)
+        self.tidied: graph_utils.GraphFingerprint | None = None  # the captured graph never was
+
+    def tidy(self, gm: fx.GraphModule, rewrites: int | None) -> None:
+        if not rewrites and graph_utils.GraphFingerprint(gm).same_as(self.tidied):
+            return
+        _chores(gm)
+        self.tidied = graph_utils.GraphFingerprint(gm)
+
+    def refresh(self, gm: fx.GraphModule, rewrites: int | None, name: str) -> None:
+        now = graph_utils.GraphFingerprint(gm)
+        if not rewrites and now.same_as(self.refreshed):
+            return
+        try:
+            self.flops = graph_utils.refresh_meta(gm, self.inputs)
+        except Exception as e:
+            raise PassError(f"after pass '{name}' the graph no longer runs on the example inputs "
+                            f"(shape propagation failed): {type(e).__name__}: {e}") from e
+        self.params = graph_utils.count_params(gm)
+        self.refreshed = graph_utils.GraphFingerprint(gm)
+        if now.same_as(self.tidied):  # the refresh replaced meta['val'], nothing the chores need
+            self.tidied = self.refreshed
 
 
 def _chores(gm: fx.GraphModule) -> None:

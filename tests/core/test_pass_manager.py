@@ -446,3 +446,93 @@ def test_default_plugins_are_placed_by_their_constraints():
 def test_the_default_pipeline_needs_no_networkx(monkeypatch):
     monkeypatch.setitem(sys.modules, "networkx", None)  # `import networkx` raises ImportError
     assert fxcompile.default_pipeline()[0] == "remove_noops"
+
+
+# -- chores between passes are incremental: no refresh, lint or FLOP count after a no-op pass --
+class _AddBias(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("offset", torch.randn(4))
+
+    def forward(self, x):
+        return torch.relu(self.lin(x)) + self.offset
+
+
+def _pipeline_with_counted_refresh(monkeypatch, passes):
+    """Run ``passes`` over a small captured graph, counting refresh_meta and lint calls."""
+    from fxcompile import graph_utils, pass_manager
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    gm = fxcompile.capture(_AddBias().eval(), (x,)).gm
+    calls = {"refresh": 0, "lint": 0}
+    refresh, lint = graph_utils.refresh_meta, torch.fx.Graph.lint
+
+    def counted_refresh(*args, **kwargs):
+        calls["refresh"] += 1
+        return refresh(*args, **kwargs)
+
+    def counted_lint(self, *args, **kwargs):
+        calls["lint"] += 1
+        return lint(self, *args, **kwargs)
+
+    monkeypatch.setattr(graph_utils, "refresh_meta", counted_refresh)
+    monkeypatch.setattr(torch.fx.Graph, "lint", counted_lint)
+    gm, records = pass_manager.run_pipeline(gm, passes, [x])
+    return gm, records, calls, x
+
+
+def _noop(gm):
+    return 0
+
+
+def _expected_numbers(gm, x):
+    from fxcompile import graph_utils
+    return len(gm.graph.nodes), graph_utils.count_params(gm), graph_utils.refresh_meta(gm, [x])
+
+
+def test_no_refresh_or_lint_after_a_pass_that_changed_nothing(monkeypatch):
+    gm, records, calls, x = _pipeline_with_counted_refresh(monkeypatch, [_noop, "test_relu_to_clamp", _noop])
+    # the refresh before the passes and the one after test_relu_to_clamp; lint after the first pass
+    # (the captured graph was never through the chores) and after test_relu_to_clamp
+    assert calls == {"refresh": 2, "lint": 4}  # ours and eliminate_dead_code's, per chores
+    nodes, params, flops = _expected_numbers(gm, x)
+    for r in records:  # the numbers a full refresh after every pass gives
+        assert (r.nodes_after, r.params_after, r.flops_after) == (nodes, params, flops), r.name
+        assert (r.nodes_before, r.params_before, r.flops_before) == (nodes, params, flops), r.name
+    assert [r.rewrites for r in records] == [0, 1, 0]
+    assert all(isinstance(n.meta.get("val"), torch.Tensor) for n in gm.graph.nodes if n.op != "output")
+
+
+def _silent_graph_change(gm):
+    """relu(y) -> sum(y, -1, keepdim): a different output shape, reported as no rewrite."""
+    aten = torch.ops.aten
+    for node in gm.graph.find_nodes(op="call_function", target=aten.relu.default):
+        node.target, node.args = aten.sum.dim_IntList, (node.args[0], [-1], True)
+    return 0
+
+
+def _silent_attr_change(gm):
+    """A buffer replaced by a wider one under the same name (the graph's nodes untouched): the
+    output's shape, the FLOPs and the parameter count change, and the pass says 0."""
+    gm.register_buffer("offset", torch.randn(3, 2, 4))
+    return 0
+
+
+def _silent_meta_loss(gm):
+    for node in gm.graph.nodes:
+        node.meta.pop("val", None)
+    return None
+
+
+@pytest.mark.parametrize("silent", [_silent_graph_change, _silent_attr_change, _silent_meta_loss])
+def test_a_pass_that_says_zero_but_changed_the_graph_is_refreshed(monkeypatch, silent):
+    gm, records, calls, x = _pipeline_with_counted_refresh(monkeypatch, [_noop, silent, _noop])
+    assert calls["refresh"] == 2  # before the passes and after the silent change
+    nodes, params, flops = _expected_numbers(gm, x)
+    record = records[1]
+    assert (record.nodes_after, record.params_after, record.flops_after) == (nodes, params, flops)
+    assert records[2].flops_before == records[2].flops_after == flops
+    assert records[2].params_before == records[2].params_after == params
+    out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][0]
+    assert tuple(out.meta["val"].shape) == tuple(gm(x)[0].shape)
