@@ -4,7 +4,8 @@ constant rewritten, groups the analysis cannot follow skipped and reported (see 
     compiled = fxcompile.compile(model, inputs, passes=[("prune", {"ratio": 0.3})])
     print(compiled.report.extra["prune"].table())
 
-Modules: axes (channel axis algebra), analysis + rules (dependency analysis, per-op rule table),
+Modules: axes (channel axis algebra), analysis + rules (dependency analysis, per-op rule table;
+generic: the probe for ops without a rule),
 criteria (importance), select (allocation, target search), rewrite (slicing, constants), driver
 (the pass), report.
 """

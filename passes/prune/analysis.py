@@ -2,7 +2,8 @@
 
 Walks the IR once in order. Every tensor dimension gets an axis (see axes.py); each op's rule
 (rules.py) couples, splits or factors its inputs' axes into its outputs'. Graph inputs and outputs
-block their axes (their shapes never change); an op without a rule blocks every axis it touches.
+block their axes (their shapes never change); an op without a rule is probed (generic.py): the
+dims its shape and values prove it keeps apart are followed, the rest blocked with the reason.
 The result is a list of ``Group``s: the leaf axes that carry at least one parameter dimension,
 each prunable or skipped with the node, op and source line that stopped it.
 """
@@ -170,9 +171,8 @@ class Analysis:
             elif node.op == "call_function":
                 rule = RULES.get(node.target)
                 if rule is None:
-                    target = getattr(node.target, "__name__", str(node.target))
                     if self._touches_tensors(node):
-                        self.block_node(node, f"no pruning rule for {target}")
+                        self._no_rule(node)
                     continue
                 try:
                     rule(self, node)
@@ -183,6 +183,26 @@ class Analysis:
             else:
                 if self._touches_tensors(node):
                     self.block_node(node, f"no pruning rule for {node.op} nodes")
+
+    def _no_rule(self, node: fx.Node) -> None:
+        """An op without a table row: follow what the generic probe proves (generic.py), block
+        the rest; an op it cannot probe blocks every axis it touches."""
+        from .generic import generic_rule
+        target = getattr(node.target, "__name__", str(node.target))
+        v = node.meta.get("val")
+        outs = v if isinstance(v, (list, tuple)) else [v]
+        inputs = self.tensor_inputs(node)
+        reason = "its outputs are not tensors"
+        if inputs and outs and all(isinstance(t, torch.Tensor) for t in outs) \
+                and all(self.dims(x) is not None for x in inputs):
+            try:
+                found = generic_rule(self, node)
+            except Conflict as e:
+                found = f"channel layouts conflict ({e})"
+            if found is None:
+                return
+            reason = found
+        self.block_node(node, f"no pruning rule for {target} ({reason})")
 
     def _touches_tensors(self, node: fx.Node) -> bool:
         v = node.meta.get("val")

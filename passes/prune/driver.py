@@ -15,12 +15,14 @@ from .analysis import Analysis, Group, analyse
 from .options import PruneOptions
 from .report import GroupRecord, PruneReport, SkippedGroup
 from .rewrite import Rewriter, check_shapes
+from .rules import REDUCE_OPS
 from .select import Limits, choose, search
 
 aten = torch.ops.aten
 # ops whose result depends on every position of a dim (the oracle masks these, see tests)
-_REDUCING = {aten.layer_norm.default, aten.group_norm.default, aten.mean.dim, aten.sum.dim_IntList,
-             *graph_utils.SOFTMAX_OPS, aten.amax.default, aten.var.correction}
+_REDUCING = {aten.layer_norm.default, aten.group_norm.default, *REDUCE_OPS, *graph_utils.SOFTMAX_OPS,
+             aten.log_softmax.int, aten._log_softmax.default, aten.batch_norm.default,
+             aten._weight_norm.default}
 if hasattr(aten, "rms_norm"):
     _REDUCING.add(aten.rms_norm.default)
 
@@ -172,7 +174,8 @@ def prune(gm: fx.GraphModule, opts: PruneOptions, ctx) -> int:
 def _reduced_positions(A: Analysis, R: Rewriter, gm: fx.GraphModule) -> dict[str, dict[int, list[int]]]:
     out = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _REDUCING and isinstance(node.args[0], fx.Node):
+        if node.op == "call_function" and node.target in _REDUCING and isinstance(node.args[0], fx.Node) \
+                and not _running_stats_bn(node):
             dims = A.dims(node.args[0]) or []
             entry = {}
             for d, a in enumerate(dims):
@@ -182,6 +185,14 @@ def _reduced_positions(A: Analysis, R: Rewriter, gm: fx.GraphModule) -> dict[str
             if entry:
                 out[node.name] = entry
     return out
+
+
+def _running_stats_bn(node: fx.Node) -> bool:
+    """An inference batch norm: per-channel, it reduces over nothing."""
+    if node.target is not aten.batch_norm.default:
+        return False
+    args = list(node.args) + [None] * 9
+    return not args[5] and args[3] is not None
 
 
 def chosen_channels(gm_or_compiled) -> dict[str, dict[int, list[int]]]:

@@ -17,7 +17,7 @@ from torch import fx
 from fxcompile import graph_utils
 
 from .analysis import Analysis, size_hint
-from .rule_table import op_table
+from .rule_table import aten_op, op_table
 
 aten = torch.ops.aten
 
@@ -155,13 +155,15 @@ def _merge_sizes(old, new) -> list | None:
     return sizes if changed else None
 
 
-@rewrite(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
+@rewrite(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+         aten_op("view_copy"), aten_op("expand_copy"))
 def _sizes(R: Rewriter, node: fx.Node) :
     sizes = _merge_sizes(node.args[1], R.new_shape(node))
     return None if sizes is None else _set_arg(node, 1, "size", sizes)
 
 
-@rewrite(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+@rewrite(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten_op("split_copy", "Tensor"),
+         aten_op("split_with_sizes_copy"))
 def _split(R: Rewriter, node: fx.Node) :
     src = node.args[0]
     n = len(_shape(R, src))
@@ -175,7 +177,25 @@ def _split(R: Rewriter, node: fx.Node) :
     return aten.split_with_sizes.default, (src, new, d), {}
 
 
-@rewrite(aten.slice.Tensor)
+@rewrite(aten.narrow.default, aten_op("narrow_copy"))
+def _narrow(R: Rewriter, node: fx.Node):
+    """A narrow over a pruned dim becomes the slice of the kept positions in its range."""
+    src, dim, start, length = node.args[:4]
+    if not all(isinstance(v, int) for v in (dim, start, length)):
+        return None  # symbolic bounds: analysis blocked this dim, it is never pruned
+    assert isinstance(dim, int) and isinstance(start, int) and isinstance(length, int)
+    n = len(_shape(R, src))
+    kept = R.kept(_dims(R, src)[dim % n])
+    if kept is None:
+        return None
+    size = _shape(R, src)[dim % n]
+    lo = start % size if size else 0  # narrow's start may count from the end
+    lo, hi, _ = slice(lo, lo + length, 1).indices(size)
+    new_start, new_end = int((kept < lo).sum()), int((kept < max(hi, lo)).sum())
+    return aten.slice.Tensor, (src, dim % n, new_start, new_end), {}
+
+
+@rewrite(aten.slice.Tensor, aten_op("slice_copy", "Tensor"))
 def _slice(R: Rewriter, node: fx.Node) :
     src = node.args[0]
     n = len(_shape(R, src))

@@ -4,9 +4,9 @@ views, slicing, concatenation, factories, pixel and channel shuffles.
 
 A rule reads the input axes (``A.dims(node.args[i])``), unions the ones that must lose the same
 channels, refines the ones that an op splits or factors, and sets the output axes. A dimension a
-rule cannot follow is blocked with the reason. Ops missing from the table (rule_table.py) block
-everything they touch (analysis.py), so a new op is never pruned through silently. The constants these rules
-depend on (view sizes, split sizes, groups, ...) are rewritten by rewrite.py.
+rule cannot follow is blocked with the reason. Ops missing from the table (rule_table.py) go
+through the generic probe (generic.py): only the dims it proves channel-preserving are followed,
+so a new op is never pruned through silently. The constants these rules depend on (view sizes, split sizes, groups, ...) are rewritten by rewrite.py.
 """
 from __future__ import annotations
 
@@ -45,6 +45,31 @@ _BROADCAST = [
     aten.minimum.default, aten.pow.Tensor_Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
     aten.clamp.Tensor, aten.rsub.Tensor, aten.logical_and.default, aten.logical_or.default,
 ]
+# More pointwise ops (the in-place forms too: a functional graph can still hold them); ops this
+# torch build lacks are skipped by aten_op.
+_UNARY_NAMES = ["log1p", "expm1", "log2", "log10", "exp2", "tan", "atan", "sinh", "cosh", "asinh",
+                "acosh", "atanh", "asin", "acos", "trunc", "ceil", "frac", "isnan", "isinf", "isfinite",
+                "nan_to_num", "logit", "sgn", "celu", "selu", "softshrink", "hardshrink", "threshold",
+                "erfc", "erfinv", "gelu", "sigmoid", "tanh", "exp", "neg", "abs", "sqrt", "rsqrt",
+                "leaky_relu", "elu", "hardswish", "hardsigmoid", "mish", "clamp", "clamp_min",
+                "clamp_max", "reciprocal", "square", "sign", "round", "floor", "log", "erf", "zero",
+                "rand_like", "randn_like", "positive", "bitwise_not", "logical_not"]
+_IDENTITY += [op for name in _UNARY_NAMES for op in (aten_op(name), aten_op(name + "_"))]
+_IDENTITY += [aten_op(name, overload) for name, overload in [
+    ("to", "other"), ("fill", "Scalar"), ("fill_", "Scalar"), ("alias_copy", "default"),
+    ("detach_copy", "default"), ("pow_", "Scalar"), ("div", "Scalar_mode"), ("rsub", "Scalar"),
+    ("remainder", "Scalar"), ("fmod", "Scalar"), ("bitwise_and", "Scalar"), ("bitwise_or", "Scalar"),
+    ("bitwise_xor", "Scalar"), ("__and__", "Scalar"), ("__or__", "Scalar"), ("floor_divide", "Scalar"),
+    ("add_", "Scalar"), ("sub_", "Scalar"), ("mul_", "Scalar"), ("div_", "Scalar"), ("round", "decimals")]]
+_BROADCAST += [aten_op(name, overload) for name, overload in [
+    ("pow", "Scalar"), ("sub_", "Tensor"), ("div_", "Tensor"), ("masked_fill_", "Scalar"),
+    ("masked_fill_", "Tensor"), ("where", "Scalar"), ("lerp", "Tensor"), ("lerp", "Scalar"),
+    ("addcmul", "default"), ("addcdiv", "default"), ("copysign", "Tensor"), ("atan2", "default"),
+    ("hypot", "default"), ("fmod", "Tensor"), ("remainder", "Tensor"), ("floor_divide", "default"),
+    ("bitwise_xor", "Tensor"), ("logical_xor", "default"), ("xlogy", "Tensor"), ("copy", "default"),
+    ("fmax", "default"), ("fmin", "default"), ("isclose", "default"), ("clamp_", "Tensor")]]
+_IDENTITY = [op for op in _IDENTITY if op not in _BROADCAST]
+
 # Rotary embeddings: cos/sin of positions indexed by head_dim. The head_dim they touch is kept.
 _ROTARY = [aten.cos.default, aten.sin.default]
 
@@ -78,6 +103,15 @@ def _rotary(A, node):
     for a in A.dims(node.args[0]):
         A.ax.block(a, reason)
     A.set(node, list(A.dims(node.args[0])))
+
+
+@rule(aten.prelu.default, aten_op("_prelu_kernel"))
+def _prelu(A, node):
+    """PReLU's weight holds one slope per channel (dim 1, or dim 0 of a 1-d input), or one in all."""
+    x, w = A.dims(node.args[0]), A.dims(node.args[1])
+    if A.shape(node.args[1])[0] > 1:
+        A.union(w[0], x[1 if len(x) > 1 else 0])
+    A.set(node, list(x))
 
 
 # -- contractions ------------------------------------------------------------------------
@@ -121,6 +155,21 @@ def _matmul(A, node):
             if shape[-k] == out_shape[-k] and shape[-k] > 1:
                 A.union(out[len(out_shape) - k], dims[-k])
     A.set(node, out + [a[-2], b[-1]])
+
+
+@rule(aten.baddbmm.default)
+def _baddbmm(A, node):
+    """beta * input + alpha * (batch1 @ batch2): a batched matmul plus a broadcast addend."""
+    c, a, b = (A.dims(node.args[i]) for i in range(3))
+    A.union(a[-1], b[-2])
+    A.mark_input_side(node.args[2], -2)
+    A.union(a[0], b[0])
+    out = [a[0], a[1], b[2]]
+    cshape, out_shape = A.shape(node.args[0]), A.shape(node)
+    for k in range(1, len(cshape) + 1):
+        if cshape[-k] == out_shape[-k] and cshape[-k] > 1:
+            A.union(c[-k], out[-k])
+    A.set(node, out)
 
 
 @rule(*CONV_OPS)
@@ -217,6 +266,11 @@ def _batch_norm(A, node):
             A.union(p[0], x[1])
     if len(node.args) > 1 and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
         A.bn_weights.add(node.args[1].target)
+    stats = node.target is aten.instance_norm.default or node_arg(node, 5, "training", False) \
+        or node_arg(node, 3, "running_mean") is None
+    if stats:  # statistics of this call, taken over every dim but the channels (timm's StdConv)
+        for a in (x[:1] if node.target is not aten.instance_norm.default else []) + list(x[2:]):
+            A.ax.flag(a, A.why(node, "batch statistics are taken over these positions"))
     A.set(node, list(x))
 
 
@@ -237,6 +291,23 @@ def _layer_norm(A, node):
     A.set(node, list(x))
 
 
+@rule(aten._weight_norm.default)
+def _weight_norm(A, node):
+    """weight_norm: v / ||v|| * g, the norm taken over every dim but ``dim`` (all of them for -1);
+    g holds one gain per position of ``dim``."""
+    v, g = A.dims(node.args[0]), A.dims(node.args[1])
+    shape, gshape = A.shape(node.args[0]), A.shape(node.args[1])
+    dim = node_arg(node, 2, "dim", 0)
+    keep = None if dim == -1 else wrap_dim(dim, len(v))
+    for i, a in enumerate(v):
+        if i == keep:
+            if len(gshape) == len(shape) and gshape[i] > 1:
+                A.union(g[i], a)
+        elif shape[i] > 1:
+            A.ax.flag(a, A.why(node, "weight norm is taken over these channels"))
+    A.set(node, list(v))
+
+
 @rule(aten.group_norm.default)
 def _group_norm(A, node):
     x = A.dims(node.args[0])
@@ -252,23 +323,37 @@ def _group_norm(A, node):
     A.set(node, list(x))
 
 
-_REDUCE = {aten.mean.dim: "mean", aten.sum.dim_IntList: "sum", aten.amax.default: "max",
-           aten.amin.default: "min", aten.var.correction: "variance", aten.std.correction: "std"}
+# op -> (what it computes, position of its dim argument or None for all dims, position of keepdim
+# or None when keyword-only); "indices" reductions return positions along the reduced dims
+_REDUCE = {aten.mean.dim: ("mean", 1, 2), aten.sum.dim_IntList: ("sum", 1, 2), aten.amax.default: ("max", 1, 2),
+           aten.amin.default: ("min", 1, 2), aten.var.correction: ("variance", 1, None),
+           aten.std.correction: ("std", 1, None), aten.var.dim: ("variance", 1, 3), aten.std.dim: ("std", 1, 3),
+           aten.mean.default: ("mean", None, None), aten.sum.default: ("sum", None, None),
+           aten.prod.dim_int: ("product", 1, 2), aten.logsumexp.default: ("logsumexp", 1, 2),
+           aten.linalg_vector_norm.default: ("norm", 2, 3), aten.norm.ScalarOpt_dim: ("norm", 2, 3),
+           aten.any.dim: ("any", 1, 2), aten.all.dim: ("all", 1, 2), aten_op("any", "dims"): ("any", 1, 2),
+           aten_op("all", "dims"): ("all", 1, 2), aten.argmax.default: ("indices", 1, 2),
+           aten.argmin.default: ("indices", 1, 2)}
+_REDUCE.pop(None, None)
+REDUCE_OPS = frozenset(op for op, (what, _, _) in _REDUCE.items() if what != "indices")
 
 
 @rule(*_REDUCE)
 def _reduce(A, node):
     x, shape = A.dims(node.args[0]), A.shape(node.args[0])
-    dims = node_arg(node, 1, "dim", None)
-    keep = node_arg(node, 2, "keepdim", False)
-    if node.target in (aten.var.correction, aten.std.correction):
-        keep = node.kwargs.get("keepdim", False)
+    what, dim_at, keep_at = _REDUCE[node.target]
+    dims = node_arg(node, dim_at, "dim", None) if dim_at is not None else None
+    keep = node_arg(node, keep_at, "keepdim", False) if keep_at is not None else node.kwargs.get("keepdim", False)
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         dims = list(range(len(shape)))
     dims = {wrap_dim(d, len(shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
     for d in dims:
-        if shape[d] > 1:
-            A.ax.flag(x[d], A.why(node, f"{_REDUCE[node.target]} over these channels"))
+        if shape[d] <= 1:
+            continue
+        if what == "indices":  # positions along a pruned dim would point at other channels
+            A.ax.block(x[d], A.why(node, "the result indexes positions along this dim"))
+        else:
+            A.ax.flag(x[d], A.why(node, f"{what} over these channels"))
     out = []
     for i, a in enumerate(x):
         if i not in dims:
@@ -276,6 +361,17 @@ def _reduce(A, node):
         elif keep:
             out.append(A.ax.new(1))
     A.set(node, out)
+
+
+@rule(aten.max.dim, aten.min.dim)
+def _max_dim(A, node):
+    x, shape = A.dims(node.args[0]), A.shape(node.args[0])
+    d = wrap_dim(node.args[1], len(shape))
+    keep = node_arg(node, 2, "keepdim", False)
+    if shape[d] > 1:
+        A.ax.block(x[d], A.why(node, "the result indexes positions along this dim"))
+    out = [a if i != d else A.ax.new(1) for i, a in enumerate(x) if i != d or keep]
+    A.set(node, [out, list(out)])
 
 
 @rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)

@@ -15,7 +15,7 @@ aten = torch.ops.aten
 
 
 # -- shape ops ---------------------------------------------------------------------------
-@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten_op("view_copy"))
 def _reshape(A, node):
     A.set(node, reshape_dims(A, A.dims(node.args[0]), A.shape(node.args[0]), A.shape(node)))
 
@@ -50,7 +50,7 @@ def reshape_dims(A, in_dims, in_shape, out_shape) -> list[int]:
     return [a if a is not None else A.ax.new(s) for a, s in zip(out, out_shape)]
 
 
-@rule(aten.expand.default)
+@rule(aten.expand.default, aten_op("expand_copy"))
 def _expand(A, node):
     src, shape = A.dims(node.args[0]), A.shape(node.args[0])
     out_shape = A.shape(node)
@@ -62,13 +62,13 @@ def _expand(A, node):
     A.set(node, out)
 
 
-@rule(aten.permute.default)
+@rule(aten.permute.default, aten_op("permute_copy"))
 def _permute(A, node):
     src = A.dims(node.args[0])
     A.set(node, [src[wrap_dim(d, len(src))] for d in node.args[1]])
 
 
-@rule(aten.transpose.int)
+@rule(aten.transpose.int, aten_op("transpose_copy", "int"), aten_op("transpose_", "default"))
 def _transpose(A, node):
     src = list(A.dims(node.args[0]))
     n = len(src)
@@ -77,22 +77,81 @@ def _transpose(A, node):
     A.set(node, src)
 
 
-@rule(aten.t.default)
+@rule(aten_op("movedim", "int"), aten_op("movedim", "intlist"))
+def _movedim(A, node):
+    src = list(A.dims(node.args[0]))
+    n = len(src)
+    source, dest = node.args[1], node.args[2]
+    source = [wrap_dim(d, n) for d in (source if isinstance(source, (list, tuple)) else [source])]
+    dest = [wrap_dim(d, n) for d in (dest if isinstance(dest, (list, tuple)) else [dest])]
+    order: list[int | None] = [None] * n
+    for s, d in zip(source, dest):
+        order[d] = s
+    rest = iter(i for i in range(n) if i not in source)
+    A.set(node, [src[s if s is not None else next(rest)] for s in order])
+
+
+@rule(aten.reshape_as.default, aten.view_as.default)
+def _reshape_as(A, node):
+    """The output takes the other tensor's shape, so its dims are coupled with that tensor's."""
+    out = reshape_dims(A, A.dims(node.args[0]), A.shape(node.args[0]), A.shape(node))
+    for a, b in zip(out, A.dims(node.args[1])):
+        A.union(a, b)
+    A.set(node, out)
+
+
+@rule(aten.expand_as.default)
+def _expand_as(A, node):
+    """Broadcast to the other tensor's shape: the output has its dims; a dim of the input that is
+    not expanded (same size) is coupled with them."""
+    src, shape = A.dims(node.args[0]), A.shape(node.args[0])
+    out, out_shape = list(A.dims(node.args[1])), A.shape(node)
+    lead = len(out_shape) - len(shape)
+    for d, (a, s) in enumerate(zip(src, shape)):
+        if s == out_shape[lead + d] and s > 1:
+            A.union(a, out[lead + d])
+    A.set(node, out)
+
+
+@rule(aten.index_select.default)
+def _index_select(A, node):
+    src = list(A.dims(node.args[0]))
+    d = wrap_dim(node.args[1], len(src))
+    A.ax.block(src[d], A.why(node, "index_select picks fixed indices of this dim"))
+    idx = A.dims(node.args[2])
+    picked = idx[0] if idx else A.fresh([A.shape(node)[d]], A.why(node, "indexed dim"))[0]
+    A.set(node, src[:d] + [picked] + src[d + 1:])
+
+
+@rule(aten.sym_size.int, aten_op("sym_stride", "int"), aten_op("sym_numel"))
+def _sym_size(A, node):
+    """A size read into the graph: the dims it reads keep their size (their axes are blocked)."""
+    src = A.dims(node.args[0]) or []
+    read = [wrap_dim(node.args[1], len(src))] if node.target is aten.sym_size.int else range(len(src))
+    for d in read:
+        A.ax.block(src[d], A.why(node, "the graph reads the size of this dim"))
+
+
+@rule(aten.t.default, aten_op("t_copy"), aten_op("t_"))
 def _t(A, node):
     A.set(node, list(reversed(A.dims(node.args[0]))))
 
 
-@rule(aten.unsqueeze.default)
+@rule(aten.unsqueeze.default, aten_op("unsqueeze_copy"), aten_op("unsqueeze_"))
 def _unsqueeze(A, node):
     src = list(A.dims(node.args[0]))
     d = wrap_dim(node.args[1], len(src) + 1)
     A.set(node, src[:d] + [A.ax.new(1)] + src[d:])
 
 
-@rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+_SQUEEZE_ALL = {aten.squeeze.default, aten_op("squeeze_copy"), aten_op("squeeze_")} - {None}
+
+
+@rule(aten.squeeze.dim, aten.squeeze.dims, *_SQUEEZE_ALL, aten_op("squeeze_copy", "dim"),
+      aten_op("squeeze_copy", "dims"), aten_op("squeeze_", "dim"), aten_op("squeeze_", "dims"))
 def _squeeze(A, node):
     src, shape = A.dims(node.args[0]), A.shape(node.args[0])
-    if node.target is aten.squeeze.default:
+    if node.target in _SQUEEZE_ALL:
         drop = {i for i, s in enumerate(shape) if s == 1}
     else:
         dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
@@ -119,7 +178,7 @@ def _unflatten(A, node):
     A.set(node, src[:d] + A.ax.refine_prod(src[d], sizes) + src[d + 1:])
 
 
-@rule(aten.select.int)
+@rule(aten.select.int, aten_op("select_copy", "int"))
 def _select(A, node):
     src = list(A.dims(node.args[0]))
     d = wrap_dim(node.args[1], len(src))
@@ -127,13 +186,29 @@ def _select(A, node):
     A.set(node, src[:d] + src[d + 1:])
 
 
-@rule(aten.slice.Tensor)
+@rule(aten.slice.Tensor, aten_op("slice_copy", "Tensor"))
 def _slice(A, node):
-    src, shape = list(A.dims(node.args[0])), A.shape(node.args[0])
-    d = wrap_dim(node_arg(node, 1, "dim", 0), len(src))
-    n = shape[d]
     start, end = node_arg(node, 2, "start", None), node_arg(node, 3, "end", None)
-    step = node_arg(node, 4, "step", 1)
+    slice_dims(A, node, node_arg(node, 1, "dim", 0), start, end, node_arg(node, 4, "step", 1))
+
+
+@rule(aten.narrow.default, aten_op("narrow_copy"))
+def _narrow(A, node):
+    start, length = node.args[2], node.args[3]
+    if is_symbolic(start) or is_symbolic(length):
+        slice_dims(A, node, node.args[1], start, length, 1)  # blocked: the bounds vary
+        return
+    n = A.shape(node.args[0])[wrap_dim(node.args[1], len(A.shape(node.args[0])))]
+    lo = size_hint(start) % n if n else 0  # narrow's start may count from the end
+    slice_dims(A, node, node.args[1], lo, lo + size_hint(length), 1)
+
+
+def slice_dims(A, node, dim, start, end, step):
+    """The layout of ``x[..., start:end:step, ...]`` along ``dim``: a constant range is a
+    concatenation piece of the dim's axis; bounds that follow the input shape are blocked."""
+    src, shape = list(A.dims(node.args[0])), A.shape(node.args[0])
+    d = wrap_dim(dim, len(src))
+    n = shape[d]
     if any(is_symbolic(v) for v in (start, end, step)):
         # bounds that follow the input shape (x[:, :seq_len]): the positions kept vary per call
         why = A.why(node, "slice bounds vary with the input shape")
@@ -155,7 +230,8 @@ def _slice(A, node):
     A.set(node, src[:d] + [pieces[1]] + src[d + 1:])
 
 
-@rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+@rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten_op("split_copy", "Tensor"),
+      aten_op("split_with_sizes_copy"))
 def _split(A, node):
     src = list(A.dims(node.args[0]))
     dim_default = 0
@@ -166,7 +242,7 @@ def _split(A, node):
     A.set(node, [src[:d] + [p] + src[d + 1:] for p in pieces])
 
 
-@rule(aten.unbind.int)
+@rule(aten.unbind.int, aten_op("unbind_copy", "int"))
 def _unbind(A, node):
     src = list(A.dims(node.args[0]))
     d = wrap_dim(node_arg(node, 1, "dim", 0), len(src))

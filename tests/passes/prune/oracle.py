@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 import fxcompile
+from fxcompile.passes.prune.rules import _REDUCE, REDUCE_OPS
 
 aten = torch.ops.aten
 
@@ -73,13 +74,16 @@ class _Masked(fx.Interpreter):
             params = [(_select(p, pdims) if isinstance(p, torch.Tensor) else p) for p in args[2:]]
             y = n.target(xs, list(xs.shape[-k:]), *params, **kwargs)
             return _scatter(y, x.shape, dims)
-        if n.target is aten.mean.dim:
-            red = [d % x.dim() for d in args[1]]
-            keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-            y = xs.mean(red, keepdim=True)
-            other = {d: g for d, g in dims.items() if d not in red}
-            y = _scatter(y, [1 if d in red else s for d, s in enumerate(x.shape)], other)
-            return y if keep else y.squeeze(red)
+        if n.target in REDUCE_OPS:
+            return _masked_reduction(n.target, x, xs, args, kwargs, dims)
+        if n.target in _SAME_SHAPE:  # the op itself on the kept positions (per-channel params selected)
+            per_channel = {aten.batch_norm.default: (1, 5, 1), aten._weight_norm.default: (1, 2, None)}
+            lo, hi, cdim = per_channel.get(n.target, (1, 1, None))
+            if n.target is aten._weight_norm.default:
+                cdim = args[2] % x.dim() if len(args) > 2 else 0
+            pd = {0 if n.target is aten.batch_norm.default else cdim: dims[cdim]} if cdim in dims else {}
+            params = [_select(p, pd) if isinstance(p, torch.Tensor) else p for p in args[lo:hi]]
+            return _scatter(n.target(xs, *params, *args[hi:], **kwargs), x.shape, dims)
         if n.target is aten.group_norm.default:
             c, g = x.shape[1], args[1]
             gone = set(dims.get(1, []))
@@ -89,6 +93,29 @@ class _Masked(fx.Interpreter):
             y = aten.group_norm.default(xs, groups_kept, *params, *args[4:])
             return _scatter(y, x.shape, dims)
         raise NotImplementedError(f"no masked oracle for {n.target}")
+
+
+_SAME_SHAPE = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+               aten.batch_norm.default, aten._weight_norm.default}
+
+
+def _masked_reduction(op, x, xs, args, kwargs, dims):
+    """A reduction over the kept positions; the dims it keeps scattered back to their full size."""
+    _, dim_at, keep_at = _REDUCE[op]
+    red = (args[dim_at] if len(args) > dim_at else kwargs.get("dim")) if dim_at is not None else None
+    red = list(range(x.dim())) if red is None or red == [] else red
+    red = {d % x.dim() for d in (red if isinstance(red, (list, tuple)) else [red])}
+    keep = (args[keep_at] if len(args) > keep_at else kwargs.get("keepdim", False)) if keep_at is not None \
+        else kwargs.get("keepdim", False)
+    y = op(xs, *args[1:], **kwargs)
+    out_dim = {d: d if keep else d - sum(r < d for r in red) for d in range(x.dim()) if d not in red}
+    full = list(y.shape)
+    other = {}
+    for d, gone in dims.items():
+        if d in out_dim:
+            full[out_dim[d]] = x.shape[d]
+            other[out_dim[d]] = gone
+    return _scatter(y, full, other)
 
 
 def masked_reference(model, args, kwargs, report):
