@@ -303,3 +303,57 @@ def test_onnx_model_over_2gb(tmp_path):
     assert_close(expected, compiled(ids))
     compiled.save(tmp_path / "big.onnx")
     assert_close(expected, fxcompile.load(tmp_path / "big.onnx")(ids))
+
+
+# -- scaled_dot_product_attention's mask ---------------------------------------------------------
+class Attend(nn.Module):
+    def __init__(self, causal=False):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v, mask=None):
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+
+
+def _masked_attention(q, k, v, bias):
+    """Attention written out with an additive mask: a row whose every key is masked is
+    softmax over -inf only, NaN, as hand-written (masked_fill -inf) attention gives it (which
+    fuse_attention turns into sdpa); PyTorch's own sdpa kernels return 0 for such a row."""
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias, dim=-1) @ v
+
+
+def _scores_readers(graph) -> set[str]:
+    """Op types of the nodes that read q @ k^T or a value computed from it, up to the Softmax."""
+    derived, found = {graph.node[[n.op_type for n in graph.node].index("MatMul")].output[0]}, set()
+    for n in graph.node:
+        if derived & set(n.input):
+            found.add(n.op_type)
+            if n.op_type != "Softmax":
+                derived |= set(n.output)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "causal"])
+def test_onnx_attention_mask_is_an_add_on_the_scores(kind, tmp_path):
+    """The mask reaches the [batch, heads, seq, seq] scores as one Add: a Where over the scores
+    costs onnxruntime several times an Add. A boolean mask becomes 0 / -inf on the mask's own
+    (smaller, shared by every layer) shape; a causal one a constant. Same results as before,
+    including rows whose every key is masked (NaN, as attention written out with -inf gives)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    keep = torch.rand(2, 1, 5, 5, generator=g) > 0.3
+    keep[0, 0, 1] = False  # every key masked
+    keep[1, 0, 3] = False
+    minus_inf = torch.tensor(float("-inf"))
+    bias = {"bool": torch.where(keep, 0.0, minus_inf),
+            "float": torch.where(keep, torch.randn(2, 1, 5, 5, generator=g), minus_inf),
+            "causal": torch.where(torch.ones(5, 5, dtype=torch.bool).tril(), 0.0, minus_inf)}[kind]
+    mask = {"bool": keep, "float": bias, "causal": None}[kind]
+    args = (q, k, v) if mask is None else (q, k, v, mask)
+    compiled = fxcompile.compile(Attend(kind == "causal"), args, backend="onnx")
+    graph = onnx.load(compiled.save(tmp_path / "attend.onnx")[0]).graph
+    assert _scores_readers(graph) <= {"Mul", "Add", "Softmax"}, _scores_readers(graph)
+    assert "Add" in _scores_readers(graph)
+    torch.testing.assert_close(compiled(*args), _masked_attention(q, k, v, bias), equal_nan=True)
+    if kind != "causal":
+        assert compiled(*args)[0, :, 1].isnan().all() and compiled(*args)[1, :, 3].isnan().all()

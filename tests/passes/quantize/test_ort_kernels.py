@@ -69,13 +69,13 @@ def _producers(graph) -> dict:
 
 
 def test_float_outputs_linear_read_only_by_float_ops_runs_int8_with_a_float_output(tmp_path):
-    """float_outputs=True: a linear whose output only GELU or tanh reads (BERT's feed-forward
+    """float_outputs (the default): a linear whose output only GELU or tanh reads (BERT's feed-forward
     up-projection and pooler) gets no QuantizeLinear -> DequantizeLinear after it, and onnxruntime
     still runs it as an int8 kernel (QGemm without an output scale: the bias goes in as int32), so
     the only uint8 -> float conversions left are those a float op needs (LayerNorm after a
     QLinearAdd, the float probs @ v). The output is at least as close to fp32 as with every linear
     output quantized: a rounding step fewer."""
-    model, int8, graph, ops = _int8(tmp_path / "float", float_outputs=True)
+    model, int8, graph, ops = _int8(tmp_path / "float")
     producer = _producers(graph)
     readers = [n for n in graph.node if n.op_type in ("Gelu", "Tanh")]
     assert len(readers) == 3, Counter(n.op_type for n in graph.node)
@@ -91,10 +91,10 @@ def test_float_outputs_linear_read_only_by_float_ops_runs_int8_with_a_float_outp
     dq_readers = Counter(r.op_type for n in optimized.node if n.op_type == "DequantizeLinear"
                          for r in optimized.node if n.output[0] in r.input)
     assert set(dq_readers) <= {"LayerNormalization", "MatMul"}, dq_readers
-    _, default, _, _ = _int8(tmp_path / "default")
+    _, quantized, _, _ = _int8(tmp_path / "quantized", float_outputs=False)
     held_out = _inputs(99)
     ref = model(*held_out)
-    assert cosine(ref, int8(*held_out)) >= cosine(ref, default(*held_out)) - 1e-5
+    assert cosine(ref, int8(*held_out)) >= cosine(ref, quantized(*held_out)) - 1e-5
 
 
 def test_attention_scale_goes_into_the_query_dequantize(tmp_path):

@@ -411,6 +411,9 @@ def test_digits_ptq_and_qat_accuracy(digits_data, name):
     qat = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
     qat_acc = accuracy(qat, xte, yte)
     assert qat_acc >= fp32 - 0.2, (fp32, qat_acc)
+    # QAT trained what is deployed: the fake-quant graph and onnxruntime's int8 model agree
+    # (float outputs included) to within an image
+    assert abs(accuracy(fq, xte, yte) - qat_acc) <= 100 / len(yte) + 1e-6, (accuracy(fq, xte, yte), qat_acc)
 
 
 def test_embedding_tables_become_uint8_rows_onnxruntime_gathers(tmp_path):
