@@ -225,23 +225,33 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     scores = op.MatMul(query, op.Transpose(key, perm=perm))
     if scale != 1.0:
         scores = op.Mul(scores, op.CastLike(scale, scores))
-    # The mask goes in as an Add of 0 / -inf: a Where over the [batch, heads, seq, seq] scores
-    # costs onnxruntime 2.5x an Add (BERT-base at batch 8, 2 threads: 2.0 vs 0.8 ms). A boolean
-    # mask becomes 0 / -inf on its own shape, which every layer shares (onnxruntime computes it
-    # once), a causal one a constant. Same results for finite scores, including rows whose every
-    # key is masked (softmax over -inf only: NaN, as before).
+    # The mask goes in as an Add: a Where over the [batch, heads, seq, seq] scores costs
+    # onnxruntime 2.5x an Add (BERT-base at batch 8, 2 threads: 2.0 vs 0.8 ms). A boolean mask
+    # becomes 0 / finfo.min on its own shape, which every layer shares (onnxruntime computes it
+    # once), a causal one a constant. PyTorch's sdpa gives 0 for a query row whose every key is
+    # masked (left padding in a batch); softmax over -inf only would give NaN, which spreads
+    # through the next layer's keys and values to every row. So masked keys add finfo.min (exp
+    # gives exactly 0 all the same) and such rows are zeroed by one Mul on the output.
     if is_causal:
         import numpy as np
         bias = np.where(np.tril(np.ones(causal_shape, dtype=bool)), 0.0, -np.inf).astype(np.float32)
         # onnxscript's signatures take tensors: they type a Constant as any tensor type
         attn_mask = op.CastLike(op.Constant(value=onnx_ir().tensor(bias)), scores)  # type: ignore[type-var]
-    elif attn_mask is not None and attn_mask.dtype == onnx_ir().DataType.BOOL:
+        return op.MatMul(op.Softmax(op.Add(scores, attn_mask), axis=-1), value)  # no row is fully masked
+    if attn_mask is None:
+        return op.MatMul(op.Softmax(scores, axis=-1), value)
+    lowest = op.CastLike(torch.finfo(torch.float32).min, scores)  # type: ignore[type-var]
+    if attn_mask.dtype == onnx_ir().DataType.BOOL:
+        keep = attn_mask
         # the exporter's tracer makes a Python float a constant itself
-        attn_mask = op.Where(attn_mask, op.CastLike(0.0, scores),  # type: ignore[type-var]
-                             op.CastLike(float("-inf"), scores))  # type: ignore[type-var]
-    if attn_mask is not None:
-        scores = op.Add(scores, attn_mask)
-    return op.MatMul(op.Softmax(scores, axis=-1), value)
+        attn_mask = op.Where(keep, op.CastLike(0.0, scores), lowest)  # type: ignore[type-var]
+    else:
+        keep = op.Greater(attn_mask, op.CastLike(float("-inf"), attn_mask))  # type: ignore[type-var]
+        attn_mask = op.Max(op.CastLike(attn_mask, scores), lowest)
+    any_key = op.CastLike(op.ReduceMax(op.Cast(keep, to=onnx_ir().DataType.FLOAT), [-1],  # type: ignore[type-var, arg-type]
+                                       keepdims=1), scores)
+    out = op.MatMul(op.Softmax(op.Add(scores, attn_mask), axis=-1), value)
+    return op.Mul(out, any_key)
 
 
 def onnx_ir():

@@ -336,9 +336,10 @@ def _scores_readers(graph) -> set[str]:
 @pytest.mark.parametrize("kind", ["bool", "float", "causal"])
 def test_onnx_attention_mask_is_an_add_on_the_scores(kind, tmp_path):
     """The mask reaches the [batch, heads, seq, seq] scores as one Add: a Where over the scores
-    costs onnxruntime several times an Add. A boolean mask becomes 0 / -inf on the mask's own
-    (smaller, shared by every layer) shape; a causal one a constant. Same results as before,
-    including rows whose every key is masked (NaN, as attention written out with -inf gives)."""
+    costs onnxruntime several times an Add. A boolean mask becomes 0 / finfo.min on the mask's
+    own (smaller, shared by every layer) shape; a causal one a constant. Results are PyTorch's
+    sdpa's, including rows whose every key is masked: 0, not the NaN of softmax over -inf only
+    (which would spread through the next layer to every row)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
     keep = torch.rand(2, 1, 5, 5, generator=g) > 0.3
@@ -350,10 +351,12 @@ def test_onnx_attention_mask_is_an_add_on_the_scores(kind, tmp_path):
             "causal": torch.where(torch.ones(5, 5, dtype=torch.bool).tril(), 0.0, minus_inf)}[kind]
     mask = {"bool": keep, "float": bias, "causal": None}[kind]
     args = (q, k, v) if mask is None else (q, k, v, mask)
-    compiled = fxcompile.compile(Attend(kind == "causal"), args, backend="onnx")
+    model = Attend(kind == "causal")
+    compiled = fxcompile.compile(model, args, backend="onnx")
     graph = onnx.load(compiled.save(tmp_path / "attend.onnx")[0]).graph
     assert _scores_readers(graph) <= {"Mul", "Add", "Softmax"}, _scores_readers(graph)
     assert "Add" in _scores_readers(graph)
-    torch.testing.assert_close(compiled(*args), _masked_attention(q, k, v, bias), equal_nan=True)
+    torch.testing.assert_close(compiled(*args), model(*args))  # torch's sdpa
     if kind != "causal":
-        assert compiled(*args)[0, :, 1].isnan().all() and compiled(*args)[1, :, 3].isnan().all()
+        assert (compiled(*args)[0, :, 1] == 0).all() and (compiled(*args)[1, :, 3] == 0).all()
+        assert not _masked_attention(q, k, v, bias)[0, :, 1].isfinite().any()  # -inf-only softmax
