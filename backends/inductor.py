@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "dynamic_shapes": None,
 }
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_QUANT_OPS = ("fxcompile::quantize", "fxcompile::dequantize", "fxcompile::dynamic_quantized_matmul")
+_QUANT_OPS = ("fxcompile::quantize", "fxcompile::dequantize", "fxcompile::dynamic_quantized_matmul",
+              "fxcompile::quantized_linear")
 
 
 class InductorRunner(EagerRunner):

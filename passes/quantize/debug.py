@@ -45,12 +45,13 @@ from fxcompile.numerics import _leaves
 from fxcompile.signature import _flatten_batch, batch_as_call, iterate_batches
 
 from .placement import FAMILIES
-from .ops import DEQUANTIZE, DYNAMIC_QUANTIZED_MATMUL, FAKE_QUANT_OPS, QUANTIZE, FakeQuantArgs, dequantize
+from .ops import (DEQUANTIZE, DYNAMIC_QUANTIZED_MATMUL, FAKE_QUANT_OPS, QUANTIZE, QUANTIZED_LINEAR, FakeQuantArgs,
+                  dequantize)
 from .state import QuantState, get_state
 
 _QUANT_OPS = FAKE_QUANT_OPS | {QUANTIZE}
-# the ops quantization makes integer ops of (placement's families), and a folded dynamic matmul
-_QUANTIZED_OPS = set().union(*FAMILIES.values()) | {DYNAMIC_QUANTIZED_MATMUL}
+# the ops quantization makes integer ops of (placement's families), and the folded linears
+_QUANTIZED_OPS = set().union(*FAMILIES.values()) | {DYNAMIC_QUANTIZED_MATMUL, QUANTIZED_LINEAR}
 
 
 class _Error:
@@ -113,6 +114,8 @@ class _Recorder(fx.Interpreter):
         quantized = self._call_quantized(n) if n.name in self.anchors or self._reads_quantized(n) else None
         if n.target is DYNAMIC_QUANTIZED_MATMUL:
             out = _float_dynamic_matmul(*map_arg(n.args, self.env.__getitem__))
+        elif n.target is QUANTIZED_LINEAR:
+            out = _float_quantized_linear(*map_arg(n.args, self.env.__getitem__))
         else:
             out = super().run_node(n)
         if n.name in self.anchors:
@@ -161,6 +164,11 @@ def _float_dynamic_matmul(x, w, w_scale, w_zero_point, bias):
     """dynamic_quantized_matmul with a float ``x`` (its int8 weight dequantized)."""
     y = x.float() @ dequantize(w, w_scale, w_zero_point, w.dim() - 1)
     return y + bias if bias is not None else y
+
+
+def _float_quantized_linear(x, x_scale, x_zero_point, w, w_scale, w_zero_point, bias):
+    """quantized_linear with a float ``x`` (its int8 weight [K, N] dequantized)."""
+    return torch.nn.functional.linear(x.float(), dequantize(w, w_scale, w_zero_point, 1).t(), bias)
 
 
 @dataclass
@@ -341,7 +349,7 @@ def _anchors(gm: fx.GraphModule, state: QuantState) -> list[str]:
     nodes = {n.name: n for n in gm.graph.nodes}
     found: set[str] = set()
     names = {c for p in state.points.values() for c in p.consumers}
-    names |= {f"dynamic_quantized_{c}" for c in names} | set(state.points)  # folding renames these
+    names |= {f"{how}quantized_{c}" for c in names for how in ("dynamic_", "")} | set(state.points)  # folding renames
     todo = [nodes[name] for name in names if name in nodes]
     seen: set[fx.Node] = set()
     while todo:

@@ -1,6 +1,7 @@
 """The integer ops a quantized graph runs: ``fxcompile::quantize`` and ``fxcompile::dequantize``,
 and for activations quantized at run time ``fxcompile::dynamic_fake_quant`` and
-``fxcompile::dynamic_quantized_matmul``.
+``fxcompile::dynamic_quantized_matmul``, and ``fxcompile::quantized_linear`` for a static linear
+with a float output.
 
 ATen has no op that maps a float tensor to a plain int8/uint8 tensor and back (``aten.quantize_*``
 make quantized tensor subclasses that torch.export and torch.onnx can't carry), and
@@ -21,7 +22,13 @@ point from each tensor's own range at run time, exactly as ONNX's DynamicQuantiz
 The fake-quant graph itself uses ATen's fake-quant ops (FQ_* below); ``FakeQuantArgs.of(node)``
 reads any fake-quant node's arguments by name, since each op puts them in other positions.
 
-The onnx backend writes the folded op as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul
+A static linear whose output stays float (insert_fake_quant's ``float_outputs``) folds into one op
+of the quantized input, the int8 weight and the float bias, which onnxruntime runs as one
+MatMulIntegerToFloat kernel:
+
+    y = quantized_linear(xq, xs, xz, w, ws, wz, bias)  # linear(dequantize(xq), w [K, N] dequantized, bias)
+
+The onnx backend writes the dynamic op as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul
 (-> Add), which onnxruntime fuses into one DynamicQuantizeMatMul kernel (U8S8, per-column weight
 scales).
 """
@@ -121,10 +128,27 @@ def _dynamic_quantized_matmul_fake(x, w, w_scale, w_zero_point, bias):
     return x.new_empty((*x.shape[:-1], w.shape[-1]), dtype=torch.float32)
 
 
+@torch.library.custom_op("fxcompile::quantized_linear", mutates_args=())
+def quantized_linear(xq: Tensor, x_scale: Tensor, x_zero_point: Tensor, w: Tensor, w_scale: Tensor,
+                     w_zero_point: Tensor, bias: Tensor) -> Tensor:
+    """linear(dequantize(xq), dequantize(w), bias) with a float output: ``xq`` uint8/int8 per
+    tensor, ``w`` int8 [K, N] with scales per column (N) or one scale, ``bias`` float [N]."""
+    x = dequantize(xq, x_scale, x_zero_point, 0)
+    # back to the [N, K] weight linear took: the same numbers, in the same memory order
+    weight = dequantize(w, w_scale, w_zero_point, 1).t().contiguous()
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@quantized_linear.register_fake
+def _quantized_linear_fake(xq, x_scale, x_zero_point, w, w_scale, w_zero_point, bias):
+    return xq.new_empty((*xq.shape[:-1], w.shape[-1]), dtype=torch.float32)
+
+
 QUANTIZE = torch.ops.fxcompile.quantize.default
 DEQUANTIZE = torch.ops.fxcompile.dequantize.default
 DYNAMIC_FAKE_QUANT = torch.ops.fxcompile.dynamic_fake_quant.default
 DYNAMIC_QUANTIZED_MATMUL = torch.ops.fxcompile.dynamic_quantized_matmul.default
+QUANTIZED_LINEAR = torch.ops.fxcompile.quantized_linear.default
 
 # ATen's fake-quant ops as insert_fake_quant writes them, and their learnable twins (QAT).
 aten = torch.ops.aten

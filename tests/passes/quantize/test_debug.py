@@ -226,3 +226,25 @@ def test_cli_explain_prints_the_worst_layers(tmp_path, capsys):
     assert len(rows) == 2 and rows[0][2] == "fc" and "exact" not in table
     assert cli.main(["compile", "tests.passes.quantize.test_debug:outlier_factory", "--explain"]) == 2
     assert "--explain shows which quantized layers lose accuracy" in capsys.readouterr().err
+
+
+def test_folded_float_output_linear_is_measured_like_the_unfolded_one():
+    """onnxruntime's fold makes a linear read only by GELU one quantized_linear op (the quantized
+    input, the int8 weight): it is still a row of the report, run on its float input in the
+    reference run. The folded rows hold activation error only (the float weights are gone), the
+    fake-quant graph's rows weight error too: close, not equal."""
+    from fxcompile.passes.quantize.ops import QUANTIZED_LINEAR
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+    data = [torch.randn(4, 8) for _ in range(4)]
+    compiled = {fold: fxcompile.compile(model, (data[0],), calibration_data=data,
+                                        passes=fxcompile.quantize_passes("onnxruntime", fold=fold))
+                for fold in (False, True)}
+    assert [n.target for n in compiled[True].graph_module.graph.nodes].count(QUANTIZED_LINEAR) == 1
+    unfolded, folded = (fxcompile.compare_quantized(model, compiled[fold], data) for fold in (False, True))
+    rows = {r.module: r for r in unfolded.rows}
+    assert sorted(r.module for r in folded.rows) == sorted(rows) == ["0", "2"], str(folded)
+    for r in folded.rows:
+        assert r.source == rows[r.module].source and abs(r.sqnr_db - rows[r.module].sqnr_db) < 3, \
+            (str(folded), str(unfolded))
+    assert folded.output_sqnr_db == pytest.approx(unfolded.output_sqnr_db, abs=0.5)

@@ -71,7 +71,7 @@ def _producers(graph) -> dict:
 def test_float_outputs_linear_read_only_by_float_ops_runs_int8_with_a_float_output(tmp_path):
     """float_outputs (the default): a linear whose output only GELU or tanh reads (BERT's feed-forward
     up-projection and pooler) gets no QuantizeLinear -> DequantizeLinear after it, and onnxruntime
-    still runs it as an int8 kernel (QGemm without an output scale: the bias goes in as int32), so
+    still runs it as an int8 kernel (MatMulIntegerToFloat: float output and bias), so
     the only uint8 -> float conversions left are those a float op needs (LayerNorm after a
     QLinearAdd, the float probs @ v). The output is at least as close to fp32 as with every linear
     output quantized: a rounding step fewer."""
@@ -83,9 +83,11 @@ def test_float_outputs_linear_read_only_by_float_ops_runs_int8_with_a_float_outp
         src = producer[n.input[0]]
         while src.op_type in ("Add", "Reshape"):  # the linear's bias add, the 3-D -> 2-D reshape
             src = producer[src.input[0]]
-        assert src.op_type in ("MatMul", "Gemm"), (n.name, src.op_type)
-    # every linear still runs as an int8 kernel in onnxruntime: 6 per layer and the pooler
-    assert ops["QGemm"] == 6 * 2 + 1 and ops["QLinearAdd"] >= 2 * 2, ops
+        assert src.op_type == "MatMulIntegerToFloat", (n.name, src.op_type)
+    # every linear still runs as an int8 kernel in onnxruntime: 6 per layer and the pooler, those
+    # with a float output (up-projections, pooler) as MatMulIntegerToFloat with q @ k^T
+    assert ops["QGemm"] == 5 * 2 and ops["MatMulIntegerToFloat"] == 2 + 1 + 2, ops
+    assert ops["QLinearAdd"] >= 2 * 2, ops
     assert not FLOAT_KERNELS - {"MatMul"} & set(ops), ops
     optimized = onnx.load(str(tmp_path / "float" / "optimized.onnx")).graph
     dq_readers = Counter(r.op_type for n in optimized.node if n.op_type == "DequantizeLinear"
@@ -102,10 +104,84 @@ def test_attention_scale_goes_into_the_query_dequantize(tmp_path):
     dequantization inside onnxruntime's int8 q @ k^T (MatMulIntegerToFloat), not by a float Mul
     over the [batch, heads, seq, seq] scores; the output stays as close to fp32."""
     model, int8, _, ops = _int8(tmp_path)
-    assert ops["MatMulIntegerToFloat"] == 2, ops
+    assert ops["MatMulIntegerToFloat"] == 2 + 3, ops  # q @ k^T per layer, 3 float-output linears
     optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
-    scores = {o for n in optimized.node if n.op_type == "MatMulIntegerToFloat" for o in n.output}
+    weights = {i.name for i in optimized.initializer}
+    scores = {o for n in optimized.node if n.op_type == "MatMulIntegerToFloat" and n.input[1] not in weights
+              for o in n.output}  # q @ k^T: both operands are activations
+    assert len(scores) == 2, scores
     # the one Mul per layer left zeroes the output rows whose every key is masked (as torch's sdpa)
     assert not [n.name for n in optimized.node if n.op_type == "Mul" and set(n.input) & scores]
     held_out = _inputs(99)
     assert cosine(model(*held_out), int8(*held_out)) >= 0.9997
+
+
+def test_float_output_linears_run_as_matmul_integer_to_float(tmp_path):
+    """A linear whose output stays float (BERT's feed-forward up-projection before GELU, the pooler
+    before tanh) runs in onnxruntime as one MatMulIntegerToFloat (uint8 input, int8 weight stored
+    [K, N], float bias), half the time of the QGemm it ran as before. The folded eager graph
+    keeps each linear's source line, and onnxruntime's output agrees with it."""
+    from fxcompile.numerics import max_error
+    from fxcompile.passes.quantize.ops import QUANTIZED_LINEAR
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x, mask = _inputs(0)
+    fq = fxcompile.compile(model, (x, mask), calibration_data=[_inputs(s) for s in range(1, 5)],
+                           passes=fxcompile.quantize_passes("onnxruntime", fold=False))
+    folded = fxcompile.recompile(fq, ["fold_fake_quant"], backend="eager")
+    linears = [n for n in folded.graph_module.graph.nodes if n.target is QUANTIZED_LINEAR]
+    assert len(linears) == 2 + 1, [n.name for n in linears]  # up-projections and the pooler
+    assert all("self.up[i](h)" in str(n.meta.get("stack_trace")) or "self.pool(h[:, 0])"
+               in str(n.meta.get("stack_trace")) for n in linears), [n.meta.get("stack_trace") for n in linears]
+    held_out = _inputs(99)
+    # (the int32 bias and the attention scale's move are the fold's only roundings, as before)
+    assert cosine(fq(*held_out), folded(*held_out)) >= 0.9999
+    int8 = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
+    path = int8.save(str(tmp_path / "int8.onnx"))[0]
+    ops = optimized_ops(path, tmp_path)
+    # 3 float-output linears and 2 attention scores q @ k^T; the other 5 linears of a layer
+    # have quantized outputs (QGemm with an output scale)
+    assert ops["MatMulIntegerToFloat"] == 3 + 2 and ops["QGemm"] == 5 * 2, ops
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    producer = _producers(optimized)
+    for n in (n for n in optimized.node if n.op_type in ("Gelu", "Tanh")):
+        src = producer[n.input[0]]
+        while src.op_type == "Reshape":
+            src = producer[src.input[0]]
+        assert src.op_type == "MatMulIntegerToFloat", (n.name, src.op_type)
+    assert cosine(folded(*held_out), int8(*held_out)) >= 0.99999
+    assert max_error(folded(*held_out), int8(*held_out)) <= 0.05  # at most a few int8 steps apart
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12)])
+def test_quantized_linear_is_linear_of_the_dequantized_operands_bit_for_bit(per_channel, shape):
+    """fxcompile::quantized_linear takes the weight transposed ([K, N], as MatMulIntegerToFloat
+    does) and computes exactly the linear of the dequantized input and [N, K] weight it replaces."""
+    from fxcompile.passes.quantize.ops import dequantize, quantize, quantized_linear
+    g = torch.Generator().manual_seed(len(shape) + per_channel)
+    x = torch.randn(*shape, generator=g)
+    x_scale, x_zero_point = torch.tensor(0.02), torch.tensor(131, dtype=torch.uint8)
+    xq = quantize(x, x_scale, x_zero_point, 0, 255)
+    w = torch.randint(-128, 128, (7, 12), generator=g, dtype=torch.int8)  # [N, K]
+    w_scale = torch.rand(7, generator=g) * 0.01 + 1e-3 if per_channel else torch.tensor(0.004)
+    w_zero_point = torch.zeros(w_scale.shape, dtype=torch.int8)
+    bias = torch.randn(7, generator=g)
+    expected = torch.nn.functional.linear(dequantize(xq, x_scale, x_zero_point, 0),
+                                          dequantize(w, w_scale, w_zero_point, 0), bias)
+    got = quantized_linear(xq, x_scale, x_zero_point, w.t().contiguous(), w_scale, w_zero_point, bias)
+    assert got.dtype == torch.float32 and torch.equal(got, expected), (got - expected).abs().max()
+
+
+def test_tensorrt_target_keeps_float_output_linears_as_qdq():
+    """MatMulIntegerToFloat is onnxruntime's: the tensorrt target's fold leaves Q/DQ only."""
+    from fxcompile.passes.quantize.ops import DEQUANTIZE, QUANTIZED_LINEAR
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+    data = [torch.randn(4, 8) for _ in range(4)]
+    targets = {}
+    for target in ("onnxruntime", "tensorrt"):
+        folded = fxcompile.compile(model, (data[0],), calibration_data=data, passes=fxcompile.quantize_passes(target))
+        targets[target] = [n.target for n in folded.graph_module.graph.nodes]
+    assert targets["onnxruntime"].count(QUANTIZED_LINEAR) == 1
+    assert QUANTIZED_LINEAR not in targets["tensorrt"] and targets["tensorrt"].count(DEQUANTIZE) >= 3
