@@ -12,6 +12,8 @@ Each contender runs in a fresh subprocess (nothing cached or freed late from an 
   fx onnx            fxcompile.compile(..., backend="onnx"), onnxruntime session included
   fx onnx prepack=False  the same without onnxruntime's pre-packed copy of the matmul weights
                      (they stay in the memory-mapped file; slower matmuls)
+  fx onnx int8 dynamic  passes=fxcompile.quantize_passes("onnxruntime", activations="dynamic"),
+                     backend="onnx" (not run unless named in --contenders)
 
 How memory is measured: peak resident set size (RSS) added by the call. The child imports every
 library the contenders use (torch.onnx, onnxscript, onnxruntime, transformers), builds the model,
@@ -40,7 +42,8 @@ import time
 
 CONTENDERS = {"export": "torch.export", "onnx_export": "torch.onnx.export",
               "onnx_export_ort": "torch.onnx.export + ort", "fx_eager": "fx eager", "fx_onnx": "fx onnx",
-              "fx_onnx_noprepack": "fx onnx prepack=False"}
+              "fx_onnx_noprepack": "fx onnx prepack=False", "fx_onnx_int8": "fx onnx int8 dynamic"}
+DEFAULT_CONTENDERS = ("export", "onnx_export", "onnx_export_ort", "fx_eager", "fx_onnx", "fx_onnx_noprepack")
 HEADER = ("model", "contender", "weights MB", "peak added MB", "x weights", "time s", "stages")
 
 
@@ -107,13 +110,11 @@ def run_contender(contender: str, model, inputs: dict, stages: bool) -> dict:
                 out["session"] = ort.InferenceSession(os.path.join(tmp, "model.onnx"), so,
                                                       providers=["CPUExecutionProvider"])
     else:
-        backend, options = contender.removeprefix("fx_"), {}
-        if backend == "onnx_noprepack":
-            backend, options = "onnx", {"prepack": False}
+        backend, options, passes = fx_plan(contender)
         if stages:
-            out["stage_rows"] = staged_compile(model, inputs, backend, options)
+            out["stage_rows"] = staged_compile(model, inputs, backend, options, passes)
         else:
-            compiled = fxcompile.compile(model, example_kwargs=inputs, backend=backend, **options)
+            compiled = fxcompile.compile(model, example_kwargs=inputs, passes=passes, backend=backend, **options)
             r = compiled.report
             out["stages"] = ([("capture", r.capture_seconds)] + [(p.name, p.seconds) for p in r.passes]
                              + [("lowering", r.backend_seconds)])
@@ -121,7 +122,17 @@ def run_contender(contender: str, model, inputs: dict, stages: bool) -> dict:
     return out
 
 
-def staged_compile(model, inputs: dict, backend: str, options: dict) -> list:
+def fx_plan(contender: str) -> tuple[str, dict, list | None]:
+    """An fx contender's (backend, backend options, passes: None for the default pipeline)."""
+    import fxcompile
+    if contender == "fx_onnx_noprepack":
+        return "onnx", {"prepack": False}, None
+    if contender == "fx_onnx_int8":
+        return "onnx", {}, fxcompile.quantize_passes("onnxruntime", activations="dynamic")
+    return contender.removeprefix("fx_"), {}, None
+
+
+def staged_compile(model, inputs: dict, backend: str, options: dict, passes: list | None = None) -> list:
     """fxcompile.compile's steps one by one: [(stage, seconds, RSS after MB, peak during MB)]."""
     from fxcompile.api import lower_captured
     from fxcompile.capture import capture
@@ -137,7 +148,7 @@ def staged_compile(model, inputs: dict, backend: str, options: dict) -> list:
     t = time.perf_counter()
     captured = capture(model, (), inputs)
     t = mark("capture", t)
-    for info, opts in resolve_pipeline(None):
+    for info, opts in resolve_pipeline(passes):
         captured.gm, _ = run_pipeline(captured.gm, [(info, opts)], captured.example_inputs)
         t = mark(info.name, t)
     lower_captured(captured, backend, dict(options), Report(), False)
@@ -152,14 +163,19 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     preload()
     model, inputs = zoo.build(args.model, size=args.size, seq=args.seq)
+    print("RESULT " + json.dumps(measure_here(args.child, model, inputs, args.stages)))
+
+
+def measure_here(contender: str, model, inputs: dict, stages: bool) -> dict:
+    """Run one contender in this process: its result with the peak RSS it added (see the module doc)."""
     gc.collect()
     before = rss_mb()
     worked = reset_peak()
-    result = run_contender(args.child, model, inputs, args.stages)
+    result = run_contender(contender, model, inputs, stages)
     result.pop("session", None)
     peak = max([peak_mb(worked)] + [row[3] for row in result.get("stage_rows", [])])
     result.update(peak_added=peak - before, weights=weights_mb(model), before=before, hwm_reset=worked)
-    print("RESULT " + json.dumps(result))
+    return result
 
 
 def measure(model: str, contender: str, args) -> dict:
@@ -167,8 +183,18 @@ def measure(model: str, contender: str, args) -> dict:
            "--size", args.size, "--seq", str(args.seq), "--threads", str(args.threads)]
     if args.stages and contender.startswith("fx_"):
         cmd.append("--stages")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    return run_child(cmd, args.timeout)
+
+
+def run_child(cmd: list[str], timeout: int) -> dict:
+    """Run a child command; its "RESULT {json}" line, or {"error": the last line of its stderr}."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None and proc.returncode < 0:  # SIGKILL leaves no traceback: most often the OOM killer
+        return {"error": f"killed by signal {-proc.returncode} (out of memory?)"}
     if line is None:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]}
     return json.loads(line[len("RESULT "):])
@@ -193,7 +219,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--size", default="base", choices=("small", "base"))
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS), help=f"of {', '.join(CONTENDERS)}")
     p.add_argument("--stages", action="store_true", help="RSS after and peak during each fxcompile stage")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--out", help="also write the markdown table to this file (e.g. benchmarks/results/compile.md)")
