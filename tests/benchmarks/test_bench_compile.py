@@ -2,24 +2,14 @@
 tests/core/test_memory.py bounds the memory)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
-
-SCRIPT = ROOT / "benchmarks" / "bench_compile.py"
+from tests.benchmarks.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_compile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_script("bench_compile")
 
 
 def test_bench_compile_small_bert(bench, tmp_path):
@@ -37,17 +27,9 @@ def test_bench_compile_small_bert(bench, tmp_path):
     assert md == result["markdown"] and "`python benchmarks/bench_compile.py --models bert" in md
 
 
-LARGE = ROOT / "benchmarks" / "bench_large.py"
-
-
 @pytest.fixture(scope="module")
 def large():
-    spec = importlib.util.spec_from_file_location("bench_large", LARGE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_script("bench_large")
 
 
 def test_bench_large_builds_the_decoder_in_place(large):
