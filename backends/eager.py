@@ -29,10 +29,15 @@ class EagerRunner(Lowered):
             out = tuple(o.contiguous() if isinstance(o, torch.Tensor) else o for o in self.gm(*flat))
         else:
             out = self.gm(*flat)
+        return self._fresh(out)
+
+    def _fresh(self, out) -> tuple:
+        """``out`` with its constant outputs cloned. A constant output is one tensor of the graph
+        (a folded constant, a parameter): handing it out would let a caller's in-place edit
+        change every later call's answer."""
+        out = tuple(out)
         if not self._constant_outputs:
             return out
-        # A constant output is one tensor of the graph (a folded constant, a parameter): handing
-        # it out would let a caller's in-place edit change every later call's answer.
         return tuple(o.clone() if i in self._constant_outputs and isinstance(o, torch.Tensor) else o
                      for i, o in enumerate(out))
 

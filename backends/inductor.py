@@ -31,7 +31,7 @@ from torch import fx
 from fxcompile.backend_api import check_options
 from fxcompile.errors import BackendError
 
-from .eager import EagerRunner, constant_outputs
+from .eager import EagerRunner, LoadedEagerRunner
 
 DEFAULTS: dict[str, Any] = {
     # torch.compile's mode: None (default), "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
@@ -58,12 +58,7 @@ class InductorRunner(EagerRunner):
 
     def forward(self, *flat):
         with torch.no_grad():
-            out = self._fn(*flat)
-        out = tuple(out)
-        if not self._constant_outputs:
-            return out
-        return tuple(o.clone() if i in self._constant_outputs and isinstance(o, torch.Tensor) else o
-                     for i, o in enumerate(out))
+            return self._fresh(self._fn(*flat))
 
     def warm_up(self, example_inputs: list) -> None:
         """Compile now, on the example inputs with their dynamic dims marked."""
@@ -142,25 +137,15 @@ def lower(gm: fx.GraphModule, example_inputs, options: dict) -> InductorRunner:
     return runner
 
 
-class LoadedInductorRunner(InductorRunner):
-    """A saved .pt2 program brought back and compiled again on its first call."""
+class LoadedInductorRunner(LoadedEagerRunner, InductorRunner):
+    """A saved .pt2 program brought back (saved again as the same file, as the eager backend's)
+    and compiled again on its first call."""
 
     def __init__(self, gm, path: str, options: dict):
-        torch.nn.Module.__init__(self)
-        self.gm = gm
-        self._source = path
-        self._cl_inputs = frozenset()
+        LoadedEagerRunner.__init__(self, gm, path)
         self._dynamic_shapes = None
-        self._constant_outputs = constant_outputs(gm)
         self._options = options
         self._fn = _compile(gm, options)
-
-    def save(self, path: str) -> list[str]:
-        import os
-        import shutil
-        if os.path.abspath(path) != os.path.abspath(self._source):
-            shutil.copyfile(self._source, path)
-        return [path]
 
 
 def load(path: str, manifest: dict, options: dict) -> LoadedInductorRunner:

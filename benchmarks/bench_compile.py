@@ -229,14 +229,19 @@ def main(argv=None) -> dict | None:
     if args.child:
         child(args)
         return None
-    from fxcompile.report import format_table, load_average, machine_line
     rows = [HEADER]
     for model in args.models.split(","):
         for contender in args.contenders.split(","):
             rows.extend(rows_for(model, contender, measure(model, contender, args)))
-    command = "python benchmarks/bench_compile.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    return report("bench_compile", argv, args, rows)
+
+
+def report(script: str, argv, args, rows: list, notes: str = "") -> dict:
+    """Print the table under the machine line and the command (and ``notes``); write it to --out."""
+    from fxcompile.report import format_table, load_average, machine_line
+    command = f"python benchmarks/{script}.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"{machine_line(args.threads)}, load {load_average()}\n\n`{command}`\n\n"
-            f"{format_table(rows, markdown=True)}\n")
+            + (f"{notes}\n\n" if notes else "") + f"{format_table(rows, markdown=True)}\n")
     print(text)
     if args.out:
         from fxcompile.testing.benchmarking import write_report

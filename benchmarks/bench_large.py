@@ -184,20 +184,12 @@ def main(argv=None) -> dict | None:
     if args.child:
         child(args)
         return None
-    from fxcompile.report import format_table, load_average, machine_line
     label = f"llama-{args.size}" + (f" {args.layers} layers" if args.layers else "")
     rows, results = [HEADER], []
     for contender in args.contenders.split(","):
         results.append(measure(contender, args))
         rows.extend(bc.rows_for(label, contender, results[-1]))
-    command = "python benchmarks/bench_large.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"{machine_line(args.threads)}, load {load_average()}\n\n`{command}`\n\n{notes(args, results)}\n\n"
-            f"{format_table(rows, markdown=True)}\n")
-    print(text)
-    if args.out:
-        from fxcompile.testing.benchmarking import write_report
-        write_report(args.out, text)
-    return {"rows": rows, "markdown": text}
+    return bc.report("bench_large", argv, args, rows, notes(args, results))
 
 
 if __name__ == "__main__":
