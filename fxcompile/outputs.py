@@ -156,3 +156,30 @@ def encoder_for(model: torch.nn.Module, n_args: int, kw_names: list[str]) -> _Ou
 def holds_cache(spec: pytree.TreeSpec) -> bool:
     """Whether an output spec holds an encoded cache (only then must outputs be decoded)."""
     return spec.type in _ENCODED or any(holds_cache(c) for c in spec.children())
+
+
+def cache_outputs(spec: pytree.TreeSpec) -> dict[int, str]:
+    """The flat outputs that are key/value cache tensors: flat index -> a name for the user
+    ('cache[0].keys': layer 0's keys of the output's ``cache``). Passes that change a cache's
+    shape (prune shrinks it with the heads) find its tensors here; capture keeps this map in the
+    graph's ``meta['kv_cache_outputs']``."""
+    out: dict[int, str] = {}
+
+    def walk(s: pytree.TreeSpec, start: int, name: str) -> None:
+        if s.type is EncodedCache:
+            _, sizes = s.context
+            i = start
+            for layer, n in enumerate(sizes):
+                for j in range(n):
+                    out[i] = f"{name}[{layer}].{('keys', 'values')[j] if n == 2 else j}"
+                    i += 1
+            return
+        keys = s.context if isinstance(s.context, list) and len(s.context) == len(s.children()) else None
+        if s.type is EncodedCachePair:
+            keys = ["self_attention_cache", "cross_attention_cache"]
+        for k, child in enumerate(s.children()):
+            walk(child, start, f"{name}.{keys[k]}" if keys else f"{name}[{k}]")
+            start += child.num_leaves
+
+    walk(spec, 0, "output")
+    return {i: n.removeprefix("output.") for i, n in out.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Iterable, Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -152,6 +152,30 @@ class InputSignature:
                 entry[j] = shared[sym]
             spec.append(entry or None)
         return spec
+
+
+# gm.meta key of a graph whose pass removed positions of some inputs: flat input index -> {dim:
+# kept positions}. prune writes it when a decoder's past KV cache inputs shrink with the heads.
+NARROWED_INPUTS = "narrowed_inputs"
+
+
+def narrowed_inputs(sig: InputSignature, examples: list, gm: fx.GraphModule) -> tuple[InputSignature, list]:
+    """The input signature and example inputs of ``gm`` after a pass narrowed some of its inputs
+    (``gm.meta[NARROWED_INPUTS]``, consumed here): those dims become static at their new sizes
+    (calls must pass the smaller tensors) and the examples keep the kept positions. Unchanged
+    (the same objects) when no pass narrowed an input."""
+    kept_at = gm.meta.pop(NARROWED_INPUTS, None)
+    if not kept_at:
+        return sig, examples
+    examples, dims = list(examples), list(sig.dims)
+    for i, per_dim in kept_at.items():
+        shape = list(dims[i])
+        for d, kept in per_dim.items():
+            if isinstance(examples[i], torch.Tensor) and examples[i].shape[d] == shape[d]:
+                examples[i] = examples[i].index_select(d, torch.as_tensor(kept, device=examples[i].device))
+            shape[d] = len(kept)
+        dims[i] = tuple(shape)
+    return replace(sig, examples=examples, dims=dims), examples
 
 
 def shape_problem(names: list[str], flat: list, all_dims: list) -> str:

@@ -1,5 +1,7 @@
 """Structured pruning: channels and attention heads removed from the parameters, every shape
 constant rewritten, groups the analysis cannot follow skipped and reported (see DESIGN §3).
+Graph outputs keep their shapes, except a decoder's KV cache: it loses the pruned heads (and so
+do past key/value inputs a decode step extends), listed in the report's ``cache``.
 
     compiled = fxcompile.compile(model, inputs, passes=[("prune", {"ratio": 0.3})])
     print(compiled.report.extra["prune"].table())

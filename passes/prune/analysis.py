@@ -2,7 +2,8 @@
 
 Walks the IR once in order. Every tensor dimension gets an axis (see axes.py); each op's rule
 (rules.py) couples, splits or factors its inputs' axes into its outputs'. Graph inputs and outputs
-block their axes (their shapes never change); an op without a rule is probed (generic.py): the
+block their axes (their shapes never change), except the heads dim of a KV cache output: a
+decoder's cache shrinks with its heads (``cache_axes``); an op without a rule is probed (generic.py): the
 dims its shape and values prove it keeps apart are followed, the rest blocked with the reason.
 The result is a list of ``Group``s: the leaf axes that carry at least one parameter dimension,
 each prunable or skipped with the node, op and source line that stopped it.
@@ -37,6 +38,9 @@ def is_symbolic(s) -> bool:
     return isinstance(s, torch.SymInt) and s.node.maybe_as_int() is None
 
 
+CACHE_HEADS_DIM = 1  # a Hugging Face cache layer's keys and values: [batch, heads, positions, head_dim]
+
+
 @dataclass
 class Member:
     """One parameter dimension that a group's channels index."""
@@ -67,8 +71,12 @@ class Group:
 class Analysis:
     """The state the rules work on: axes per node output dimension, and per-node extras."""
 
-    def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
+    def __init__(self, gm: fx.GraphModule, shrink_cache: bool = True):
+        self.gm, self.shrink_cache = gm, shrink_cache
+        # flat output index -> (its name, the dim that may shrink, that dim's axis)
+        self.cache_axes: dict[int, tuple[str, int, int]] = {}
+        # graph inputs holding a past cache that a cache output extends -> that output's index
+        self.past_inputs: dict[fx.Node, int] = {}
         self.ax = AxisTable()
         self.node_dims: dict[fx.Node, list] = {}   # node -> [axis per dim] (or list of such for tuples)
         self.extra: dict[fx.Node, dict] = {}
@@ -159,15 +167,12 @@ class Analysis:
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 v = node.meta.get("val")
-                if isinstance(v, torch.Tensor):
-                    self.set(node, self.fresh(v.shape, f"graph input '{node.target}' keeps its shape"))
+                if isinstance(v, torch.Tensor):  # blocked at the output node (past caches may shrink)
+                    self.set(node, self.fresh(v.shape))
             elif node.op == "get_attr":
                 self._get_attr(node)
             elif node.op == "output":
-                for x in node.all_input_nodes:
-                    why = f"graph output keeps its shape: {describe_node(x)}"
-                    for a in self._all_axes(x):
-                        self.ax.block(a, why)
+                self._outputs(node)
             elif node.op == "call_function":
                 rule = RULES.get(node.target)
                 if rule is None:
@@ -183,6 +188,49 @@ class Analysis:
             else:
                 if self._touches_tensors(node):
                     self.block_node(node, f"no pruning rule for {node.op} nodes")
+
+    def _outputs(self, node: fx.Node) -> None:
+        """Outputs keep their shapes, but for the heads dim of each KV cache output (capture
+        lists them in ``meta['kv_cache_outputs']``): a cache is [batch, heads, positions, head_dim]
+        per layer, and heads pruned in the attention that writes it leave it too."""
+        caches = self.gm.meta.get("kv_cache_outputs") or {}
+        flat = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+        shrinking = {i: x for i, x in enumerate(flat) if i in caches and len(self.dims(x) or []) == 4}
+        for i, x in enumerate(flat):
+            if not isinstance(x, fx.Node):
+                continue
+            if i in shrinking and self.shrink_cache:
+                why = (f"KV cache output '{caches[i]}' keeps its batch, positions and head_dim "
+                       f"(only whole heads shrink with the cache): {describe_node(x)}")
+                dims = self.dims(x) or []
+                self.cache_axes[i] = (caches[i], CACHE_HEADS_DIM, dims[CACHE_HEADS_DIM])
+                axes = [a for d, a in enumerate(dims) if d != CACHE_HEADS_DIM]
+            else:
+                why = (f"KV cache output '{caches[i]}' keeps its shape (shrink_cache=False)" if i in shrinking
+                       else "graph output keeps its shape") + f": {describe_node(x)}"
+                axes = self._all_axes(x)
+            for a in axes:
+                self.ax.block(a, why)
+        self._inputs()
+
+    def _inputs(self) -> None:
+        """Graph inputs keep their shapes, but for the heads dim of a past cache that a shrinking
+        cache output extends (``cat([past, new], positions)``, as a cache's update does): the
+        pruned model's cache, fed back at the next step, has the pruned heads."""
+        if self.shrink_cache:
+            for index in self.cache_axes:
+                past = _past_input(self.gm.graph.find_nodes(op="output")[0].args[0][index])
+                if past is not None and past not in self.past_inputs:
+                    self.past_inputs[past] = index
+        for node in self.gm.graph.find_nodes(op="placeholder"):
+            dims = self.dims(node) or []
+            is_past = node in self.past_inputs
+            keep = CACHE_HEADS_DIM if is_past else None
+            why = (f"past KV cache input '{node.target}' keeps its batch, positions and head_dim" if is_past
+                   else f"graph input '{node.target}' keeps its shape")
+            for d, a in enumerate(dims):
+                if d != keep:
+                    self.ax.block(a, why)
 
     def _no_rule(self, node: fx.Node) -> None:
         """An op without a table row: follow what the generic probe proves (generic.py), block
@@ -281,7 +329,22 @@ class Analysis:
         return self.ax.kept_positions(axis, removed)
 
 
-def analyse(gm: fx.GraphModule) -> tuple[Analysis, list[Group]]:
-    a = Analysis(gm)
+def _past_input(x) -> fx.Node | None:
+    """The graph input a cache tensor ``x`` extends: the first non-empty tensor of each
+    ``cat`` along the positions dim, followed down to a placeholder; None if there is none."""
+    while isinstance(x, fx.Node) and x.target is torch.ops.aten.cat.default:
+        v = x.meta.get("val")
+        dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", 0)
+        if not isinstance(v, torch.Tensor) or not isinstance(dim, int) or dim % max(v.dim(), 1) != 2:
+            return None
+        vals = [(t, t.meta.get("val")) for t in graph_utils.arg_list(x, 0) if isinstance(t, fx.Node)]
+        parts = [t for t, tv in vals if isinstance(tv, torch.Tensor) and tv.dim() == v.dim()
+                 and size_hint(tv.shape[2]) > 0]  # an empty cache's first update cats onto nothing
+        x = parts[0] if parts else None
+    return x if isinstance(x, fx.Node) and x.op == "placeholder" else None
+
+
+def analyse(gm: fx.GraphModule, shrink_cache: bool = True) -> tuple[Analysis, list[Group]]:
+    a = Analysis(gm, shrink_cache)
     a.run()
     return a, a.groups()

@@ -9,11 +9,12 @@ from fxcompile import graph_utils
 from fxcompile.errors import PassError, PruneError
 from fxcompile.registry import register_pass
 from fxcompile.report import add_report_section
+from fxcompile.signature import NARROWED_INPUTS
 
 from . import criteria
-from .analysis import Analysis, Group, analyse
+from .analysis import CACHE_HEADS_DIM, Analysis, Group, analyse
 from .options import PruneOptions
-from .report import GroupRecord, PruneReport, SkippedGroup
+from .report import CacheRecord, GroupRecord, PruneReport, SkippedGroup
 from .rewrite import Rewriter, check_shapes
 from .rules import REDUCE_OPS
 from .select import Limits, choose, search
@@ -97,8 +98,9 @@ def _measure(A: Analysis, gm: fx.GraphModule, removed, inputs) -> tuple[int, int
     PassError if any node would not get the shape the analysis predicts."""
     R = Rewriter(A, removed)
     shadow, expected = R.shadow(gm)
+    _narrow_placeholder_vals(A, R, shadow)
     try:
-        flops = graph_utils.refresh_meta(shadow, inputs)
+        flops = graph_utils.refresh_meta(shadow, _narrowed_inputs(A, R, gm, inputs)[0])
     except Exception as e:
         raise PassError(f"prune: the pruned graph does not run ({type(e).__name__}: {e}); this is a "
                         "bug in a pruning rule: please report it with the model") from e
@@ -118,7 +120,7 @@ def prune(gm: fx.GraphModule, opts: PruneOptions, ctx) -> int:
         raise PruneError("prune: criterion 'taylor' needs data: pass options {'data': [batch, ...]} "
                          "(tuples of graph inputs or dicts by input name), or run_pipeline(data=...)")
     inputs = list(ctx.example_inputs)
-    A, groups = analyse(gm)
+    A, groups = analyse(gm, opts.shrink_cache)
     cands, skipped = _candidates(A, groups, opts)
     scores, notes = criteria.compute(A, gm, cands, opts.criterion, data=data, loss_fn=opts.loss_fn,
                                      seed=opts.seed)
@@ -154,21 +156,35 @@ def prune(gm: fx.GraphModule, opts: PruneOptions, ctx) -> int:
         target = f"{what} -{frac:.0%} (ratio {ratio:.3f})"
     removed = choose(cands, scores, ratio, allocation, limits)
     params1, flops1 = _measure(A, gm, removed, inputs)  # checks every shape before gm changes
-    R = Rewriter(A, removed)
-    reduced = _reduced_positions(A, R, gm)
-    removed_at = R.apply(gm)
     report = PruneReport(opts.criterion, allocation, ratio, target, params0, params1, flops0, flops1,
                          notes=notes)
+    _rewrite_and_report(gm, A, Rewriter(A, removed), cands, skipped, report, ctx)
+    return len(removed)
+
+
+def _rewrite_and_report(gm: fx.GraphModule, A: Analysis, R: Rewriter, cands: list[Group],
+                        skipped: list, report: PruneReport, ctx) -> None:
+    """Rewrite ``gm`` as ``R`` decides and fill ``report``: per group what went, what was skipped
+    and why, the KV cache that shrank. A past cache the graph takes shrinks too: the example inputs
+    the pass manager runs the graph on are narrowed, and ``gm.meta[NARROWED_INPUTS]`` tells compile
+    to narrow the input signature (signature.narrowed_inputs)."""
+    report.reduced = _reduced_positions(A, R, gm)
+    report.outputs = {n.name: entry for n in gm.graph.nodes if (entry := _removed_positions(A, R, n))}
+    narrowed, kept_at = _narrowed_inputs(A, R, gm, list(ctx.example_inputs))
+    report.cache = _cache_records(A, R, gm)
+    removed_at = R.apply(gm)
     for g in cands:
-        gone = removed.get(g.leaf, np.array([], dtype=int))
+        gone = R.removed.get(g.leaf, np.array([], dtype=int))
         report.groups.append(GroupRecord(g.kind, g.size, [int(i) for i in gone], g.names(),
                                          not g.inexact, g.inexact[0] if g.inexact else ""))
     report.skipped = [SkippedGroup(g.kind, g.size, g.names(), reason) for g, reason in skipped]
     report.removed = {t: {d: [int(i) for i in idx] for d, idx in dims.items()} for t, dims in removed_at.items()}
-    report.reduced = reduced
+    if kept_at:
+        ctx.example_inputs[:] = narrowed  # in place: the pass manager's list
+        gm.meta[NARROWED_INPUTS] = kept_at
+        _narrow_placeholder_vals(A, R, gm)
     gm.meta["prune_report"] = report
     add_report_section(gm, "prune", report)
-    return len(removed)
 
 
 def _reduced_positions(A: Analysis, R: Rewriter, gm: fx.GraphModule) -> dict[str, dict[int, list[int]]]:
@@ -176,15 +192,67 @@ def _reduced_positions(A: Analysis, R: Rewriter, gm: fx.GraphModule) -> dict[str
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _REDUCING and isinstance(node.args[0], fx.Node) \
                 and not _running_stats_bn(node):
-            dims = A.dims(node.args[0]) or []
-            entry = {}
-            for d, a in enumerate(dims):
-                k = R.kept(a)
-                if k is not None:
-                    entry[d] = [int(i) for i in np.setdiff1d(np.arange(A.ax.size[A.ax.find(a)]), k)]
+            entry = _removed_positions(A, R, node.args[0])
             if entry:
                 out[node.name] = entry
     return out
+
+
+def _removed_positions(A: Analysis, R: Rewriter, node: fx.Node) -> dict[int, list[int]]:
+    """dim -> the positions pruning removes from ``node``'s output, for its pruned dims."""
+    entry = {}
+    for d, a in enumerate(A.dims(node) or []):
+        k = R.kept(a)
+        if k is not None:
+            entry[d] = [int(i) for i in np.setdiff1d(np.arange(A.ax.size[A.ax.find(a)]), k)]
+    return entry
+
+
+def _cache_records(A: Analysis, R: Rewriter, gm: fx.GraphModule) -> list[CacheRecord]:
+    """The past KV cache inputs, then the cache outputs, that lose heads, each in order."""
+    places = list(gm.graph.find_nodes(op="placeholder"))
+    entries = [("input", f"input '{p.target}'", places.index(p), CACHE_HEADS_DIM, (A.dims(p) or [])[CACHE_HEADS_DIM])
+               for p in sorted(A.past_inputs, key=places.index)]
+    entries += [("output", name, i, dim, axis) for i, (name, dim, axis) in sorted(A.cache_axes.items())]
+    out = []
+    for kind, name, index, dim, axis in entries:
+        kept = R.kept(axis)
+        if kept is not None:
+            n = A.ax.size[A.ax.find(axis)]
+            gone = np.setdiff1d(np.arange(n), kept)
+            out.append(CacheRecord(name, index, dim, n, len(kept), [int(i) for i in gone], kind))
+    return out
+
+
+def _narrowed_inputs(A: Analysis, R: Rewriter, gm: fx.GraphModule,
+                     inputs: list) -> tuple[list, dict[int, dict[int, list[int]]]]:
+    """``inputs`` with the positions pruning removes from past KV cache inputs taken out, and
+    per such input (flat index) the positions kept along each pruned dim."""
+    out = list(inputs)
+    kept_at: dict[int, dict[int, list[int]]] = {}
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        dims = (A.dims(node) or []) if node in A.past_inputs else []
+        for d, a in enumerate(dims):
+            k = R.kept(a)
+            if k is not None and isinstance(out[i], torch.Tensor):
+                kept_at.setdefault(i, {})[d] = [int(j) for j in k]
+                out[i] = out[i].index_select(d, torch.as_tensor(k, dtype=torch.long, device=out[i].device))
+    return out, kept_at
+
+
+def _narrow_placeholder_vals(A: Analysis, R: Rewriter, gm: fx.GraphModule) -> None:
+    """Narrow the fake values of ``gm``'s past cache inputs (``gm``: A's graph or a copy of it) as
+    pruning narrows the inputs: a graph with dynamic shapes propagates its placeholders' symbolic
+    values again (graph_utils.refresh_meta), not the example inputs' sizes."""
+    for src, node in zip(A.gm.graph.find_nodes(op="placeholder"), gm.graph.find_nodes(op="placeholder")):
+        v = node.meta.get("val")
+        if src not in A.past_inputs or not isinstance(v, torch.Tensor):
+            continue
+        for d, a in enumerate(A.dims(src) or []):
+            k = R.kept(a)
+            if k is not None:
+                v = v.narrow(d, 0, len(k)).clone()
+        node.meta["val"] = v
 
 
 def _running_stats_bn(node: fx.Node) -> bool:

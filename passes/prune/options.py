@@ -33,6 +33,11 @@ class PruneOptions:
     pruned model equals the original with the removed channels zeroed.
     data: batches for taylor (tuples of graph inputs, or dicts by input name); loss_fn(outputs,
     batch) -> scalar (default: mean square of the outputs). seed: for random.
+    shrink_cache: a decoder captured with its KV cache on returns the cache (per layer keys and
+    values [batch, heads, positions, head_dim]); True (default): pruned heads leave the cache too,
+    so the compiled model's cache has fewer heads (the report lists each cache output, heads
+    before -> after) and feeds back into the pruned model. False: the cache keeps its shape and
+    the heads that write it are not pruned. Logits and every other output never change shape.
     """
 
     ratio: float = 0.5
@@ -50,6 +55,7 @@ class PruneOptions:
     data: Any = None
     loss_fn: Callable | None = None
     seed: int = 0
+    shrink_cache: bool = True
 
     def validate(self) -> None:
         def fraction(name, value, closed_zero=True):

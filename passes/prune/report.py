@@ -25,6 +25,19 @@ class SkippedGroup:
 
 
 @dataclass
+class CacheRecord:
+    """A KV cache output that shrank with the heads written into it."""
+
+    output: str               # where it sits in the model's output ('cache[0].keys') or the input's name
+    index: int                # its position among the graph's flat outputs (inputs for kind 'input')
+    dim: int                  # the heads dim
+    before: int
+    after: int
+    removed: list[int]        # heads (positions along ``dim``) it no longer holds
+    kind: str = "output"      # 'output', or 'input': a past cache the graph takes (a decode step)
+
+
+@dataclass
 class PruneReport:
     criterion: str
     allocation: str
@@ -40,7 +53,12 @@ class PruneReport:
     removed: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     # node name -> dim -> removed positions of its input, for ops that normalise or reduce over them
     reduced: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    # node name -> dim -> removed positions of its output: how a pruned activation lines up with the
+    # original's (distillation compares the kept positions)
+    outputs: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # KV cache outputs that lost heads: the compiled model's cache is smaller than the model's
+    cache: list[CacheRecord] = field(default_factory=list)
 
     @property
     def params_reduction(self) -> float:
@@ -59,7 +77,19 @@ class PruneReport:
                 f"{len(self.skipped)} groups skipped")
         if inexact:
             text += f"; {inexact} pruned groups are normalised over (not zero-equivalent)"
+        if self.cache:
+            text += "; " + self.cache_summary()
         return text
+
+    def cache_summary(self) -> str:
+        """'KV cache shrinks with the heads: 4 -> 2 heads in 4 cache tensors (cache[0].keys, ...)', per
+        distinct head count; '' when the cache keeps its shape. table() lists every output."""
+        by_count: dict[tuple[int, int], list[str]] = {}
+        for c in self.cache:
+            by_count.setdefault((c.before, c.after), []).append(c.output)
+        parts = [f"{b} -> {a} heads in {len(names)} cache tensors ({_short(', '.join(names), 60)})"
+                 for (b, a), names in by_count.items()]
+        return "KV cache shrinks with the heads: " + "; ".join(parts) if parts else ""
 
     SKIPPED_SHOWN = 10
 
@@ -89,6 +119,11 @@ class PruneReport:
                 rows.append((str(i), s.kind, str(s.size), _short(s.reason, 2 * width),
                              _short(", ".join(s.members), width)))
             out.append(format_table(rows, markdown))
+        if self.cache:
+            cache = [("KV cache", "dim", "heads", "removed")]
+            cache += [(c.output, str(c.dim), f"{c.before} -> {c.after}", _short(str(c.removed), width))
+                      for c in self.cache]
+            out.append(format_table(cache, markdown))
         out.extend(self.notes)
         return "\n".join(out)
 

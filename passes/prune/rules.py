@@ -70,8 +70,11 @@ _BROADCAST += [aten_op(name, overload) for name, overload in [
     ("fmax", "default"), ("fmin", "default"), ("isclose", "default"), ("clamp_", "Tensor")]]
 _IDENTITY = [op for op in _IDENTITY if op not in _BROADCAST]
 
-# Rotary embeddings: cos/sin of positions indexed by head_dim. The head_dim they touch is kept.
-_ROTARY = [aten.cos.default, aten.sin.default]
+# cos and sin are pointwise: every dim follows its input (rotary embeddings take them of the
+# positions times the inverse frequencies; the coupling that matters there, head_dim split in
+# halves that rotate into each other, is the slice/cat algebra's, so head_dim prunes in pairs
+# (i, i + head_dim/2) with their frequency and heads prune whole).
+_IDENTITY += [aten.cos.default, aten.sin.default, aten_op("cos_"), aten_op("sin_")]
 
 
 @rule(*_IDENTITY)
@@ -95,14 +98,6 @@ def _broadcast(A, node):
             elif out_shape[-i] > 1:
                 A.union(out[-i], dims[-i])
     A.set(node, [a if a is not None else A.ax.new(s) for a, s in zip(out, out_shape)])
-
-
-@rule(*_ROTARY)
-def _rotary(A, node):
-    reason = A.why(node, "rotary embedding: head_dim left untouched")
-    for a in A.dims(node.args[0]):
-        A.ax.block(a, reason)
-    A.set(node, list(A.dims(node.args[0])))
 
 
 @rule(aten.prelu.default, aten_op("_prelu_kernel"))

@@ -2,7 +2,8 @@
 
 Removing a channel must equal zeroing every parameter entry it owns (rows, columns, biases, norm
 affine parameters, in every dim) in the user's original module: that is checked on the module
-itself, without fxcompile. The one exception is a normalisation or reduction taken *over* pruned
+itself, without fxcompile. A KV cache output that shrank with the heads (``report.cache``) is compared at its kept heads.
+The one exception is a normalisation or reduction taken *over* pruned
 channels (LayerNorm/RMSNorm over the hidden size, a mean over channels): the zeros would count in
 its statistics. For those ops only, ``masked_reference`` evaluates the zeroed model's captured graph
 with the statistics taken over the kept positions (the positions come from the pass's report).
@@ -142,6 +143,9 @@ def oracle_error(model, args, kwargs, compiled) -> tuple[float, bool]:
     ref_l = [t for t in pytree.tree_leaves(encode_outputs(ref)) if isinstance(t, torch.Tensor)]
     out_l = [t for t in pytree.tree_leaves(encode_outputs(out)) if isinstance(t, torch.Tensor)]
     assert len(ref_l) == len(out_l)
+    for c in report.cache:  # a KV cache output holds the kept heads of the zeroed model's cache
+        if c.kind == "output":
+            ref_l[c.index] = ref_l[c.index].index_select(c.dim, _kept(c.before, c.removed))
     err = 0.0
     for r, o in zip(ref_l, out_l):
         assert r.shape == o.shape, f"output shape changed: {tuple(r.shape)} -> {tuple(o.shape)}"

@@ -43,13 +43,17 @@ def test_zoo_fast_subset(name, backend, opts):
         assert "heads" in kinds and "channel" in kinds
 
 
-def test_kv_cache_outputs_keep_heads():
-    model, kwargs = build("gpt2")  # returns past_key_values: heads and head_dim are outputs
+def test_kv_cache_outputs_shrink_with_the_heads_and_keep_head_dim():
+    model, kwargs = build("gpt2")  # returns its cache: per layer keys and values are outputs
     compiled = fxcompile.compile(model, (), example_kwargs=kwargs, passes=[("prune", {"attention": "both"})])
     report = compiled.report.extra["prune"]
-    assert not any(g.kind != "channel" for g in report.groups)
-    assert any(s.kind == "heads" and "graph output" in s.reason for s in report.skipped)
-    assert tuple(compiled.graph_module.state_dict()["transformer.h.0.attn.c_attn.weight"].shape)[1] == 192
+    assert {g.kind for g in report.groups if g.removed} == {"channel", "heads"}
+    assert any(s.kind == "head_dim" and "KV cache output" in s.reason for s in report.skipped)
+    assert [(c.before, c.after) for c in report.cache] == [(4, 2)] * 4
+    # 4 heads of 16 -> 2, for q, k and v
+    assert tuple(compiled.graph_module.state_dict()["transformer.h.0.attn.c_attn.weight"].shape)[1] == 96
+    err, _ = oracle_error(model, (), kwargs, compiled)
+    assert err <= 1e-5, err
 
 
 @pytest.mark.slow
