@@ -169,7 +169,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], log) -> tuple[list[t
         gc.collect()
     log(f"  {name} batch {batch}: timing {args.runs} runs each")
     with OtherLoad() as load:
-        time_interleaved(contenders, args.runs)
+        time_interleaved(contenders, args.runs, settle=args.settle)
     if load.share is not None:
         log(f"  {name} batch {batch}: other processes used {load.share:.0%} of the CPU meanwhile")
 
@@ -202,7 +202,8 @@ def render(rows: list[tuple], loads: list[str], args, command: str, done: bool =
     load = (f"1-minute load average (other processes share this machine): {args.load_start} at "
             f"start, {load_average()} at the end.")
     notes = (f"fp32, torch.no_grad(); median and min of {args.runs} runs after {WARMUP} warm-up runs, "
-             "timed in interleaved rounds (one run of each contender per round). vs eager = eager ms / contender ms (> 1: faster), from the medians. max err = max "
+             f"timed in interleaved rounds (one timed run of each contender per round, after {args.settle} untimed "
+             "ones of it). vs eager = eager ms / contender ms (> 1: faster), from the medians. max err = max "
              "|out - eager| / max |eager| over all outputs. compile s: torch.compile includes its "
              "first call; onnx rows include export and session creation; fxcompile rows include "
              "capture, default passes and lowering.")
@@ -223,6 +224,8 @@ def parse_args(argv):
     p.add_argument("--size", default="base", choices=("small", "base"))
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--runs", type=int, default=10, help="timed runs per contender")
+    p.add_argument("--settle", type=int, default=2,
+                   help="untimed calls before each timed one (absorbs the switch between contenders)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seq", type=int, default=128, help="sequence length of text models")
     p.add_argument("--skip", default="", help=f"comma-separated contenders to skip: {', '.join(list(CONTENDERS)[1:])}")

@@ -177,7 +177,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
             log(f"    failed: {c.failed}")
         gc.collect()
     log(f"  {name} batch {batch}: timing {args.runs} runs each")
-    time_interleaved(contenders, args.runs)
+    time_interleaved(contenders, args.runs, settle=args.settle)
     base = contenders[0].median_ms if contenders[0].key == "fp32" else None
     rows = []
     for c in contenders:
@@ -306,7 +306,8 @@ def _ort_digits(model, calib, xte, args, tmp: str, name: str):
 
 def render(rows, digits, args, command, done=True) -> str:
     notes = (f"onnxruntime CPU, {args.threads} threads, ORT_ENABLE_ALL. median of {args.runs} runs after "
-             f"{WARMUP} warm-ups, interleaved rounds. vs fp32 = fxcompile fp32 ms / contender ms (> 1: "
+             f"{WARMUP} warm-ups, interleaved rounds, each timed run after {args.settle} untimed ones of the same "
+             f"contender. vs fp32 = fxcompile fp32 ms / contender ms (> 1: "
              f"faster). cos = cosine similarity of all outputs with fxcompile fp32 on a held-out "
              f"input. Calibration: {args.calib} random batches of the same shape ({args.method} for "
              "fxcompile, MinMax for onnxruntime). build s: fxcompile rows include capture, passes, "
@@ -379,6 +380,8 @@ def parse_args(argv):
     p.add_argument("--batch", default="1,8")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--settle", type=int, default=2,
+                   help="untimed calls before each timed one (absorbs the switch between contenders)")
     p.add_argument("--calib", type=int, default=8, help="calibration batches")
     p.add_argument("--method", default="minmax", choices=("minmax", "percentile", "mse", "entropy"))
     p.add_argument("--threads", type=int, default=2)

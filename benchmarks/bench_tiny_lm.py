@@ -142,7 +142,10 @@ def render(rows, outliers, model, args, command, train_s: float) -> str:
              f"library file. Calibration: {args.calib} batches of {args.batch}x{args.seq} bytes ({args.method} for "
              f"fxcompile, MinMax for onnxruntime); evaluation: {args.eval} other batches of the same shape. "
              f"Uniform bytes: ppl 256; byte frequencies only (unigram): ppl "
-             f"{tiny_lm.unigram_perplexity(tiny_lm.eval_batches(args.eval, args.batch, args.seq)):.2f}.")
+             f"{tiny_lm.unigram_perplexity(tiny_lm.eval_batches(args.eval, args.batch, args.seq)):.2f}."
+             + (" --outliers: 2 channels of every block norm's output made 30-100x the median, the "
+                "reading linears' columns divided to match (tiny_lm.with_outliers); fp32 is this model's."
+                if args.outliers else ""))
     parts = ["# int8 on a trained tiny decoder (tiny_lm)", "", machine_line(args.threads), "",
              f"command: `{command}`", "", notes, f"1-minute load average at the end: {load_average()}.", "",
              format_table([HEADER] + rows, markdown=True), "", summary, "",
@@ -164,6 +167,9 @@ def parse_args(argv):
     p.add_argument("--method", default="minmax", choices=("minmax", "percentile", "mse", "entropy"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", default=None, help="default: $FXCOMPILE_CACHE or ~/.cache/fxcompile")
+    p.add_argument("--outliers", action="store_true",
+                   help="give the trained model 2 outlier channels per block norm, 30-100x the median "
+                        "(tiny_lm.with_outliers: the linears compensate), as trained LLMs have")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -184,6 +190,8 @@ def main(argv=None) -> dict:
     train_s = time.perf_counter() - start
     calib = tiny_lm.calibration_batches(args.calib, args.batch, args.seq)
     evals = tiny_lm.eval_batches(args.eval, args.batch, args.seq)
+    if args.outliers:
+        model = tiny_lm.with_outliers(model, calib[:4])
     with torch.no_grad():
         rows = measure(model, calib, evals, args, log)
         outliers = outlier_rows(model, calib)

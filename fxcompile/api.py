@@ -3,7 +3,6 @@
 ``lower_captured``, the one lowering path (calibrate's re-lowering shares its ``relower``)."""
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from dataclasses import replace
@@ -14,13 +13,13 @@ import torch.utils._pytree as pytree
 from torch import fx
 
 from .backend_api import Lowered
-from .capture import Captured, borrowed_versions, capture, check_borrowed, serialised
+from .capture import Captured, borrowed_versions, capture, check_borrowed, serialised, shared_copy
 from .errors import BackendError, InputError
 from .numerics import LOSSLESS_TOLERANCE, max_error
 from .pass_manager import resolve_pipeline, run_pipeline
 from .registry import get_backend
 from .report import Report, report_sections
-from .signature import FlatBatches
+from .signature import FlatBatches, narrowed_inputs
 
 
 class CompiledModule(torch.nn.Module):
@@ -99,6 +98,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backe
         data = FlatBatches(calibration_data, captured.inputs)
     captured.gm, report.passes = run_pipeline(captured.gm, passes, captured.example_inputs, check=check,
                                               progress=progress, data=data, name=captured.model_name)
+    _narrow_inputs(captured)
     if dynamic_shapes is not None and backend in DYNAMIC_BACKENDS:
         options.setdefault("dynamic_shapes", _flat_dynamic_shapes(dynamic_shapes, captured))
     return lower_captured(captured, backend, options, report, check)
@@ -107,10 +107,13 @@ def compile(model: torch.nn.Module, example_inputs: Any = (), passes=None, backe
 @serialised  # lowering traces with torch.export: one compile at a time (see capture.COMPILE_LOCK)
 def recompile(model, passes=("fold_fake_quant",), backend: str = "eager", check: bool = False,
               **options) -> CompiledModule:
-    """Run more passes over ``model``'s current graph (a copy) and lower it to ``backend``: a new
-    CompiledModule taking the model's inputs. E.g. fold a calibrated or trained fake-quant graph
-    and deploy it: ``recompile(compiled, ["fold_fake_quant"], backend="onnx")``. ``model``: a
-    CompiledModule or the TrainableModule of fxcompile.trainable."""
+    """Run more passes over ``model``'s current graph (a copy sharing its weights, as compile
+    shares the model's) and lower it to ``backend``: a new CompiledModule taking the model's
+    inputs; if the graph's weights are trained further, a module that runs the graph (eager,
+    inductor) raises InputError instead of mixing old and new weights. E.g. fold a calibrated
+    or trained fake-quant graph and deploy it:
+    ``recompile(compiled, ["fold_fake_quant"], backend="onnx")``. ``model``: a CompiledModule or
+    the TrainableModule of fxcompile.trainable."""
     gm, captured = graph_and_capture(model)
     if captured is None:
         raise InputError("recompile needs a CompiledModule or a TrainableModule (it keeps the model's "
@@ -122,10 +125,7 @@ def recompile(model, passes=("fold_fake_quant",), backend: str = "eager", check:
     get_backend(backend)  # fail on bad names before any work
     with warnings.catch_warnings():  # copying a loaded .pt2 program unpickles torch's LeafSpec
         warnings.filterwarnings("ignore", message=r".*\bLeafSpec\b", category=FutureWarning)
-        work = copy.deepcopy(gm)
-    work.eval()
-    for p in work.parameters():
-        p.requires_grad_(False)
+        work = shared_copy(gm).eval()  # the weights are shared, not copied; none requires grad
     inputs = _example_data(captured.example_inputs, work)
     captured = replace(captured, gm=work, example_inputs=inputs)
     dynamic = captured.inputs.export_dynamic_shapes()
@@ -134,7 +134,16 @@ def recompile(model, passes=("fold_fake_quant",), backend: str = "eager", check:
     report = Report(model=captured.model_name, backend=backend)
     captured.gm, report.passes = run_pipeline(work, list(passes), inputs, check=check,
                                               name=captured.model_name)
+    _narrow_inputs(captured)
     return lower_captured(captured, backend, options, report, check)
+
+
+def _narrow_inputs(captured: Captured) -> None:
+    """Inputs a pass narrowed (prune shrinks a decoder's past KV cache with the heads): the
+    compiled module takes, and lowering traces with, the smaller tensors."""
+    assert captured.gm is not None
+    captured.inputs, captured.example_inputs = narrowed_inputs(captured.inputs, captured.example_inputs,
+                                                               captured.gm)
 
 
 def lower_captured(captured: Captured, backend: str, options: dict, report: Report,

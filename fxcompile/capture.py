@@ -30,7 +30,7 @@ from torch import fx
 from . import state
 from .errors import CaptureError, InputError
 from .graph_utils import fetch_attr, set_attr
-from .outputs import encoder_for, decode_outputs, holds_cache
+from .outputs import cache_outputs, encoder_for, decode_outputs, holds_cache
 from .signature import InputSignature, forward_signature, split_bound, input_dims
 
 _log = logging.getLogger("fxcompile.capture")
@@ -144,6 +144,7 @@ def capture(model: torch.nn.Module, example_inputs=(), example_kwargs: dict | No
         raise CaptureError(_explain_export_failure(model, e)) from e
     state.refuse_buffer_reassignment(model, assigned)
     gm, in_spec, out_spec = _flat_graph_module(ep)
+    gm.meta["kv_cache_outputs"] = cache_outputs(out_spec)  # prune shrinks these with the heads
     _own_mutated_buffers(gm, model)
     names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     flat = pytree.tree_leaves((args, kwargs))
@@ -212,6 +213,17 @@ def _borrowed_copy(model: torch.nn.Module) -> torch.nn.Module:
             alias = torch.nn.Parameter(alias, requires_grad=False)
         memo[id(tensor)] = alias
     return copy.deepcopy(model, memo)
+
+
+def shared_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` (graph, modules, attributes) on the same weight memory, as capture makes
+    of a model: passes on the copy create new tensors, never write into the shared ones, and a
+    module that runs it raises InputError if ``gm``'s weights change in place later (training
+    on). Buffers the forward updates are copied."""
+    work = _borrowed_copy(gm)
+    assert isinstance(work, fx.GraphModule)  # a deep copy keeps the class
+    _own_mutated_buffers(work, gm)
+    return work
 
 
 def _own_mutated_buffers(gm: fx.GraphModule, model: torch.nn.Module) -> None:

@@ -67,9 +67,15 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 0, budget_s: floa
 
 
 def time_interleaved(contenders: list[Contender], runs: int,
-                     timer: Callable[[Callable[[], Any]], float] = wall_seconds, seed: int = 0) -> None:
+                     timer: Callable[[Callable[[], Any]], float] = wall_seconds, seed: int = 0,
+                     settle: int = 0) -> None:
     """``runs`` rounds of one timed call per live contender, in a random order each round; a
-    contender that raises is marked failed (``short_error``) and left out of later rounds."""
+    contender that raises is marked failed (``short_error``) and left out of later rounds.
+
+    ``settle`` untimed calls precede each timed one. They absorb the switch from the contender
+    before: onnxruntime's intra-op threads spin for a while after a run (its default), so on a
+    machine with few cores the next contender's first call shares the cores with them. Without
+    settling, BERT-base int8 at batch 1 on 2 cores timed 47-52 ms against 24.5 ms run alone."""
     order = random.Random(seed)
     for _ in range(runs):
         live = [c for c in contenders if c.live]
@@ -77,6 +83,8 @@ def time_interleaved(contenders: list[Contender], runs: int,
             fn = c.fn
             assert fn is not None  # a live contender
             try:
+                for _ in range(settle):
+                    fn()
                 c.times.append(timer(fn))
             except Exception as e:  # a failing contender must not stop the others
                 c.failed = short_error(e)

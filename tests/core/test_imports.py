@@ -26,7 +26,7 @@ FOLDERS = {"fxcompile": ROOT / "fxcompile", "fxcompile.passes": ROOT / "passes",
 CORE_MODULES = {"__init__", "__main__", "api", "capture", "signature", "outputs", "pass_manager", "registry",
                 "report", "errors", "saving", "backend_api", "graph_utils", "numerics", "state", "cpu",
                 "rewrite"}
-SUB_PACKAGES = {"cli", "integrations", "testing"}
+SUB_PACKAGES = {"cli", "integrations", "testing", "train", "recipes"}
 
 
 def source_modules() -> dict[str, tuple[Path, bool]]:

@@ -243,3 +243,34 @@ def test_changing_a_shared_weight_after_compiling_raises_instead_of_mixing_old_a
     # modules that don't read the model's memory keep the values they were compiled from
     for compiled in (onnx, snapshot, pickled):
         assert torch.allclose(compiled(x), before, atol=1e-4)
+
+
+def test_recompile_shares_the_graphs_weights_instead_of_copying_them():
+    model, inputs = _model()
+    compiled = fxcompile.compile(model, inputs)
+    again = fxcompile.recompile(compiled, [])
+    assert _storages([model.fc.weight, model.fc.bias]) <= _storages([*again.graph_module.parameters()]), \
+        "recompile copied weights that no pass changed"
+    assert_close(again(*inputs), model(*inputs))
+    fq = fxcompile.compile(model, inputs, passes=fxcompile.quantize_passes("onnxruntime", fold=False),
+                           calibration_data=[inputs[0]])
+    int8 = fxcompile.recompile(fq, ["fold_fake_quant"])
+    assert_close(fq(*inputs), int8(*inputs), tol=1e-3)
+
+
+def test_training_on_after_recompile_raises_instead_of_mixing_old_and_new():
+    """A recompiled eager module shares the trained graph's weights: training the graph further
+    must make it refuse to answer, not run half-old, half-new weights; onnx keeps its own."""
+    from fxcompile.errors import InputError
+    model, inputs = _model()
+    net = fxcompile.trainable(fxcompile.compile(model, inputs, passes=[]))
+    eager = fxcompile.recompile(net, [])
+    onnx = fxcompile.recompile(net, [], backend="onnx")
+    before = eager(*inputs)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    net(*inputs).square().sum().backward()
+    opt.step()
+    with pytest.raises(InputError, match="changed in place"):
+        eager(*inputs)
+    assert_close(onnx(*inputs), before)
+    assert not torch.allclose(net(*inputs), before, atol=1e-3)  # the graph did train
