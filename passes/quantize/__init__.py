@@ -16,8 +16,10 @@ Modules, in pipeline order:
 - state: what a quantized graph knows about itself (QuantState), scale arithmetic, the report
 - debug (debug_plot): ``compare_quantized``, the per-layer error of a quantized graph, ranked
 - mixed: ``quantize_within_budget``, layers returned to float until an accuracy budget is met
+- weight_only (gptq): the ``quantize_weights`` pass, int4/int8 weights in groups with float
+  activations for decoders (onnxruntime MatMulNBits), rounded by RTN or GPTQ; ``weight_only_passes``
 
-Importing the package registers the three passes. Backends translate the ops themselves (the
+Importing the package registers the four passes. Backends translate the ops themselves (the
 onnx backend's translations are in fxcompile.backends.onnx_quant_ops); nothing here imports a
 backend.
 """
@@ -25,6 +27,7 @@ backend.
 from .smooth import SmoothQuantOptions, smooth_quant  # isort: skip
 from .insert import InsertFakeQuantOptions, insert_fake_quant  # isort: skip
 from .fold import fold_fake_quant, freeze  # isort: skip
+from .weight_only import WeightOnlyOptions, quantize_weights  # isort: skip
 from .calibrate import calibrate, calibrate_graph
 from .qat import TrainableModule, trainable
 from .state import QuantState, get_state, u8s8_saturates, weight_qparams
@@ -32,7 +35,7 @@ from .state import QuantState, get_state, u8s8_saturates, weight_qparams
 __all__ = ["quantize_passes", "smooth_quant", "SmoothQuantOptions", "insert_fake_quant", "fold_fake_quant",
            "InsertFakeQuantOptions", "calibrate",
            "calibrate_graph", "trainable", "TrainableModule", "freeze", "QuantState", "get_state",
-           "u8s8_saturates", "weight_qparams"]
+           "u8s8_saturates", "weight_qparams", "weight_only_passes", "quantize_weights", "WeightOnlyOptions"]
 
 
 def quantize_passes(target: str = "onnxruntime", fold: bool = True, smooth: bool | dict = False,
@@ -64,3 +67,17 @@ def quantize_passes(target: str = "onnxruntime", fold: bool = True, smooth: bool
             passes = candidate
             break
     return passes + tail
+
+
+def weight_only_passes(bits: int = 4, group_size: int = 128, method: str = "rtn", **options) -> list:
+    """A pipeline for weight-only int4/int8: the default clean-ups, then quantize_weights with
+    ``bits``, ``group_size``, ``method`` ("rtn", or "gptq" calibrated by compile's
+    calibration_data) and ``options`` (WeightOnlyOptions: symmetric, include, exclude, lm_head,
+    embeddings, damp, block, act_order, accuracy_level, progress).
+
+        fxcompile.compile(model, x, passes=weight_only_passes(bits=4, method="gptq"),
+                          calibration_data=batches, backend="onnx")
+    """
+    from fxcompile.registry import default_pipeline
+    passes: list = [p for p in default_pipeline() if p not in ("smooth_quant", "insert_fake_quant", "fold_fake_quant")]
+    return passes + [("quantize_weights", {"bits": bits, "group_size": group_size, "method": method, **options})]

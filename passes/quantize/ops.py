@@ -28,6 +28,13 @@ MatMulIntegerToFloat kernel:
 
     y = quantized_linear(xq, xs, xz, w, ws, wz, bias)  # linear(dequantize(xq), w [K, N] dequantized, bias)
 
+Weight-only quantization (passes/quantize/weight_only.py) keeps activations float and stores int4
+or int8 weights in blocks along the input features, in onnxruntime MatMulNBits' own layout (codes
+unsigned, packed low bits first, per block a scale and an optional zero point; none: 2^(bits-1)):
+
+    y = weight_only_linear(x, packed, scales, zero_points, bias, bits, block_size, in_features, accuracy_level)
+    y = weight_only_embedding(packed, indices, scales, zero_points, bits, block_size, dim)
+
 The onnx backend writes the dynamic op as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul
 (-> Add), which onnxruntime fuses into one DynamicQuantizeMatMul kernel (U8S8, per-column weight
 scales).
@@ -144,11 +151,75 @@ def _quantized_linear_fake(xq, x_scale, x_zero_point, w, w_scale, w_zero_point, 
     return xq.new_empty((*xq.shape[:-1], w.shape[-1]), dtype=torch.float32)
 
 
+# -- weight-only: block-quantized weights in onnxruntime MatMulNBits' layout, float activations --
+def unpack_blocks(packed: Tensor, bits: int) -> Tensor:
+    """The unsigned codes of ``packed`` (uint8 [..., bytes]): ``8 // bits`` codes per byte, the
+    first in the lowest bits (MatMulNBits' and GatherBlockQuantized's packing), as uint8 [..., codes]."""
+    if bits == 8:
+        return packed
+    per_byte = 8 // bits
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+
+
+def dequantize_blocks(packed: Tensor, scales: Tensor, zero_points: Tensor | None, bits: int,
+                      columns: int) -> Tensor:
+    """The float32 [N, columns] matrix of ``packed`` (uint8 [N, blocks, block_bytes]): per block
+    (code - zero point) * scale; zero points packed like the codes ([N, bytes]), or None for
+    the midpoint 2^(bits-1) (symmetric)."""
+    n, blocks = packed.shape[0], packed.shape[1]
+    codes = unpack_blocks(packed, bits).to(torch.float32)  # [N, blocks, block_size]
+    if zero_points is None:
+        zp = torch.full((n, blocks, 1), float(1 << (bits - 1)), device=packed.device)
+    else:
+        zp = unpack_blocks(zero_points, bits)[:, :blocks].to(torch.float32).unsqueeze(-1)
+    w = (codes - zp) * scales.to(torch.float32).reshape(n, blocks, 1)
+    return w.reshape(n, -1)[:, :columns]
+
+
+@torch.library.custom_op("fxcompile::weight_only_linear", mutates_args=())
+def weight_only_linear(x: Tensor, packed: Tensor, scales: Tensor, zero_points: Tensor | None,
+                       bias: Tensor | None, bits: int, block_size: int, in_features: int,
+                       accuracy_level: int) -> Tensor:
+    """linear(x, W, bias) with W [N, in_features] block-quantized along in_features (see
+    dequantize_blocks): float x and output, exactly the float linear of the dequantized weight.
+    ``accuracy_level`` is for onnxruntime (MatMulNBits' attribute; 4: x quantized to int8 per
+    block inside its kernel); here x stays float whatever it is."""
+    weight = dequantize_blocks(packed, scales, zero_points, bits, in_features)
+    return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+
+
+@weight_only_linear.register_fake
+def _weight_only_linear_fake(x, packed, scales, zero_points, bias, bits, block_size, in_features, accuracy_level):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.custom_op("fxcompile::weight_only_embedding", mutates_args=())
+def weight_only_embedding(packed: Tensor, indices: Tensor, scales: Tensor, zero_points: Tensor | None,
+                          bits: int, block_size: int, dim: int) -> Tensor:
+    """embedding(indices, table): rows of a block-quantized [V, dim] table (packed uint8
+    [V, dim * bits / 8], blocks of ``block_size`` along dim, which they divide; scales [V, blocks]),
+    only the gathered rows dequantized."""
+    rows = indices.reshape(-1)
+    zp = zero_points[rows] if zero_points is not None else None
+    blocks = packed[rows].reshape(rows.shape[0], dim // block_size, -1)
+    table = dequantize_blocks(blocks, scales[rows], zp, bits, dim)
+    return table.reshape(*indices.shape, dim)
+
+
+@weight_only_embedding.register_fake
+def _weight_only_embedding_fake(packed, indices, scales, zero_points, bits, block_size, dim):
+    return scales.new_empty((*indices.shape, dim), dtype=torch.float32)
+
+
 QUANTIZE = torch.ops.fxcompile.quantize.default
 DEQUANTIZE = torch.ops.fxcompile.dequantize.default
 DYNAMIC_FAKE_QUANT = torch.ops.fxcompile.dynamic_fake_quant.default
 DYNAMIC_QUANTIZED_MATMUL = torch.ops.fxcompile.dynamic_quantized_matmul.default
 QUANTIZED_LINEAR = torch.ops.fxcompile.quantized_linear.default
+WEIGHT_ONLY_LINEAR = torch.ops.fxcompile.weight_only_linear.default
+WEIGHT_ONLY_EMBEDDING = torch.ops.fxcompile.weight_only_embedding.default
 
 # ATen's fake-quant ops as insert_fake_quant writes them, and their learnable twins (QAT).
 aten = torch.ops.aten
