@@ -8,6 +8,11 @@ per-channel s > 0: dividing X's channels by s flattens the outliers, and the wei
 per output channel, take them up along their input channels. The division is folded into what
 produces X (a LayerNorm's weight and bias, an RMSNorm's weight, a linear's output rows), so the
 graph keeps its ops, and the pass is exact in float (registered lossless; check=True verifies it).
+The walk from a producer to its consumers (smooth_paths.py) also follows SwiGLU's mul (up_proj's
+rows take 1/s for down_proj's input) and attention's value path (v_proj's rows for o_proj's input,
+one scale per v channel across grouped-query attention's repeated heads), where channels provably
+stay apart; a path cut there is reported with its reason. GELU MLPs (fc1 -> gelu -> fc2) have no
+exact fold and are left as they are.
 Where the producer's output has other readers and they are post-norm residual adds (BERT) of a
 linear's output, the residual carries X/s: that linear takes 1/s in its rows and a mul by s
 follows the add (which stays quantized, see _residual_adds). Where other readers are anything
@@ -26,14 +31,14 @@ import torch
 from torch import fx
 
 from fxcompile.errors import CalibrationError, QuantizationError
-from fxcompile.graph_utils import (VIEW_OPS, add_constant, constant, copy_origin, get_arg, module_path, real_users,
-                                   set_arg)
+from fxcompile.graph_utils import add_constant, constant, copy_origin, get_arg, module_path, real_users, set_arg
 from fxcompile.registry import register_pass
 from fxcompile.report import add_report_section
 
 from .observers import METHODS
-from .placement import family_of, is_float_tensor, linear_operands
-from .smooth_search import ChannelStats, Choice, Consumer, choose
+from .placement import family_of, is_float_tensor, linear_operands, read_in_float
+from .smooth_paths import THROUGH, Reach, Walk
+from .smooth_search import ChannelStats, Choice, Consumer, Upstream, choose
 from .state import TARGETS
 
 aten = torch.ops.aten
@@ -48,8 +53,15 @@ class SmoothQuantOptions:
     alphas: the grid searched with alpha='auto'.
     min_gain: with alpha='auto', a group is smoothed only if that cuts its simulated int8 error
     by this fraction (else it is left as it was).
+    min_gain_attention: the same for a group read through attention (v_proj -> o_proj). Its
+    simulation misses part of what int8 attention does to o_proj's input, and a 40-60% simulated
+    gain on a value path without outlier channels measured as a small loss (o_proj's own SQNR
+    30.4 -> 29.6 dB), so it must be clear; with outlier channels the gain is orders of magnitude.
     producers: what may produce a smoothed activation: layer_norm, norm_weight (a mul by a 1-D
     constant along the channels: RMSNorm's weight) and linear (linear, addmm, matmul by a constant).
+    through: what a path from a producer to its consumers may pass besides views keeping the
+    channels last: "mul" (by a same-shaped tensor: SwiGLU, so down_proj's input is smoothed in
+    up_proj's rows), "attention" (the value path v_proj -> attention -> o_proj); () for neither.
     fallback: 'mul' inserts a per-channel mul where the producer can't absorb the scales (its
     output has other readers, besides post-norm residual adds, which are rescaled); 'skip'
     leaves such groups alone.
@@ -60,7 +72,9 @@ class SmoothQuantOptions:
     alpha: object = "auto"
     alphas: tuple = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     min_gain: float = 0.05
+    min_gain_attention: float = 0.75
     producers: tuple = PRODUCERS
+    through: tuple = THROUGH
     fallback: str = "mul"
     target: str = "onnxruntime"
     method: str = "minmax"
@@ -76,6 +90,9 @@ class SmoothQuantOptions:
         unknown = set(self.producers) - set(PRODUCERS)
         if unknown:
             raise ValueError(f"unknown producers {sorted(unknown)}; known: {', '.join(PRODUCERS)}")
+        self.through = tuple(self.through)
+        if set(self.through) - set(THROUGH):
+            raise ValueError(f"unknown through {sorted(set(self.through) - set(THROUGH))}; known: {', '.join(THROUGH)}")
         if self.fallback not in ("mul", "skip"):
             raise ValueError(f"fallback must be 'mul' or 'skip', got {self.fallback!r}")
         if self.target not in TARGETS:
@@ -86,13 +103,17 @@ class SmoothQuantOptions:
 
 @dataclass
 class Group:
-    """An activation (``producer``'s output, channels last) and the linear-like ops reading it."""
+    """An activation (``observed``: ``producer``'s output, or what it becomes through a mul or
+    attention) and the linear-like ops reading it."""
 
     producer: fx.Node
     kind: str                              # layer_norm | norm_weight | linear
     consumers: list[fx.Node]
     entries: list[fx.Node]                 # producer's users leading only to consumers
     absorbable: bool                       # the producer's output has no other reader
+    observed: fx.Node | None = None        # the consumers' input (None: the producer's output)
+    channel_map: torch.Tensor | None = None  # consumers' input channel -> producer channel (None: same)
+    upstream: Upstream | None = None       # the producer's output, quantized too before the consumers read it
     stats: ChannelStats = field(default_factory=ChannelStats)
     choice: Choice | None = None
     how: str = ""
@@ -111,12 +132,15 @@ def smooth_quant(gm: fx.GraphModule, opts: SmoothQuantOptions, ctx=None) -> int:
     groups = find_groups(gm, opts)
     batches = _materialize(data)
     ctx.data = batches  # a generator can be read once: insert_fake_quant calibrates on the same list
-    if groups:
-        _record(gm, groups, batches, opts.max_rows)
+    if any(g.consumers for g in groups):
+        _record(gm, [g for g in groups if g.consumers], batches, opts.max_rows)
     alphas = opts.alphas if opts.alpha == "auto" else (float(opts.alpha),)  # type: ignore[arg-type]
     for g in groups:
-        g.choice = choose(g.stats, [_consumer(gm, c) for c in g.consumers], alphas, opts.min_gain,
-                          opts.target, opts.method, opts.percentile)
+        if not g.consumers:
+            continue  # a path cut on the way (its reason is in g.how)
+        min_gain = opts.min_gain if g.channel_map is None else opts.min_gain_attention
+        g.choice = choose(g.stats, [_consumer(gm, c) for c in g.consumers], alphas, min_gain,
+                          opts.target, opts.method, opts.percentile, g.channel_map, g.upstream)
         if g.choice.s is not None:
             g.how = _apply(gm, g, g.choice.s, opts.fallback)
         else:
@@ -127,14 +151,29 @@ def smooth_quant(gm: fx.GraphModule, opts: SmoothQuantOptions, ctx=None) -> int:
 
 # -- groups ------------------------------------------------------------------------------------
 def find_groups(gm: fx.GraphModule, opts: SmoothQuantOptions) -> list[Group]:
-    groups = []
+    """One group per producer whose output reaches linear-like consumers; each consumer in one
+    group only (two producers meeting at a mul would otherwise both scale its weight)."""
+    groups: list[Group] = []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    claimed: set[fx.Node] = set()
     for node in gm.graph.nodes:
         kind = _producer_kind(gm, node)
         if kind is None or kind not in opts.producers or not is_float_tensor(node):
             continue
-        consumers, entries, others = _readers(node)
-        if consumers:
-            groups.append(Group(node, kind, consumers, entries, absorbable=not others))
+        walk = Walk(node, opts.through, order, lambda n: _consumer_weight(gm, n) is not None)
+        reaches, entries, others = _readers(node, walk)
+        if reaches and not claimed & {r.consumer for r in reaches}:
+            claimed |= {r.consumer for r in reaches}
+            first = reaches[0]
+            observed = None if first.observed is node else first.observed
+            # onnxruntime quantizes a linear's output unless only float ops read it (placement)
+            quantized = kind == "linear" and opts.target == "onnxruntime" and not read_in_float(node)
+            groups.append(Group(node, kind, [r.consumer for r in reaches], entries, absorbable=not others,
+                                observed=observed, channel_map=first.channel_map,
+                                upstream=Upstream(ChannelStats(), first.channel_map) if observed and quantized
+                                else None))
+        elif walk.reason and not reaches:
+            groups.append(Group(node, kind, [], [], False, how=f"skipped: {walk.reason}"))
     return groups
 
 
@@ -177,39 +216,26 @@ def _consumer_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     return w if w is not None and w.dim() == 2 and w.is_floating_point() else None
 
 
-def _readers(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node], bool]:
-    """(consumers reading ``node`` as their input, directly or through views keeping the last
-    axis; the users of ``node`` that lead only to them; whether anything else reads it)."""
-    consumers: list[fx.Node] = []
+def _readers(node: fx.Node, walk: Walk) -> tuple[list[Reach], list[fx.Node], bool]:
+    """(the consumers reached from ``node``, all reading one tensor the same way; the users of
+    ``node`` that lead only to them; whether anything else reads it)."""
+    reaches: list[Reach] = []
     entries, others = [], False
     for user in real_users(node):
-        found = _consumers_below(user, node)
-        if found is None:
-            others = True
+        found = walk.below(user, node)
+        if found is None or not all(_same((reaches or found)[0], r) for r in found):
+            others = True  # a branch reading other rows, or other channels, is left to the fallback
         else:
-            consumers += found
+            reaches += found
             entries.append(user)
-    return consumers, entries, others
+    return reaches, entries, others
 
 
-def _consumers_below(user: fx.Node, source: fx.Node) -> list[fx.Node] | None:
-    """[user] if it is a consumer reading ``source`` as its input; the consumers below a view of
-    ``source`` that keeps the channels last; None if anything else reads it."""
-    gm = user.graph.owning_module
-    assert isinstance(gm, fx.GraphModule)
-    if _consumer_weight(gm, user) is not None and linear_operands(user)[0] is source:
-        return [user]
-    src, out = source.meta.get("val"), user.meta.get("val")
-    if (user.target not in VIEW_OPS or not isinstance(out, torch.Tensor) or not isinstance(src, torch.Tensor)
-            or out.shape[-1] != src.shape[-1]):
-        return None
-    found: list[fx.Node] = []
-    for u in real_users(user):
-        below = _consumers_below(u, user)
-        if below is None:
-            return None
-        found += below
-    return found or None
+def _same(a: Reach, b: Reach) -> bool:
+    """Whether two consumers read the same rows with the same channels (one set of statistics)."""
+    if a.observed is not b.observed or (a.channel_map is None) != (b.channel_map is None):
+        return False
+    return a.channel_map is None or torch.equal(a.channel_map, b.channel_map)  # type: ignore[arg-type]
 
 
 def _consumer(gm: fx.GraphModule, node: fx.Node) -> Consumer:
@@ -237,14 +263,17 @@ def _materialize(data) -> list:
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, groups: list[Group], keep: int):
         super().__init__(gm)
-        self.by_node = {g.producer: g for g in groups}
+        self.by_node: dict[fx.Node, list[ChannelStats]] = {}
+        for g in groups:
+            self.by_node.setdefault(g.observed or g.producer, []).append(g.stats)
+            if g.upstream is not None:
+                self.by_node.setdefault(g.producer, []).append(g.upstream.stats)
         self.keep = keep
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        group = self.by_node.get(n)
-        if group is not None:
-            group.stats.update(out, self.keep)
+        for stats in self.by_node.get(n, ()):
+            stats.update(out, self.keep)
         return out
 
 
@@ -267,19 +296,21 @@ _WEIGHT_ARGS = {aten.linear.default: ("weight", "bias", True), aten.addmm.defaul
 
 
 def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor, fallback: str) -> str:
-    """X / s at the producer (or a mul), s into every consumer's weight columns; how it was done."""
+    """X / s at the producer (or a mul), s into every consumer's weight columns; how it was done.
+    ``s`` is over the consumers' input channels; the producer takes it over its own channels."""
     residual = None if g.absorbable else _residual_adds(gm, g)
+    at_producer = _producer_scales(g, s).double()
     if g.absorbable:
-        _fold_into_producer(gm, g, s.double())
+        _fold_into_producer(gm, g, at_producer)
         how = f"folded into {g.kind}"
     elif residual is not None:
-        _fold_into_producer(gm, g, s.double())
-        _rescale_residual(gm, residual, s.double())
+        _fold_into_producer(gm, g, at_producer)
+        _rescale_residual(gm, residual, at_producer)
         how = f"folded into {g.kind}, residual add rescaled"
     elif fallback == "mul":
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         first = min(g.entries, key=order.__getitem__)  # the mul must come before every reader
-        inv = add_constant(gm, (1 / s.double()).float(), f"{g.producer.name}_smooth", first)
+        inv = add_constant(gm, (1 / at_producer).float(), f"{g.producer.name}_smooth", first)
         with gm.graph.inserting_before(first):
             mul = gm.graph.call_function(aten.mul.Tensor, (g.producer, inv))
         copy_origin(mul, g.producer)
@@ -298,6 +329,18 @@ def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor, fallback: str) -> str:
         scaled = w.double() * (s.double()[None, :] if n_by_k else s.double()[:, None])
         _replace(gm, c, name, scaled.to(w.dtype), "smoothed_weight")
     return how
+
+
+def _producer_scales(g: Group, s: torch.Tensor) -> torch.Tensor:
+    """``s`` over the producer's channels (the search makes it equal across the consumer channels
+    one producer channel feeds; a channel that feeds none keeps 1)."""
+    if g.channel_map is None:
+        return s
+    width = _shape(g.producer)
+    assert width is not None
+    out = torch.ones(width[-1], dtype=s.dtype)
+    out[g.channel_map] = s
+    return out
 
 
 def _residual_adds(gm: fx.GraphModule, g: Group) -> list[tuple[fx.Node, fx.Node]] | None:
@@ -385,7 +428,9 @@ class SmoothReport:
 
     def __init__(self, groups: list[Group]):
         self.smoothed = sum(g.how.startswith(("folded", "mul")) for g in groups)
-        self.rows: list[dict[str, Any]] = [{"input of": g.producer.name, "module": module_path(g.producer) or "<root>",
+        self.rows: list[dict[str, Any]] = [{"input of": (g.observed or g.producer).name,
+                                            "producer": g.producer.name,
+                                            "module": module_path(g.producer) or "<root>",
                                             "kind": g.kind,
                       "consumers": ", ".join(c.name for c in g.consumers),
                       "alpha": "-" if g.choice is None or g.choice.alpha is None else f"{g.choice.alpha:g}",
@@ -395,8 +440,9 @@ class SmoothReport:
 
     def __str__(self) -> str:
         from fxcompile.report import format_table
-        cols = ("input of", "module", "kind", "consumers", "alpha", "error before", "error after", "how")
-        rows = [tuple(f"{r[c]:.3g}" if isinstance(r[c], float) else r[c] for c in cols) for r in self.rows]
+        cols = ("input of", "producer", "module", "kind", "consumers", "alpha", "error before", "error after", "how")
+        rows = [tuple(f"{r[c]:.3g}" if isinstance(r[c], float) else "-" if r[c] is None else r[c] for c in cols)
+                for r in self.rows]
         head = (f"{self.smoothed} of {len(self.rows)} "
                 "activation groups smoothed (error: simulated int8 relative squared error on calibration rows)")
         return head + ("\n" + format_table([cols, *rows]) if rows else "")
