@@ -74,6 +74,7 @@ def calibrate_graph(gm: fx.GraphModule, batches: Iterable, method: str = "minmax
             count += 1
             if max_batches is not None and count >= max_batches:
                 break
+    count = _merge_ranks(observers.values(), count)
     if count == 0:
         raise CalibrationError("the calibration data is empty: give an iterable with at least one batch "
                                "(a generator that was already consumed is empty too)")
@@ -163,6 +164,20 @@ class _ObservingInterpreter(fx.Interpreter):
                         "insert_fake_quant's skip=[...] option.") from None
             return x
         return super().run_node(n)
+
+
+def _merge_ranks(observers: Iterable[Observer], count: int) -> int:
+    """Under torch.distributed (more than one rank) every rank calibrated on its own share of the
+    data: merge the observers so all ranks take the same ranges; the batches counted on all ranks."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return count
+    from fxcompile.train.distributed import collective_device
+    total = torch.tensor([count], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    for observer in observers:
+        observer.all_reduce()
+    return int(total.item())
 
 
 # -- batches -----------------------------------------------------------------------------

@@ -59,6 +59,36 @@ class Observer:
             self.radius *= 2
         self.hist += torch.histc(x, self.bins, -self.radius, self.radius).double()
 
+    def all_reduce(self) -> None:
+        """Merge what this observer saw on every rank of torch.distributed into each rank's copy
+        (min, max, count; histograms summed on the widest rank's range), so every rank computes
+        the same range and folds the same int8 model. Every rank must call it, in the same order."""
+        import torch.distributed as dist
+
+        from fxcompile.train.distributed import collective_device
+        device = collective_device()
+        stats = torch.tensor([-self.min, self.max, self.radius], dtype=torch.float64, device=device)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        count = torch.tensor([self.count], dtype=torch.float64, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        self.min, self.max, radius = -float(stats[0]), float(stats[1]), float(stats[2])
+        self.count = int(count.item())
+        if self.histogram and radius > 0:
+            hist = self._rebinned(radius).to(device)
+            dist.all_reduce(hist, op=dist.ReduceOp.SUM)
+            self.hist, self.radius = hist.cpu(), radius
+
+    def _rebinned(self, radius: float) -> torch.Tensor:
+        """This rank's histogram over [-radius, radius] (radius >= its own): each bin's count moves
+        to the bin holding its centre (exact when the ranges are equal)."""
+        if self.hist is None:
+            return torch.zeros(self.bins, dtype=torch.float64)
+        if radius == self.radius:
+            return self.hist.clone()
+        centres = -self.radius + (2 * self.radius / self.bins) * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
+        index = ((centres + radius) / (2 * radius / self.bins)).floor().long().clamp(0, self.bins - 1)
+        return torch.zeros(self.bins, dtype=torch.float64).index_add_(0, index, self.hist)
+
     def range(self, method: str, quant_min: int, quant_max: int, symmetric: bool,
               percentile: float = 99.99) -> tuple[float, float]:
         """The [lo, hi] to quantize with, by ``method``."""
