@@ -1,5 +1,6 @@
 """Structured pruning, measured: latency vs FLOPs on ResNet-50 / BERT-base sized models, and
-accuracy after pruning 50% of the FLOPs of a small digits CNN (plus a short fine-tune).
+accuracy after pruning 50% of the FLOPs of the digits CNN of fxcompile.testing.digits (plus a short
+fine-tune).
 
     python benchmarks/bench_prune.py --out benchmarks/results/prune.md   # both parts
     python benchmarks/bench_prune.py --part latency --rounds 5
@@ -22,8 +23,6 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import fxcompile
 from fxcompile.testing import zoo
@@ -112,82 +111,25 @@ def coverage(ratio: float = 0.5, backends=("eager", "onnx")) -> str:
     return format_table(rows, markdown=True)
 
 
-# -- accuracy: a small CNN on scikit-learn's digits ---------------------------------------
-class DigitsCNN(nn.Module):
-    def __init__(self, width: int = 16):
-        super().__init__()
-        self.c1 = nn.Conv2d(1, width, 3, padding=1)
-        self.b1 = nn.BatchNorm2d(width)
-        self.c2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.b2 = nn.BatchNorm2d(2 * width)
-        self.c3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
-        self.b3 = nn.BatchNorm2d(2 * width)
-        self.fc = nn.Linear(2 * width * 16, 10)
-
-    def forward(self, x):
-        y = torch.relu(self.b1(self.c1(x)))
-        y = F.max_pool2d(torch.relu(self.b2(self.c2(y))), 2)
-        y = torch.relu(self.b3(self.c3(y))) + y
-        return self.fc(y.flatten(1))
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(y)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    return xtr, ytr, xte, yte
-
-
-def _batches(x, y, bs, shuffle, g=None):
-    idx = torch.randperm(len(x), generator=g) if shuffle else torch.arange(len(x))
-    for i in range(0, len(x) - bs + 1, bs):  # full batches: the pruned graph has static shapes
-        j = idx[i:i + bs]
-        yield x[j], y[j]
-
-
-def _accuracy(fn, x, y, bs):
-    pad = (-len(x)) % bs
-    xp = torch.cat([x, x[:pad]]) if pad else x
-    with torch.no_grad():
-        logits = torch.cat([fn(xp[i:i + bs]) for i in range(0, len(xp), bs)])[:len(x)]
-    return (logits.argmax(1) == y).float().mean().item() * 100
-
-
-def _train(params, forward, x, y, epochs, lr, bs, seed):
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(epochs):
-        for xb, yb in _batches(x, y, bs, True, g):
-            loss = F.cross_entropy(forward(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-
-def accuracy(epochs: int = 10, finetune: int = 5, criterion: str = "l1") -> str:
-    torch.manual_seed(0)
-    xtr, ytr, xte, yte = _digits()
-    bs = 64
-    model = DigitsCNN()
+# -- accuracy: fxcompile.testing.digits' CNN on scikit-learn's digits ------------------------
+def accuracy(finetune: int = 5, criterion: str = "l1") -> str:
+    """The digits CNN trained by its recipe, 50% of its FLOPs pruned, then ``finetune`` epochs
+    of its own training on the pruned graph (fxcompile.trainable); top-1 on the test half."""
+    from fxcompile.testing import digits
+    xtr, ytr, xte, yte = digits.split()
     start = time.perf_counter()
-    model.train()
-    _train(model.parameters(), model, xtr, ytr, epochs, 3e-3, bs, 0)
-    model.eval()
+    model = digits.trained("cnn", xtr, ytr)
     train_s = time.perf_counter() - start
-    base = _accuracy(model, xte, yte, bs)
-    compiled = fxcompile.compile(model, (xtr[:bs],), passes=[("prune", {"flops_reduction": 0.5,
-                                                                        "criterion": criterion})])
+    base = digits.accuracy(model, xte, yte)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    compiled = fxcompile.compile(model, (xtr[:64],), dynamic_shapes={"x": {0: batch}},
+                                 passes=[("prune", {"flops_reduction": 0.5, "criterion": criterion})])
     rep = compiled.report.extra["prune"]
-    gm = compiled.graph_module  # the pruned graph's parameters, trained directly (eager backend)
-    forward = lambda xb: gm(xb)[0]  # noqa: E731
-    pruned = _accuracy(forward, xte, yte, bs)
+    pruned = digits.accuracy(compiled, xte, yte)
     start = time.perf_counter()
-    _train([p for p in gm.parameters() if p.requires_grad], forward, xtr, ytr, finetune, 1e-3, bs, 1)
+    digits.train(fxcompile.trainable(compiled), xtr, ytr, finetune, lr=1e-3, seed=1)  # the graph, in place
     tune_s = time.perf_counter() - start
-    tuned = _accuracy(compiled, xte, yte, bs)
+    tuned = digits.accuracy(compiled, xte, yte)
     rows = [("model", "FLOPs", "params", "top-1 %", "drop (points)", "train s"),
             ("digits CNN", f"{rep.flops_before / 1e6:.1f}M", f"{rep.params_before / 1e3:.1f}k", f"{base:.2f}",
              "-", f"{train_s:.1f}"),

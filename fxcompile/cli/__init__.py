@@ -1,11 +1,11 @@
-"""The ``fxcompile`` command: demo, compile, passes, backends, cache.
+"""The ``fxcompile`` command: demo, compile, compress, passes, backends, cache.
 
 Every error fxcompile raises on purpose (``FxCompileError``) ends the command with
 ``error: <message>`` on stderr and exit status 2, without a traceback; a failed parity check in
 ``demo`` or ``compile --check`` exits with 1.
 
 The parser is parser.py; each command lives in the module of its name (demo.py, compile.py,
-listing.py for passes and backends, cache.py).
+compress.py, listing.py for passes and backends, cache.py).
 """
 from __future__ import annotations
 

@@ -41,6 +41,25 @@ def parse_backend_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def load_batches(flag: str, file: str) -> list:
+    """A list of batches saved with torch.save (``--calibration``, ``compress --data``): each a
+    tensor, a tuple of positional inputs or a dict of keyword inputs (or an (inputs, target) pair)."""
+    import torch
+    from pathlib import Path
+    path = Path(file)
+    if not path.is_file():
+        raise InputError(f"no such file: {file}")
+    try:
+        batches = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise InputError(f"cannot load the batches of {flag} from {path} with torch.load: "
+                         f"{type(e).__name__}: {e}") from e
+    if isinstance(batches, (torch.Tensor, dict)) or not isinstance(batches, (list, tuple)):
+        raise InputError(f"{path} holds a {type(batches).__name__}; {flag} takes a list of batches "
+                         "(e.g. torch.save([x1, x2, x3], path) or a list of (args...) tuples or kwargs dicts)")
+    return list(batches)
+
+
 def backend_status(name: str) -> tuple[bool, str]:
     """(available, reason) for a backend: its module's ``available()`` when it has one, else
     whether the Python packages it needs import."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..numerics import LOSSLESS_TOLERANCE
-from .common import parse_backend_options, parse_passes
+from .common import load_batches, parse_backend_options, parse_passes
 from .target import load_target
 
 
@@ -167,8 +167,6 @@ def _check_writable(flag: str, output: str) -> None:
 
 def _int8_pipeline(args):
     """--int8: (quantize_passes for the backend's target, the calibration batches or None)."""
-    import torch
-
     import fxcompile
     if args.passes is not None:
         raise InputError("--int8 runs its own pipeline (the default passes, then quantization); "
@@ -183,15 +181,5 @@ def _int8_pipeline(args):
         raise InputError("--int8 static needs --calibration FILE: a list of input batches saved with "
                          "torch.save (each a tuple of positional inputs, a dict of keyword inputs or one "
                          "tensor); or use --int8 dynamic (onnx backend), which needs no data")
-    path = Path(args.calibration)
-    if not path.is_file():
-        raise InputError(f"no such file: {args.calibration}")
-    try:
-        batches = torch.load(path, weights_only=True)
-    except Exception as e:
-        raise InputError(f"cannot load the calibration batches from {path} with torch.load: "
-                         f"{type(e).__name__}: {e}") from e
-    if isinstance(batches, (torch.Tensor, dict)) or not isinstance(batches, (list, tuple)):
-        raise InputError(f"{path} holds a {type(batches).__name__}; --calibration takes a list of batches "
-                         "(e.g. torch.save([x1, x2, x3], path) or a list of (args...) tuples or kwargs dicts)")
-    return fxcompile.quantize_passes(target, method=args.calibration_method or "minmax"), list(batches)
+    batches = load_batches("--calibration", args.calibration)
+    return fxcompile.quantize_passes(target, method=args.calibration_method or "minmax"), batches

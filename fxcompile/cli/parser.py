@@ -1,5 +1,6 @@
-"""The ``fxcompile`` argument parser: one sub-command each for demo, compile, passes, backends
-and cache (their implementations are the modules of the same names)."""
+"""The ``fxcompile`` argument parser: one sub-command each for demo, compile, compress, passes,
+backends and cache (their implementations are the modules of the same names; compress.py adds its
+own sub-parser)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import argparse
 from ..numerics import LOSSLESS_TOLERANCE
 from .cache import cmd_cache
 from .compile import cmd_compile
+from .compress import add_parser as add_compress
 from .demo import cmd_demo
 from .listing import cmd_backends, cmd_passes
 
@@ -18,6 +20,7 @@ examples:
   fxcompile demo --backends onnx --runs 100      only onnxruntime, more timing runs
   fxcompile compile mypkg.models:build --backend onnx -o model.onnx
   fxcompile compile exported.pt2 --passes none --report-json report.json
+  fxcompile compress mypkg.models:build --data train.pt   prune, distill, int8; every step measured
   fxcompile passes                               what each pass does and its options
   fxcompile backends                             which backends work on this machine
 
@@ -74,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_demo(sub, formatter)
     _add_compile(sub, formatter)
+    add_compress(sub, formatter)
     _add_listings(sub)
     _add_cache(sub)
     return parser

@@ -373,3 +373,56 @@ def test_capture_failure_shows_only_the_message(tmp_path):
     assert "Traceback" not in err
     verbose = run("compile", f"{source}:branchy", "--verbose", cwd=tmp_path)
     assert verbose.returncode == 2 and "torch.ops.aten.sum.default" in verbose.stderr
+
+
+def test_compress_writes_the_table_the_plot_and_the_chosen_model(tmp_path, capsys):
+    model, (x,) = factories.small_convnet()
+    torch.save([torch.randn_like(x) for _ in range(3)], tmp_path / "data.pt")
+    held_out = [torch.randn_like(x) for _ in range(32)]
+    with torch.no_grad():  # labelled by the fp32 model: it scores 100
+        torch.save([(b, model(b).argmax(1)) for b in held_out], tmp_path / "eval.pt")
+    out = tmp_path / "out"
+    argv = ["compress", "tests.cli.factories:small_convnet", "--data", str(tmp_path / "data.pt"), "--recipe",
+            "prune,ptq", "--ratios", "0.5", "--eval-data", str(tmp_path / "eval.pt"), "--timing-runs", "1",
+            "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    rows = table_rows(text)
+    assert [r[0] for r in rows] == ["fp32", "ratio 0.5: prune", "ratio 0.5: prune > ptq *"]
+    assert rows[0][1] == "100.00"
+    assert {"compress.md", "compress.svg", "model.onnx"} <= {p.name for p in out.iterdir()}
+    with torch.no_grad():
+        assert fxcompile.load(str(out / "model.onnx"))(x).shape == model(x).shape
+    # a floor no variant meets: said on stderr, exit status 1
+    # --eval: the user's function; a floor no variant meets is said on stderr, exit status 1
+    (tmp_path / "score.py").write_text(_SCORE)
+    argv = [*argv[:argv.index("--eval-data")], "--eval", f"{tmp_path / 'score.py'}:score", "--timing-runs", "0"]
+    assert cli.main([*argv, "--max-drop", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL NO variant meets the floor 99.5 (fp32 100 - max_drop 0.5); the most accurate is ratio 0.5" in err
+
+
+_SCORE = """
+import torch
+from fxcompile.numerics import cosine
+from tests.cli.factories import small_convnet
+
+model, (x,) = small_convnet()
+
+def score(compiled):
+    with torch.no_grad():
+        return 100 * cosine(model(x), compiled(x))
+"""
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--recipe", "prune,quant"], "unknown recipe step 'quant' (step 1). Did you mean 'qat'? The steps are: prune, finetune, distill"),
+    (["--step-option", "qat:epochs=2"], "--step-option takes STEP:KEY=VALUE with STEP one of the recipe's steps"),
+    (["--step-option", "prune:ratio=0.9"], "the pruning target comes from ratios (--ratios)"),
+    (["--max-drop", "1"], "--max-drop needs an accuracy: add --eval-data FILE"),
+    (["--ratios", "0.3,half"], "--ratios takes numbers, got 'half'"),
+])
+def test_compress_argument_mistakes_fail_before_loading(extra, message, capsys):
+    argv = ["compress", "tests.cli.factories:does_not_exist", "--data", "missing.pt", *extra]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
