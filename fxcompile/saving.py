@@ -76,6 +76,9 @@ def load(path: str, **options):
     side = sidecar_path(path)
     if not os.path.exists(path):
         raise InputError(f"fxcompile.load: {path} does not exist")
+    if os.path.isfile(os.path.join(path, "fxcompile-generation.json")):
+        raise InputError(f"fxcompile.load: {path} is a decoder saved for generation (two graphs); load it "
+                         "with fxcompile.load_for_generation(path)")
     if not os.path.exists(side):
         raise InputError(f"fxcompile.load: {side} is missing; it is written by CompiledModule.save() "
                          f"beside the artifact and holds the model's input and output structure")
