@@ -18,7 +18,8 @@ __all__ = ["compile", "load", "capture", "CompiledModule", "Captured", "register
            "list_passes", "get_pass", "default_pipeline", "backend_names", "run_pipeline", "PassResult",
            "PassContext", "FxCompileError", "CaptureError", "InputError", "PassError", "BackendError",
            "calibrate", "trainable", "recompile", "TrainableModule", "quantize_passes",
-           "QuantizationError", "CalibrationError", "PruneError", "compare_quantized", "quantize_within_budget"]
+           "QuantizationError", "CalibrationError", "PruneError", "compare_quantized", "quantize_within_budget", "compress",
+           "distill", "compile_for_generation", "load_for_generation"]
 
 
 # Quantization's entry points live in fxcompile.passes.quantize, imported on first use so that
@@ -39,6 +40,18 @@ def __getattr__(name: str):
         from .passes.quantize.mixed import quantize_within_budget
         globals()[name] = quantize_within_budget
         return quantize_within_budget
+    if name == "compress":
+        from .recipes.compress import compress
+        globals()[name] = compress
+        return compress
+    if name == "distill":
+        from .train import distill
+        globals()[name] = distill
+        return distill
+    if name in ("compile_for_generation", "load_for_generation"):
+        from .integrations import generation
+        value = globals()[name] = getattr(generation, name)
+        return value
     raise AttributeError(f"module 'fxcompile' has no attribute {name!r}")
 
 
