@@ -224,7 +224,7 @@ def parse_args(argv):
     p.add_argument("--size", default="base", choices=("small", "base"))
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--runs", type=int, default=10, help="timed runs per contender")
-    p.add_argument("--settle", type=int, default=2,
+    p.add_argument("--settle", type=int, default=5,
                    help="untimed calls before each timed one (absorbs the switch between contenders)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seq", type=int, default=128, help="sequence length of text models")

@@ -380,7 +380,7 @@ def parse_args(argv):
     p.add_argument("--batch", default="1,8")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--settle", type=int, default=2,
+    p.add_argument("--settle", type=int, default=5,
                    help="untimed calls before each timed one (absorbs the switch between contenders)")
     p.add_argument("--calib", type=int, default=8, help="calibration batches")
     p.add_argument("--method", default="minmax", choices=("minmax", "percentile", "mse", "entropy"))

@@ -47,17 +47,19 @@ ACCURACY: dict[str, dict | None] = {
     "int4 GPTQ g128 act_order": {"bits": 4, "group_size": 128, "method": "gptq", "act_order": True},
     "int4 RTN g32": {"bits": 4, "group_size": 32},
     "int4 GPTQ g32": {"bits": 4, "group_size": 32, "method": "gptq"},
+    "int4 GPTQ g128, accuracy_level 0 (float activations)": {"bits": 4, "group_size": 128, "method": "gptq",
+                                                              "accuracy_level": 0},
     "int4 RTN g128 + lm_head": {"bits": 4, "group_size": 128, "lm_head": True},
     "int4 GPTQ g128 + lm_head": {"bits": 4, "group_size": 128, "method": "gptq", "lm_head": True},
     "int4 RTN g128 + lm_head + embeddings": {"bits": 4, "group_size": 128, "lm_head": True, "embeddings": True},
 }
 LATENCY: dict[str, dict | None] = {
     "fp32": None,
-    "int8 g128 (accuracy_level 4)": {"bits": 8, "group_size": 128},
+    "int8 g128": {"bits": 8, "group_size": 128},
     "int4 g128": {"bits": 4, "group_size": 128},
     "int4 g128 symmetric": {"bits": 4, "group_size": 128, "symmetric": True},
     "int4 g32": {"bits": 4, "group_size": 32},
-    "int4 g128 accuracy_level 4": {"bits": 4, "group_size": 128, "accuracy_level": 4},
+    "int4 g128 accuracy_level 0 (float activations)": {"bits": 4, "group_size": 128, "accuracy_level": 0},
 }
 
 
@@ -122,7 +124,8 @@ def render(rows, latency, model, args, command) -> str:
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.steps} training steps. "
              f"GPTQ calibration: {args.calib} batches of {args.batch}x{args.seq} bytes; evaluation: {args.eval} "
              f"other batches of the same shape. Default options unless named: asymmetric, lm_head and "
-             f"embeddings float, accuracy_level 0 for 4 bits and 4 for 8 bits. g128 on d_model {c.d_model} "
+             "embeddings float, MatMulNBits accuracy_level 4 (activations int8 per block in the kernel). "
+             f"g128 on d_model {c.d_model} "
              f"is one group per row for most linears (fc2 reads {c.mlp_ratio * c.d_model} features).")
     parts: list[str] = ["# Weight-only int4/int8 on a trained tiny decoder (tiny_lm)", "", machine_line(args.threads),
                         "", f"command: `{command}`", "", notes]
