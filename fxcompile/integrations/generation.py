@@ -21,9 +21,19 @@ import os
 from dataclasses import asdict
 
 import torch
-from transformers import GenerationMixin, PreTrainedModel
 
 from fxcompile.errors import InputError
+
+try:
+    from transformers import GenerationMixin, PreTrainedModel
+except ImportError:  # transformers is a [dev] extra: fxcompile imports without it, generation needs it
+    class PreTrainedModel(torch.nn.Module):  # type: ignore[no-redef]
+        def __init__(self, *args, **kwargs):
+            raise InputError("generation with a compiled decoder needs Hugging Face transformers: "
+                             "pip install transformers")
+
+    class GenerationMixin:  # type: ignore[no-redef]
+        pass
 
 from .generation_step import (DecoderStep, Limits, cache_layout, check_causal_lm, decode_example,
                               prefill_example, size_oblivious_export)
