@@ -72,9 +72,37 @@ def _shares_written_memory(node: fx.Node) -> bool:
     return graph_utils.feeds_mutation(root)
 
 
+def _drop_empty_cat_operands(node: fx.Node) -> bool:
+    """Drop the operands of a cat that add nothing: size 0 along its dim, or the 1-D empty tensors
+    cat skips (Hugging Face's DynamicCache starts each layer from one, so a decoder's decode step
+    copied its whole past once more per layer and step). True if any was dropped; a cat left with
+    one operand is then a no-op (remove_noops replaces it)."""
+    if node.target is not aten.cat.default or not isinstance(node.args[0], (list, tuple)):
+        return False
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(dim, int):
+        return False
+    dim %= max(out.dim(), 1)
+
+    def empty(a) -> bool:
+        v = a.meta.get("val") if isinstance(a, fx.Node) else None
+        if not isinstance(v, torch.Tensor) or v.dtype != out.dtype:
+            return False
+        return (v.dim() == 1 and v.shape[0] == 0 and out.dim() != 1) or (v.dim() == out.dim() and v.shape[dim] == 0)
+    kept = [a for a in node.args[0] if not empty(a)]
+    if not kept or len(kept) == len(node.args[0]):
+        return False
+    node.args = (kept, *node.args[1:])
+    return True
+
+
 @register_pass("remove_noops", default=True)
 def remove_noops(gm: fx.GraphModule) -> int:
-    """Remove eval-mode no-ops: dropout, identity, clone, contiguous, same-shape views and casts."""
+    """Remove eval-mode no-ops: dropout, identity, clone, contiguous, same-shape views and casts,
+    and the empty operands of cat (a cat of one operand left)."""
     rewrites = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
@@ -83,6 +111,11 @@ def remove_noops(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(node)
             rewrites += 1
             continue
+        if _drop_empty_cat_operands(node):
+            rewrites += 1
+            if len(node.args[0]) == 1 and graph_utils.same_shape(node, node.args[0][0]):
+                node.args = (node.args[0][0],)  # as a one-operand identity below
+                node.target = aten.clone.default
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if src is None:
             continue

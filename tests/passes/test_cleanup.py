@@ -186,3 +186,23 @@ def test_same_shape_needs_dynamic_dims_to_be_provably_equal():
     assert same_shape(x, x) and not same_shape(x, y)
     assert "aten.view.default" not in count_ops(compiled.graph_module)  # provably a no-op: removed
     assert compiled(torch.randn(6, 8), torch.randn(3, 8))[0].shape == (6, 8)
+
+
+class CacheLikeCat(nn.Module):
+    """A decoder cache's pattern: a layer starts from a 1-D empty tensor, catted with the past
+    (a full copy), then with the new position; plus a cat with a zero-length operand inside."""
+
+    def forward(self, past, new):
+        start = torch.cat([past.new_zeros(0), past], dim=-2)
+        full = torch.cat([start, new], dim=-2)
+        return torch.cat([full, past[:, :, :0], new], dim=-2) * 2
+
+
+def test_remove_noops_drops_empty_cat_operands():
+    inputs = (torch.randn(2, 3, 5, 4), torch.randn(2, 3, 1, 4))
+    compiled, before, after = compile_and_compare(CacheLikeCat(), inputs, ["remove_noops"], tol=0)
+    assert before.count("aten.cat.default") == 3
+    assert after.count("aten.cat.default") == 2, after
+    cats = [n for n in compiled.graph_module.graph.nodes if n.target is torch.ops.aten.cat.default]
+    assert [len(n.args[0]) for n in cats] == [2, 2]
+
