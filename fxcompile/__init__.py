@@ -22,37 +22,25 @@ __all__ = ["compile", "load", "capture", "CompiledModule", "Captured", "register
            "distill", "compile_for_generation", "load_for_generation"]
 
 
-# Quantization's entry points live in fxcompile.passes.quantize, imported on first use so that
-# `import fxcompile` stays light and the core imports no pass at import time.
-_QUANTIZATION = ("calibrate", "trainable", "TrainableModule", "quantize_passes")
+# Entry points outside the core, imported on first use so that `import fxcompile` stays light and
+# the core imports no pass, recipe or integration at import time: name -> (module, attribute).
+_QUANTIZE = "fxcompile.passes.quantize"
+_LAZY = {**{name: (_QUANTIZE, name) for name in ("calibrate", "trainable", "TrainableModule", "quantize_passes")},
+         "compare_quantized": (f"{_QUANTIZE}.debug", "compare"),
+         "quantize_within_budget": (f"{_QUANTIZE}.mixed", "quantize_within_budget"),
+         "compress": ("fxcompile.recipes.compress", "compress"),
+         "distill": ("fxcompile.train", "distill"),
+         "compile_for_generation": ("fxcompile.integrations.generation", "compile_for_generation"),
+         "load_for_generation": ("fxcompile.integrations.generation", "load_for_generation")}
 
 
 def __getattr__(name: str):
-    if name in _QUANTIZATION:
-        from .passes import quantize
-        value = globals()[name] = getattr(quantize, name)
-        return value
-    if name == "compare_quantized":
-        from .passes.quantize.debug import compare
-        globals()[name] = compare
-        return compare
-    if name == "quantize_within_budget":
-        from .passes.quantize.mixed import quantize_within_budget
-        globals()[name] = quantize_within_budget
-        return quantize_within_budget
-    if name == "compress":
-        from .recipes.compress import compress
-        globals()[name] = compress
-        return compress
-    if name == "distill":
-        from .train import distill
-        globals()[name] = distill
-        return distill
-    if name in ("compile_for_generation", "load_for_generation"):
-        from .integrations import generation
-        value = globals()[name] = getattr(generation, name)
-        return value
-    raise AttributeError(f"module 'fxcompile' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fxcompile' has no attribute {name!r}")
+    import importlib
+    module, attribute = _LAZY[name]
+    value = globals()[name] = getattr(importlib.import_module(module), attribute)
+    return value
 
 
 def __dir__() -> list[str]:
