@@ -10,14 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
+from fxcompile.collective import collective_device, world
 from fxcompile.errors import InputError
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size): (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+__all__ = ["barrier", "collective_device", "is_main", "mean_across", "shard", "world", "wrap"]
 
 
 def is_main() -> bool:
@@ -28,13 +24,6 @@ def is_main() -> bool:
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
-
-
-def collective_device() -> torch.device:
-    """Where tensors for a collective must live: the current GPU under nccl, else the CPU."""
-    if world()[1] > 1 and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def shard(batch, index: int, what: str = "batch"):

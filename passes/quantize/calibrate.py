@@ -172,7 +172,7 @@ def _merge_ranks(observers: Iterable[Observer], count: int) -> int:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return count
-    from fxcompile.train.distributed import collective_device
+    from fxcompile.collective import collective_device
     total = torch.tensor([count], dtype=torch.float64, device=collective_device())
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     for observer in observers:

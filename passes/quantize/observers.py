@@ -65,7 +65,7 @@ class Observer:
         the same range and folds the same int8 model. Every rank must call it, in the same order."""
         import torch.distributed as dist
 
-        from fxcompile.train.distributed import collective_device
+        from fxcompile.collective import collective_device
         device = collective_device()
         stats = torch.tensor([-self.min, self.max, self.radius], dtype=torch.float64, device=device)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)

@@ -24,7 +24,7 @@ FOLDERS = {"fxcompile": ROOT / "fxcompile", "fxcompile.passes": ROOT / "passes",
 
 # fxcompile/'s top level: the core modules and the sub-packages for everything else.
 CORE_MODULES = {"__init__", "__main__", "api", "capture", "signature", "outputs", "pass_manager", "registry",
-                "report", "errors", "saving", "backend_api", "graph_utils", "numerics", "state", "cpu",
+                "report", "errors", "saving", "backend_api", "graph_utils", "numerics", "state", "cpu", "collective",
                 "rewrite"}
 SUB_PACKAGES = {"cli", "integrations", "testing", "train", "recipes"}
 
@@ -122,6 +122,37 @@ def test_fxcompile_top_level_holds_only_the_core():
     assert not modules - CORE_MODULES, f"not core, move into a sub-package: {sorted(modules - CORE_MODULES)}"
     assert not packages - SUB_PACKAGES, f"unexpected sub-packages: {sorted(packages - SUB_PACKAGES)}"
     assert SUB_PACKAGES <= packages and all((folder / p / "__init__.py").is_file() for p in SUB_PACKAGES)
+
+
+# The pipeline runs one way: passes and backends are used by the layers above them (training,
+# recipes, the CLI, integrations) and never reach up into them, not even inside a function.
+UPPER_LAYERS = ("fxcompile.train", "fxcompile.recipes", "fxcompile.cli", "fxcompile.integrations")
+
+
+def _imported_names(path: Path, package: str) -> set[str]:
+    """Every module an import statement in ``path`` names, wherever the statement is."""
+    names = set()
+    for stmt in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(stmt, ast.Import):
+            names.update(alias.name for alias in stmt.names)
+        elif isinstance(stmt, ast.ImportFrom):
+            base = package
+            for _ in range(stmt.level - 1):
+                base = base.rpartition(".")[0]
+            target = (f"{base}.{stmt.module}" if stmt.module else base) if stmt.level else stmt.module
+            names.update({target, *(f"{target}.{alias.name}" for alias in stmt.names)})
+    return names
+
+
+def test_passes_and_backends_never_import_the_layers_above_them():
+    found = []
+    for name, (path, is_package) in source_modules().items():
+        if not name.startswith(("fxcompile.passes", "fxcompile.backends")):
+            continue
+        package = name if is_package else name.rpartition(".")[0]
+        found += [f"{name} imports {n}" for n in sorted(_imported_names(path, package))
+                  if n.startswith(UPPER_LAYERS)]
+    assert not found, "\n".join(found)
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
