@@ -1,5 +1,5 @@
 """Weight-only int4/int8 on a trained decoder: perplexity and file sizes of fxcompile's
-quantize_weights (RTN and GPTQ, group sizes 32 and 128) on fxcompile.testing.tiny_lm (a byte-level
+quantize_weights (RTN, GPTQ and AWQ, group sizes 32 and 128) on fxcompile.testing.tiny_lm (a byte-level
 GPT trained on the Python standard library's source files), and onnxruntime latency per token of a
 linear-heavy decoder.
 
@@ -7,8 +7,11 @@ linear-heavy decoder.
 
 Accuracy (onnxruntime CPU, the same held-out files for every row, never trained on): ppl =
 exp(mean negative log-likelihood per byte); cos = cosine similarity of all logits with the PyTorch
-fp32 model's; sizes are the saved .onnx (with its .data file) and .pt2 (eager backend). GPTQ
-calibrates on --calib batches of the held-out files' first half, evaluation reads the second half.
+fp32 model's; sizes are the saved .onnx (with its .data file) and .pt2 (eager backend). GPTQ and
+AWQ calibrate on --calib batches of the held-out files' first half, evaluation reads the second
+half. AWQ: activation-aware scales searched per LayerNorm-fed group, then weight ranges clipped
+and RTN ("AWQ"), or GPTQ without clipping ("AWQ+GPTQ"). --only keeps the rows whose label holds
+one of its words.
 
 Latency: a TinyGPT of --latency-width / --latency-layers (random weights: speed does not depend on
 them), one token at batch 1 (sequence 1, no cache: every linear's weight is read once per token,
@@ -45,8 +48,13 @@ ACCURACY: dict[str, dict | None] = {
     "int4 GPTQ g128": {"bits": 4, "group_size": 128, "method": "gptq"},
     "int4 GPTQ g128 symmetric": {"bits": 4, "group_size": 128, "method": "gptq", "symmetric": True},
     "int4 GPTQ g128 act_order": {"bits": 4, "group_size": 128, "method": "gptq", "act_order": True},
+    "int4 AWQ g128": {"bits": 4, "group_size": 128, "awq": True},
+    "int4 AWQ g128, no clipping": {"bits": 4, "group_size": 128, "awq": True, "awq_clip": False},
+    "int4 AWQ+GPTQ g128": {"bits": 4, "group_size": 128, "awq": True, "method": "gptq"},
     "int4 RTN g32": {"bits": 4, "group_size": 32},
     "int4 GPTQ g32": {"bits": 4, "group_size": 32, "method": "gptq"},
+    "int4 AWQ g32": {"bits": 4, "group_size": 32, "awq": True},
+    "int4 AWQ+GPTQ g32": {"bits": 4, "group_size": 32, "awq": True, "method": "gptq"},
     "int4 GPTQ g128, accuracy_level 0 (float activations)": {"bits": 4, "group_size": 128, "method": "gptq",
                                                               "accuracy_level": 0},
     "int4 RTN g128 + lm_head": {"bits": 4, "group_size": 128, "lm_head": True},
@@ -73,6 +81,8 @@ def accuracy_rows(model, calib, evals, args, log) -> list[tuple]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-weight-only-") as tmp:
         for i, (label, options) in enumerate(ACCURACY.items()):
+            if args.only and options and not any(word.lower() in label.lower() for word in args.only.split(",")):
+                continue
             log(f"  {label}")
             try:
                 start = time.perf_counter()
@@ -122,7 +132,7 @@ def render(rows, latency, model, args, command) -> str:
     c = model.config
     notes = (f"tiny_lm: {c.layers} layers, d_model {c.d_model}, context {c.context}, "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {args.steps} training steps. "
-             f"GPTQ calibration: {args.calib} batches of {args.batch}x{args.seq} bytes; evaluation: {args.eval} "
+             f"GPTQ and AWQ calibration: {args.calib} batches of {args.batch}x{args.seq} bytes; evaluation: {args.eval} "
              f"other batches of the same shape. Default options unless named: asymmetric, lm_head and "
              "embeddings float, MatMulNBits accuracy_level 4 (activations int8 per block in the kernel). "
              f"g128 on d_model {c.d_model} "
@@ -144,7 +154,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=tiny_lm.DEFAULT_STEPS, help="training steps (cached per value)")
-    p.add_argument("--calib", type=int, default=16, help="GPTQ calibration batches")
+    p.add_argument("--calib", type=int, default=16, help="GPTQ and AWQ calibration batches")
     p.add_argument("--eval", type=int, default=16, help="evaluation batches")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -153,6 +163,8 @@ def parse_args(argv):
     p.add_argument("--latency-layers", type=int, default=4)
     p.add_argument("--runs", type=int, default=50, help="interleaved timing rounds")
     p.add_argument("--part", default="all", choices=("all", "accuracy", "latency"))
+    p.add_argument("--only", default="", help="accuracy rows whose label holds one of these comma-separated "
+                                              "words (case-insensitive; fp32 always), e.g. AWQ,RTN g32")
     p.add_argument("--cache-dir", default=None, help="default: $FXCOMPILE_CACHE or ~/.cache/fxcompile")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)

@@ -16,8 +16,9 @@ Modules, in pipeline order:
 - state: what a quantized graph knows about itself (QuantState), scale arithmetic, the report
 - debug (debug_plot): ``compare_quantized``, the per-layer error of a quantized graph, ranked
 - mixed: ``quantize_within_budget``, layers returned to float until an accuracy budget is met
-- weight_only (gptq): the ``quantize_weights`` pass, int4/int8 weights in groups with float
-  activations for decoders (onnxruntime MatMulNBits), rounded by RTN or GPTQ; ``weight_only_passes``
+- weight_only (gptq, awq): the ``quantize_weights`` pass, int4/int8 weights in groups with float
+  activations for decoders (onnxruntime MatMulNBits), rounded by RTN or GPTQ, optionally after
+  AWQ's activation-aware scales (folded as smooth_quant folds its own); ``weight_only_passes``
 
 Importing the package registers the four passes. Backends translate the ops themselves (the
 onnx backend's translations are in fxcompile.backends.onnx_quant_ops); nothing here imports a
@@ -73,10 +74,12 @@ def weight_only_passes(bits: int = 4, group_size: int = 128, method: str = "rtn"
     """A pipeline for weight-only int4/int8: the default clean-ups, then quantize_weights with
     ``bits``, ``group_size``, ``method`` ("rtn", or "gptq" calibrated by compile's
     calibration_data) and ``options`` (WeightOnlyOptions: symmetric, include, exclude, lm_head,
-    embeddings, damp, block, act_order, accuracy_level, progress).
+    embeddings, damp, block, act_order, accuracy_level, progress; awq=True: AWQ's activation-aware
+    scale search first, calibrated too, with awq_grid, awq_clip, awq_max_rows).
 
         fxcompile.compile(model, x, passes=weight_only_passes(bits=4, method="gptq"),
                           calibration_data=batches, backend="onnx")
+        weight_only_passes(bits=4, awq=True)  # AWQ: scales searched, then round to nearest
     """
     from fxcompile.registry import default_pipeline
     passes: list = [p for p in default_pipeline() if p not in ("smooth_quant", "insert_fake_quant", "fold_fake_quant")]

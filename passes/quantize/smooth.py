@@ -142,7 +142,7 @@ def smooth_quant(gm: fx.GraphModule, opts: SmoothQuantOptions, ctx=None) -> int:
         g.choice = choose(g.stats, [_consumer(gm, c) for c in g.consumers], alphas, min_gain,
                           opts.target, opts.method, opts.percentile, g.channel_map, g.upstream)
         if g.choice.s is not None:
-            g.how = _apply(gm, g, g.choice.s, opts.fallback)
+            g.how = apply_scales(gm, g, g.choice.s, opts.fallback)
         else:
             g.how = "left: no alpha helped"
     add_report_section(gm, "smoothing", SmoothReport(groups))
@@ -295,7 +295,7 @@ _WEIGHT_ARGS = {aten.linear.default: ("weight", "bias", True), aten.addmm.defaul
                 aten.matmul.default: ("other", None, False), aten.mm.default: ("mat2", None, False)}
 
 
-def _apply(gm: fx.GraphModule, g: Group, s: torch.Tensor, fallback: str) -> str:
+def apply_scales(gm: fx.GraphModule, g: Group, s: torch.Tensor, fallback: str) -> str:
     """X / s at the producer (or a mul), s into every consumer's weight columns; how it was done.
     ``s`` is over the consumers' input channels; the producer takes it over its own channels."""
     residual = None if g.absorbable else _residual_adds(gm, g)
