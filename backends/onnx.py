@@ -34,7 +34,10 @@ DEFAULTS = {
     # onnxruntime pre-packs matmul weights into its kernels' layout: a second copy of them in the
     # session (the mapped file's pages are released). False keeps one copy, read from the
     # memory-mapped file, at a cost: BERT-base ran 1.25x (seq 128) to 1.8x (seq 8) slower.
-    "prepack": True,
+    # "auto": pre-pack unless the weights and the packed copy (2x the weights) would not fit in the
+    # memory available when the session starts (MemAvailable, cgroup limits), then warn and don't.
+    # Decided at every session start (compile, load, unpickle): on the machine that runs it.
+    "prepack": "auto",
     "dynamic_shapes": None,   # passed to torch.onnx.export (see torch.export's dynamic_shapes)
 }
 # Translations for ops the exporter has none for (DESIGN §4): {op overload: onnxscript function}.
@@ -310,9 +313,10 @@ def validate_options(options: dict, defaults: dict = DEFAULTS) -> dict:
     if options["graph_optimization_level"] not in _ORT_LEVELS:
         raise BackendError(f"backend 'onnx': graph_optimization_level must be one of {', '.join(_ORT_LEVELS)}, "
                            f"got {options['graph_optimization_level']!r}")
-    for name in ("optimize", "prepack"):
-        if not isinstance(options[name], bool):
-            raise BackendError(f"backend 'onnx': {name} must be True or False, got {options[name]!r}")
+    if not isinstance(options["optimize"], bool):
+        raise BackendError(f"backend 'onnx': optimize must be True or False, got {options['optimize']!r}")
+    if not isinstance(options["prepack"], bool) and options["prepack"] != "auto":
+        raise BackendError(f"backend 'onnx': prepack must be True, False or 'auto', got {options['prepack']!r}")
     providers = options["providers"]
     if providers is not None and (isinstance(providers, str) or not isinstance(providers, (list, tuple))):
         raise BackendError(f"backend 'onnx': providers must be a list such as ['CPUExecutionProvider'], "

@@ -24,6 +24,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from typing import Any
 
 import torch
@@ -54,7 +55,10 @@ DEFAULTS = {
     "device": None,             # CUDA device index; None: torch.cuda.current_device()
     "opset": None,              # ONNX opset of the export; None: the exporter's default
 }
-_MAX_PROTO = 1_800_000_000  # a larger ModelProto cannot be serialized to bytes: parse from a file
+# Inline tensor bytes over which the model TensorRT parses goes to it as a file, its tensors moved
+# (not copied) into external data beside it: serialized to bytes it would be in memory twice
+# (and a ModelProto over 2 GB cannot be serialized at all).
+_INLINE_MAX = 1 << 26
 FORMAT = 1
 
 
@@ -310,15 +314,16 @@ def _versions(device: int) -> dict[str, str]:
 
 
 def build_engine(model, profile: dict[str, tuple], settings: dict, timing_cache: str | None,
-                 gm: fx.GraphModule | None, device: int) -> bytes:
-    """Parse ``model`` into a strongly typed network and build the serialized engine."""
+                 gm: fx.GraphModule | None, device: int, folder: str) -> bytes:
+    """Parse ``model`` (its external data in ``folder``, see ``parse_onnx``) into a strongly typed
+    network and build the serialized engine."""
     import tensorrt as trt
     logger = _make_logger()
     with torch.cuda.device(device):
         builder = trt.Builder(logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
-        if not _parse(parser, model):
+        if not parse_onnx(parser, model, folder):
             errors = [parser.get_error(i) for i in range(parser.num_errors)]
             explained = [explain_parser_error(model, e.node_name() or e.node(), e.node_operator(), e.desc(), gm)
                          for e in errors[:3]]
@@ -355,15 +360,54 @@ def build_engine(model, profile: dict[str, tuple], settings: dict, timing_cache:
         return bytes(engine)
 
 
-def _parse(parser, model) -> bool:
-    from .onnx_runner import inline_bytes  # ByteSize() itself fails on a ModelProto over 2 GB
-    if inline_bytes(model) < _MAX_PROTO:
+def parse_onnx(parser, model, folder: str) -> bool:
+    """Give ``model`` to TensorRT's ONNX parser without a second copy of its weights in memory.
+
+    Weights in external data (the exporter's ``DATA_FILE`` in ``folder``) stay there: the graph is
+    written beside them and parsed with ``parse_from_file``, which reads external data relative
+    to the model file. Over ``_INLINE_MAX`` bytes of inline tensors (the fp16/bf16/fp8 rewrites
+    load the weights) are moved out of ``model`` into a data file of their own on the way. Only a
+    small self-contained model is parsed from serialized bytes."""
+    import onnx
+
+    from .onnx_runner import external_tensors, inline_bytes  # ByteSize() fails over 2 GB
+    large = inline_bytes(model) >= _INLINE_MAX
+    if not large and not external_tensors(model):
         return parser.parse(model.SerializeToString())
-    from .onnx_runner import save_proto as _save_proto
-    with tempfile.TemporaryDirectory(prefix="fxcompile-trt-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        _save_proto(model, path, external=True)
-        return parser.parse_from_file(path)
+    path = os.path.join(folder, "tensorrt.onnx")
+    if large:  # save_model writes each tensor's data to the file and clears it from ``model``
+        # a name of its own: onnx refuses a location that exists relative to the working directory
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"tensorrt-{uuid.uuid4().hex}.data", size_threshold=1024)
+    else:
+        onnx.save_model(model, path)  # the graph; the weights stay where they are, in DATA_FILE
+    return parser.parse_from_file(path)
+
+
+def model_to_parse(proto, precision: str, float_precision: str, folder: str):
+    """``prepare_model`` of the exported ``proto``, whose large weights are external data in
+    ``folder``: they stay there unless the precision rewrites them (fp16/bf16 casts, fp8
+    re-encoding), which loads them into ``proto`` first."""
+    if precision == "fp8" or float_precision != "fp32":
+        from onnx.external_data_helper import load_external_data_for_model
+        load_external_data_for_model(proto, folder)
+    return prepare_model(proto, precision, float_precision)
+
+
+def engine_key(proto, folder: str, inputs: list, profile: dict, settings: dict, versions: dict) -> dict:
+    """The engine cache's key: the ONNX model (``onnx_digest``, which sees external tensors only by
+    their file offsets) and the bytes of its external data file, the inputs, profile, settings and
+    versions."""
+    from .onnx import DATA_FILE
+    digest = hashlib.sha256()
+    data = os.path.join(folder, DATA_FILE)
+    if os.path.exists(data):
+        with open(data, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return {"format": FORMAT, "onnx": engine_cache.onnx_digest(proto), "weights": digest.hexdigest(),
+            "inputs": inputs, "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+            "settings": settings, "versions": versions}
 
 
 def _use_timing_cache(config, path: str) -> None:
@@ -563,9 +607,18 @@ def lower(gm: fx.GraphModule, example_inputs, options: dict) -> TensorRTRunner:
                            f"Hopper, Blackwell); {torch.cuda.get_device_name(device)} has {cap}. Use "
                            "precision='int8'.")
 
+    # the exported weights stay in a file (external data) until TensorRT's parser reads them
+    with tempfile.TemporaryDirectory(prefix="fxcompile-trt-") as folder:
+        return _lower_exported(gm, example_inputs, options, profile, (precision, float_precision), device, folder)
+
+
+def _lower_exported(gm: fx.GraphModule, example_inputs: list, options: dict, profile: dict,
+                    precisions: tuple[str, str], device: int, folder: str) -> TensorRTRunner:
+    """``lower`` from the export on: the engine built in ``folder`` (or taken from the cache)."""
     from .onnx import export_onnx
+    precision, float_precision = precisions
     proto, names = export_onnx(gm, example_inputs, {"opset": options["opset"], "optimize": True,
-                                                    "dynamic_shapes": options["dynamic_shapes"]})
+                                                    "dynamic_shapes": options["dynamic_shapes"]}, directory=folder)
     outputs = arg_list(gm.graph.output_node(), 0)
     constants = {i: v for i, v in enumerate(outputs) if not isinstance(v, fx.Node)}
     settings = {"precision": precision, "float_precision": float_precision, "tf32": options["tf32"],
@@ -579,13 +632,11 @@ def lower(gm: fx.GraphModule, example_inputs, options: dict) -> TensorRTRunner:
     }
     inputs = [{"name": n, "shape": list(x.shape), "dtype": str(x.dtype)}
               for n, x in zip(names, example_inputs) if isinstance(x, torch.Tensor)]
-    key = {"format": FORMAT, "onnx": engine_cache.onnx_digest(proto), "inputs": inputs,
-           "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-           "settings": settings, "versions": versions}
+    key = engine_key(proto, folder, inputs, profile, settings, versions)
 
     def build() -> bytes:
-        model = prepare_model(proto, precision, float_precision)
-        return build_engine(model, profile, settings, options["timing_cache"], gm, device)
+        model = model_to_parse(proto, precision, float_precision, folder)
+        return build_engine(model, profile, settings, options["timing_cache"], gm, device, folder)
 
     start = time.perf_counter()
     cache_dir = options["cache_dir"]

@@ -4,8 +4,11 @@ Every pass is called the same way, ``info.run(gm, opts, ctx) -> PassResult(gm, r
 (fxcompile.registry adapts each pass function to that once, when it is registered)."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -98,6 +101,7 @@ def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: 
         chores.tidy(gm, rewrites)
         state.reset_buffers(gm, initial_state)
         seconds = time.perf_counter() - start
+        release_free_heap()
         chores.refresh(gm, rewrites, info.name)
         record = PassRecord(info.name, seconds, rewrites, nodes, len(gm.graph.nodes), params,
                             chores.params, flops, chores.flops, info.lossless)
@@ -114,6 +118,30 @@ def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: 
             dump.write(gm, index, info.name)
     gm._tracer_cls = state.GraphTracer  # so that a pickled graph keeps its buffer updates
     return gm, records
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's ``malloc_trim``); a no-op elsewhere.
+
+    A pass that replaces weights frees large temporaries; glibc keeps such memory in its heap (its
+    mmap threshold rises after the first large free, so later multi-MB tensors come from there),
+    and a later stage then peaks higher: BERT-base (418 MB) compiled to int8 dynamic on onnx peaked
+    at +536 to +718 MB in 11 of 22 runs without this between passes, at most +444 MB in 19 with.
+    A call costs well under a millisecond."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (musl, macOS and Windows have no such function)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _apply(info: PassInfo, opts, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

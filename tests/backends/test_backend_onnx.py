@@ -286,12 +286,86 @@ def test_onnx_weights_stay_in_external_data_through_save_load_and_pickle(tmp_pat
     assert_close(expected, fxcompile.load(tmp_path / "c.onnx")(ids))
 
 
+def _prepacks(compiled) -> bool:
+    """Whether the session fxcompile built pre-packs weights (read from its SessionOptions)."""
+    options = compiled.runner.session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.disable_prepacking") != "1"
+    except RuntimeError:  # the entry was never set: onnxruntime's default, pre-packing
+        return True
+
+
 def test_onnx_prepack_option():
     model, ids = Wide().eval(), torch.randint(0, 512, (2, 5))
     compiled = fxcompile.compile(model, (ids,), backend="onnx", prepack=False)
+    assert not _prepacks(compiled)
     assert_close(model(ids), compiled(ids))
-    with pytest.raises(BackendError, match="prepack must be True or False"):
+    with pytest.raises(BackendError, match="prepack must be True, False or 'auto'"):
         fxcompile.compile(model, (ids,), backend="onnx", prepack="no")
+
+
+@pytest.mark.parametrize("available, prepack, expected", [
+    (1 << 40, "auto", True),     # room for the weights and their packed copy: pre-pack
+    (3 << 20, "auto", False),    # 2 MB of weights and 3 MB free: no room for a second copy
+    (None, "auto", True),        # the available memory is unknown: onnxruntime's default
+    (3 << 20, True, True),       # forced on whatever the memory
+    (1 << 40, False, False),     # forced off
+])
+def test_onnx_prepack_auto_follows_available_memory(monkeypatch, caplog, available, prepack, expected):
+    from fxcompile.backends import onnx_runner
+    monkeypatch.setattr(onnx_runner, "available_memory", lambda: available)
+    model, ids = Wide().eval(), torch.randint(0, 512, (2, 5))  # 2 MB of weights
+    options = {} if prepack == "auto" else {"prepack": prepack}
+    with caplog.at_level("WARNING", logger="fxcompile.onnx"):
+        compiled = fxcompile.compile(model, (ids,), backend="onnx", **options)
+    assert _prepacks(compiled) is expected
+    assert_close(model(ids), compiled(ids))
+    warned = [r.getMessage() for r in caplog.records if "prepack" in r.getMessage()]
+    if prepack == "auto" and not expected:
+        assert warned and "slower" in warned[0] and "prepack=True" in warned[0], warned
+        assert compiled.report.extra["onnx prepack"].startswith("off")
+    else:
+        assert not warned, warned
+
+
+def test_onnx_prepack_auto_is_decided_where_the_model_is_loaded(monkeypatch, tmp_path):
+    """A saved or pickled model decides again on the machine (and memory) that loads it."""
+    import pickle
+
+    from fxcompile.backends import onnx_runner
+    model, ids = Wide().eval(), torch.randint(0, 512, (2, 5))
+    monkeypatch.setattr(onnx_runner, "available_memory", lambda: 1 << 40)
+    compiled = fxcompile.compile(model, (ids,), backend="onnx")
+    compiled.save(tmp_path / "m.onnx")
+    assert _prepacks(compiled)
+    monkeypatch.setattr(onnx_runner, "available_memory", lambda: 3 << 20)
+    for again in (fxcompile.load(tmp_path / "m.onnx"), pickle.loads(pickle.dumps(compiled))):
+        assert not _prepacks(again)
+        assert_close(model(ids), again(ids))
+    assert _prepacks(fxcompile.load(tmp_path / "m.onnx", prepack=True))
+
+
+def test_available_memory_reads_cgroup_limits(tmp_path):
+    """The memory free to this process: the least of MemAvailable and what its cgroup (v1 or v2,
+    itself or an ancestor) leaves under its limit, page cache it can reclaim counted as free."""
+    from fxcompile.backends.onnx_runner import cgroup_available
+    v2 = tmp_path / "v2"
+    (v2 / "app" / "job").mkdir(parents=True)
+    (v2 / "app" / "memory.max").write_text("1000000\n")
+    (v2 / "app" / "memory.current").write_text("600000\n")
+    (v2 / "app" / "memory.stat").write_text("anon 500000\ninactive_file 100000\n")
+    (v2 / "app" / "job" / "memory.max").write_text("max\n")
+    (v2 / "app" / "job" / "memory.current").write_text("10\n")
+    assert cgroup_available("0::/app/job\n", str(v2), str(tmp_path / "none")) == 1000000 - 600000 + 100000
+    v1 = tmp_path / "v1" / "memory"
+    (v1 / "box").mkdir(parents=True)
+    (v1 / "box" / "memory.limit_in_bytes").write_text("2000000\n")
+    (v1 / "box" / "memory.usage_in_bytes").write_text("1500000\n")
+    (v1 / "box" / "memory.stat").write_text("total_inactive_file 200000\ninactive_file 1\n")
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # no limit at the root
+    text = "4:memory:/box\n0::/\n"
+    assert cgroup_available(text, str(tmp_path / "none"), str(v1)) == 2000000 - 1500000 + 200000
+    assert cgroup_available("0::/\n", str(tmp_path / "none"), str(tmp_path / "none")) is None
 
 
 @pytest.mark.slow

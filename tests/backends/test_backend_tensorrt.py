@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import fxcompile
 from fxcompile.backends import engine_cache
 from fxcompile.backends import onnx as onnx_backend
+from fxcompile.backends.onnx_runner import external_tensors
 from fxcompile.backends import tensorrt as trt_backend
 from fxcompile.backends import tensorrt_precision as trt_precision
 from fxcompile.errors import BackendError
@@ -309,6 +310,93 @@ def test_onnx_digest_covers_graph_and_weights_not_source_lines(convbn):
     relu = next(n for n in proto.graph.node if n.op_type == "Relu")
     relu.op_type = "Sigmoid"
     assert engine_cache.onnx_digest(proto) != digest
+
+
+# -- the weights' way to TensorRT's parser (no copy in memory) ----------------------------------
+class _Wide(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.fc2 = nn.Linear(512, 1024), nn.Linear(1024, 8)  # fc1: 2 MB, external data
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _RecordingParser:
+    """Stands in for trt.OnnxParser: records how the model came and what the parser would read."""
+
+    def __init__(self):
+        self.calls = []
+
+    def parse(self, data, path=None):
+        self.calls.append("bytes")
+        self.model = onnx.load_from_string(bytes(data))
+        return True
+
+    def parse_from_file(self, path):
+        self.calls.append("file")
+        self.model = onnx.load(path)  # the external data resolved beside the file, as TensorRT does
+        return True
+
+
+def _weights(proto) -> dict:
+    from onnx import numpy_helper
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+def _exported(seed: int, folder) -> tuple:
+    model, x = _Wide(seed).eval(), torch.randn(2, 512)
+    os.makedirs(folder, exist_ok=True)
+    proto, _ = onnx_backend.export_onnx(fxcompile.compile(model, x, passes=[]).graph_module, [x],
+                                        {"opset": None, "optimize": True, "dynamic_shapes": None},
+                                        directory=str(folder))
+    return model, proto
+
+
+def test_large_weights_reach_the_parser_from_their_file_not_a_copy(tmp_path):
+    """The exported weights stay in their external data file: TensorRT parses the model from a file
+    beside it (parse_from_file), whatever the size, and reads the model's weights from there."""
+    model, proto = _exported(0, tmp_path)
+    assert external_tensors(proto), "the 2 MB weight should be external data"
+    prepared = trt_backend.model_to_parse(proto, "fp32", "fp32", str(tmp_path))
+    assert prepared.SerializeToString() == proto.SerializeToString()  # fp32: the graph as exported
+    parser = _RecordingParser()
+    assert trt_backend.parse_onnx(parser, prepared, str(tmp_path))
+    assert parser.calls == ["file"]
+    w = model.fc1.weight.detach().numpy()
+    assert any(np.array_equal(v, w) or np.array_equal(v, w.T) for v in _weights(parser.model).values())
+
+
+def test_small_models_parse_from_bytes_and_large_inline_ones_move_to_a_file(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    tiny, x = nn.Linear(4, 3).eval(), torch.randn(2, 4)
+    proto = _export(fxcompile.compile(tiny, x, passes=[]).graph_module, [x])
+    parser = _RecordingParser()
+    assert trt_backend.parse_onnx(parser, proto, str(tmp_path)) and parser.calls == ["bytes"]
+    # fp16 rewrites the weights, which come into the model first (half size, all inline); beyond
+    # _INLINE_MAX they are moved out to a file TensorRT reads instead of serialized in memory
+    model, exported = _exported(1, tmp_path / "big")
+    half = trt_backend.model_to_parse(exported, "fp16", "fp16", str(tmp_path / "big"))
+    assert not external_tensors(half)
+    expected = _weights(half)
+    monkeypatch.setattr(trt_backend, "_INLINE_MAX", 1 << 20)
+    parser = _RecordingParser()
+    assert trt_backend.parse_onnx(parser, half, str(tmp_path / "big")) and parser.calls == ["file"]
+    got = _weights(parser.model)
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def test_engine_key_covers_the_weights_in_the_external_file(tmp_path):
+    """Two models alike but for their weights: the weights live outside the ModelProto (external
+    data), and the engine cache must not hand one the other's engine."""
+    keys = []
+    for seed, folder in ((0, "a"), (0, "b"), (1, "c")):
+        _, proto = _exported(seed, tmp_path / folder)
+        keys.append(trt_backend.engine_key(proto, str(tmp_path / folder), [], {}, {"precision": "fp32"}, {}))
+    assert keys[0] == keys[1]
+    assert keys[0] != keys[2]
 
 
 # -- precision as ONNX rewrites (checked with onnxruntime) -------------------------------------
