@@ -170,6 +170,7 @@ def insert_fake_quant(gm: fx.GraphModule, opts: InsertFakeQuantOptions, ctx=None
     _quantize_weights(gm, plan, opts, limits, state)
     _quantize_embedding_rows(gm, plan, state, dynamic=opts.activations == "dynamic")
     _quantize_activations(gm, plan, opts, state)
+    _share_max_pool_scales(gm, state)
     if not state.points:
         warnings.warn("insert_fake_quant: nothing was quantized: the graph has no conv, linear or "
                       "matmul left to quantize after skip/only and the ops option", stacklevel=1)
@@ -311,6 +312,33 @@ def _quantize_activations(gm: fx.GraphModule, plan: placement.Plan, opts: Insert
             module=module_path(origin), quant_min=act_min, quant_max=act_max, symmetric=symmetric,
             axis=None, scale_attr=attr_target(s) if s else "", zero_point_attr=attr_target(z) if z else "",
             method="dynamic" if dynamic else None, dynamic=dynamic)
+
+
+def _share_max_pool_scales(gm: fx.GraphModule, state: QuantState) -> None:
+    """A max pool of a fake-quantized tensor gives values on that tensor's grid: quantize its output
+    with the input's scale and zero point (lossless; the point ``follows`` the input's and is not
+    calibrated). onnxruntime then drops the DequantizeLinear/QuantizeLinear pair around the pool and
+    pools uint8; with a range of its own (a percentile or MSE range of the pooled values differs
+    from the input's) the pool ran in float between the two, with layout reorders around it."""
+    for fq in [n for n in gm.graph.nodes if n.name in state.points and n.target is FQ_PER_TENSOR]:
+        point = state.points[fq.name]
+        if point.kind != "activation" or point.follows is not None:
+            continue
+        src = arg_node(fq, 0)
+        while src.op == "call_function" and src.target in MAX_POOL_OPS:
+            src = arg_node(src, 0)
+        if src is arg_node(fq, 0) or src.target is not FQ_PER_TENSOR or src.name not in state.points:
+            continue
+        own, theirs = FakeQuantArgs.of(fq), FakeQuantArgs.of(src)
+        if (own.quant_min, own.quant_max) != (theirs.quant_min, theirs.quant_max):
+            continue
+        fq.args = replace(own, scale=theirs.scale, zero_point=theirs.zero_point).args_for(FQ_PER_TENSOR)
+        for old in (own.scale, own.zero_point):
+            if not old.users:
+                gm.graph.erase_node(old)
+                delattr(gm, old.target)
+        point.scale_attr, point.zero_point_attr = theirs.scale.target, theirs.zero_point.target
+        point.follows, point.method = src.name, "= max pool input"
 
 
 def _calibrate(gm: fx.GraphModule, opts: InsertFakeQuantOptions, state: QuantState, data) -> None:

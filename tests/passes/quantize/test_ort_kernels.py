@@ -185,3 +185,60 @@ def test_tensorrt_target_keeps_float_output_linears_as_qdq():
         targets[target] = [n.target for n in folded.graph_module.graph.nodes]
     assert targets["onnxruntime"].count(QUANTIZED_LINEAR) == 1
     assert QUANTIZED_LINEAR not in targets["tensorrt"] and targets["tensorrt"].count(DEQUANTIZE) >= 3
+
+
+class _PoolNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.b(nn.functional.max_pool2d(torch.relu(self.a(x)), 2)))
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse"])
+def test_max_pool_output_takes_its_input_scale_so_onnxruntime_pools_uint8(tmp_path, method):
+    """A max pool between quantized convs: its output holds values of its input's grid, so it is
+    quantized with the input's scale and zero point (lossless, nothing calibrated for it) and
+    onnxruntime drops the DequantizeLinear/QuantizeLinear pair around it and pools uint8. With its
+    own range (a percentile of the pooled values is not the input's) the pool ran in float between
+    a DequantizeLinear and a QuantizeLinear, with layout reorders around it."""
+    torch.manual_seed(0)
+    model = _PoolNet().eval()
+    data = [torch.randn(2, 4, 16, 16) for _ in range(4)]
+    int8 = fxcompile.compile(model, (data[0],), passes=fxcompile.quantize_passes("onnxruntime", method=method),
+                             calibration_data=data, backend="onnx")
+    path = int8.save(str(tmp_path / "int8.onnx"))[0]
+    graph = onnx.load(path).graph
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    consts = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    value = {**init, **consts}
+    producer = _producers(graph)
+    pool = next(n for n in graph.node if n.op_type == "MaxPool")
+    dq = producer[pool.input[0]]
+    q = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == pool.output[0])
+    assert dq.op_type == "DequantizeLinear"
+    assert value[q.input[1]] == value[dq.input[1]] and value[q.input[2]] == value[dq.input[2]]
+    ops = optimized_ops(path, tmp_path)
+    assert ops["DequantizeLinear"] <= 1 and ops["QuantizeLinear"] <= 1, ops  # the graph's own input/output
+    x = torch.randn(2, 4, 16, 16)
+    assert cosine(model(x), int8(x)) > 0.99
+
+
+def test_single_channel_conv_stays_float_for_onnxruntime_only():
+    """A conv of one input channel (grayscale digits) is too narrow for onnxruntime's int8 conv:
+    it stays float there, while TensorRT (which picks its own kernels) and every wider or
+    depthwise conv are quantized."""
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(),
+                        nn.Conv2d(8, 4, 3)).eval()
+    data = [torch.randn(2, 1, 12, 12) for _ in range(3)]
+
+    def quantized_convs(target):
+        c = fxcompile.compile(net, (data[0],), passes=fxcompile.quantize_passes(target, fold=False),
+                              calibration_data=data, backend="eager")
+        points = c.graph_module.meta["fxcompile.quant"].points.values()
+        return sorted(p.source for p in points if p.kind == "weight")
+
+    ort, trt = quantized_convs("onnxruntime"), quantized_convs("tensorrt")
+    assert len(trt) == 3 and len(ort) == 2 and ort == trt[1:], (ort, trt)

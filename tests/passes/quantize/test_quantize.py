@@ -403,7 +403,9 @@ def test_digits_ptq_and_qat_accuracy(digits_data, name):
     passes = fxcompile.quantize_passes("onnxruntime", fold=False, method="percentile")
     fq = fxcompile.compile(model, (calib[0],), passes=passes, calibration_data=calib,
                            dynamic_shapes={"x": {0: Dim("batch", min=1, max=1024)}})
-    assert len(_quantized_ops(fq.graph_module)) >= 4  # the convs/linears (and the transformer's matmuls)
+    # the convs/linears (and the transformer's matmuls); the CNN's first conv reads one channel and
+    # stays float for onnxruntime (placement._single_channel_conv)
+    assert len(_quantized_ops(fq.graph_module)) >= (3 if name == "cnn" else 4)
     ptq = fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx")
     ptq_acc = accuracy(ptq, xte, yte)
     assert ptq_acc >= fp32 - 0.5, (fp32, ptq_acc)
