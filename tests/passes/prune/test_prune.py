@@ -9,6 +9,7 @@ import fxcompile
 from fxcompile.errors import PassError, PruneError
 from fxcompile.graph_utils import count_ops
 from fxcompile.passes.prune import chosen_channels
+from fxcompile.passes.prune.driver import channel_block
 
 from tests.passes.prune.models import build
 from tests.passes.prune.oracle import oracle_error
@@ -237,8 +238,82 @@ def test_ratio_zero_changes_nothing():
         assert torch.allclose(model(*inputs), compiled(*inputs), atol=1e-6)
 
 
+@pytest.fixture(params=[("avx2", "fma"), ("avx2", "avx512f", "avx512_vnni")], ids=["avx2", "avx512"])
+def cpu_flags(request, monkeypatch):
+    """The CPU as round_to="auto" reads it at run time, pinned so the test means the same on any host."""
+    flags = frozenset(request.param)
+    monkeypatch.setattr(fxcompile.cpu, "cpu_flags", lambda: flags)
+    return flags
+
+
+def test_channel_block_follows_the_cpu():
+    assert channel_block(frozenset({"avx2", "avx512f"})) == 16
+    assert channel_block(frozenset({"avx2", "fma"})) == 8 and channel_block(frozenset()) == 8
+
+
+def _prune_digits(name: str):
+    from fxcompile.testing import digits
+    torch.manual_seed(0)
+    model, x = digits.MODELS[name]().eval(), digits.inputs(name, torch.randn(2, 1, 8, 8))
+    compiled = fxcompile.compile(model, (x,), passes=[("prune", {"flops_reduction": 0.5})], backend="eager")
+    with torch.no_grad():
+        assert compiled(x).shape == model(x).shape
+    report = compiled.report.extra["prune"]
+    assert abs(report.flops_reduction - 0.5) <= 0.02, report.notes
+    assert not any("exact" in note for note in report.notes), report.notes
+    weights = {n: w.dim() for n, w in model.state_dict().items() if n.endswith("weight") and w.dim() > 1}
+    return {n: (_shape(compiled, n)[0], rank) for n, rank in weights.items()}, report
+
+
+@pytest.mark.parametrize("name", ["cnn", "cnn32"])
+def test_round_to_auto_keeps_whole_cpu_blocks_in_convs_under_a_flops_target(cpu_flags, name):
+    """Default round_to="auto" under a FLOPs target: the digits CNNs at -50% FLOPs keep multiples
+    of the CPU's block (16 with AVX-512, 8 with AVX2) in every conv, so none computes padding.
+    The 8x8 CNN (16 -> 32 channels) with AVX-512 keeps its 16-channel conv whole: exact counts
+    kept 11/22 channels, which onnxruntime ran padded to 16/32, slower than the unpruned model."""
+    kept, _ = _prune_digits(name)
+    block = channel_block(cpu_flags)
+    convs = {n: k for n, (k, rank) in kept.items() if rank == 4}
+    assert all(k % block == 0 for k in convs.values()), (block, kept)
+    if name == "cnn":
+        assert convs["c2.weight"] < 32 and (block < 16 or convs["c1.weight"] == 16), kept
+
+
+def test_round_to_auto_leaves_linear_widths_to_the_ratio_rule(cpu_flags):
+    """The patch transformer's width is read by one patch-embedding conv and eight linears: a
+    GEMM width, not rounded to the CPU's conv block (its 32 -> 24 and 64 -> 48 as before)."""
+    kept, report = _prune_digits("transformer")
+    assert report.allocation == "uniform"
+    assert any(k % 16 for k, rank in kept.values() if k != 10), kept
+    assert all(k % 8 == 0 for n, (k, _) in kept.items() if n.endswith("fc1.weight")), kept  # 64-wide: 8s
+
+
+def test_blocks_never_meet_a_target_by_gutting_one_group(cpu_flags):
+    """Where only lopsided block counts meet the target (the small CNN, 32 -> 64 -> 64 channels,
+    at -50% FLOPs with blocks of 8: 32 -> 8 with the 64-group whole), auto falls back to exact
+    counts near a uniform ratio instead: no group keeps a much smaller share than another."""
+    _, _, _, report = _prune("small_cnn", flops_reduction=0.5)
+    kept = [1 - len(g.removed) / g.size for g in report.groups if g.kind == "channel"]
+    assert abs(report.flops_reduction - 0.5) <= 0.02
+    assert max(kept) - min(kept) <= 0.5, (kept, report.notes)
+
+
+def test_round_to_auto_falls_back_where_blocks_cannot_remove_enough(cpu_flags):
+    """Two 32-channel convs at -80% FLOPs: whole blocks of 16 remove at most 73%, exact counts
+    reach it; "auto" falls back to them (an explicit round_to=16 is a clear error instead)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 4, 1))
+    x = torch.randn(1, 3, 8, 8)
+    compiled = fxcompile.compile(model.eval(), (x,), passes=[("prune", {"flops_reduction": 0.8})], backend="eager")
+    assert abs(compiled.report.extra["prune"].flops_reduction - 0.8) <= 0.02
+    with pytest.raises(PruneError, match="cannot reach a FLOPs reduction of 80.0%"):
+        fxcompile.compile(model, (x,), passes=[("prune", {"flops_reduction": 0.8, "round_to": 16})], backend="eager")
+
+
 def test_round_to_auto_rounds_wide_groups_only():
-    """Default round_to="auto": groups of >= 64 channels keep multiples of 8, smaller ones are exact."""
+    """Default round_to="auto" under a channel ratio: groups of >= 64 channels keep multiples of 8,
+    smaller ones are exact (a ratio names channel counts; the CPU does not change them)."""
     _, _, _, report = _prune("small_cnn", ratio=0.1)
     sizes = [(g.size, len(g.removed)) for g in report.groups if g.kind == "channel"]
     wide = [(n, r) for n, r in sizes if n >= 64]
