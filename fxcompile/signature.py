@@ -186,27 +186,35 @@ def shape_problem(names: list[str], flat: list, all_dims: list) -> str:
         if dims is None:
             continue
         shape = tuple(x.shape)
-        head = f"input '{name}' has shape {shape}; the model was compiled for {_dims_str(dims)}: "
-        if len(shape) != len(dims):
-            return head + f"{len(shape)} dims instead of {len(dims)}. Pass a tensor of {len(dims)} dims."
-        for j, (got, want) in enumerate(zip(shape, dims)):
-            if isinstance(want, int):
-                if got != want:
-                    return head + (f"dim {j} is {got}, compiled as static {want}. Compile with an "
-                                   f"example of this size, or make dim {j} dynamic with "
-                                   "dynamic_shapes=... in compile.")
-                continue
-            low, high, sym = want
-            if got < low or (high is not None and got > high):
-                return head + (f"dim {j} is {got}, outside the range {_range_str(want)} of its "
-                               f"dynamic_shapes Dim. Compile with a torch.export.Dim whose min and "
-                               f"max include {got}.")
-            if sym is not None:
-                first = seen.setdefault(sym, (got, name, j))
-                if first[0] != got:
-                    return head + (f"dim {j} is {got}, but input '{first[1]}' dim {first[2]} is "
-                                   f"{first[0]}: the compiled graph has one size for both, so they "
-                                   "must be equal.")
+        problem = _dims_problem(name, shape, dims, seen)
+        if problem:  # the message is built for a failing call only: every call is checked
+            return f"input '{name}' has shape {shape}; the model was compiled for {_dims_str(dims)}: " + problem
+    return ""
+
+
+def _dims_problem(name: str, shape: tuple, dims: tuple, seen: dict[str, tuple[int, str, int]]) -> str:
+    """What keeps ``shape`` (of input ``name``) from fitting ``dims``, or ''; ``seen`` holds each
+    dynamic dim's first size, by name."""
+    if len(shape) != len(dims):
+        return f"{len(shape)} dims instead of {len(dims)}. Pass a tensor of {len(dims)} dims."
+    for j, (got, want) in enumerate(zip(shape, dims)):
+        if isinstance(want, int):
+            if got != want:
+                return (f"dim {j} is {got}, compiled as static {want}. Compile with an "
+                        f"example of this size, or make dim {j} dynamic with "
+                        "dynamic_shapes=... in compile.")
+            continue
+        low, high, sym = want
+        if got < low or (high is not None and got > high):
+            return (f"dim {j} is {got}, outside the range {_range_str(want)} of its "
+                    f"dynamic_shapes Dim. Compile with a torch.export.Dim whose min and "
+                    f"max include {got}.")
+        if sym is not None:
+            first = seen.setdefault(sym, (got, name, j))
+            if first[0] != got:
+                return (f"dim {j} is {got}, but input '{first[1]}' dim {first[2]} is "
+                        f"{first[0]}: the compiled graph has one size for both, so they "
+                        "must be equal.")
     return ""
 
 

@@ -294,7 +294,7 @@ def _single_channel_conv(site: Site) -> bool:
     node, w = site.node, site.weight[1].meta["val"]
     index = 8 if node.target is aten.convolution.default else 6
     groups = node.args[index] if len(node.args) > index else node.kwargs.get("groups", 1)
-    return groups == 1 and w.dim() >= 3 and w.shape[1] == 1
+    return bool(groups == 1 and w.dim() >= 3 and w.shape[1] == 1)
 
 
 def _place(result: Plan, site: Site, target: str, outputs: bool = True, float_outputs: bool = False) -> None:

@@ -121,6 +121,26 @@ def test_eager_dynamic_batch_checks_the_other_dims(convbn):
         compiled(torch.randn(65, 3, 8, 8))
 
 
+
+def test_dynamic_shape_checks_build_no_message_for_a_good_call(convbn, monkeypatch):
+    """A module with dynamic dims checks every call's shapes; the error text (each input's shape and
+    ranges) is built for a call that fails only, not per input of every call (a decoder's step
+    checks 3 inputs plus 2 per layer)."""
+    import fxcompile.signature as signature
+    model, inputs = convbn
+    batch = torch.export.Dim("batch", min=1, max=64)
+    compiled = fxcompile.compile(model, inputs, dynamic_shapes={"x": {0: batch}})
+    formatted: list = []
+    real = signature._dims_str
+    monkeypatch.setattr(signature, "_dims_str", lambda dims: formatted.append(dims) or real(dims))
+    x = torch.randn(5, 3, 8, 8)
+    assert_close(model(x), compiled(x))
+    assert formatted == []
+    with pytest.raises(fxcompile.InputError, match=r"'x' has shape \(65, 3, 8, 8\); the model was compiled for "
+                                                   r"\(1\.\.64, 3, 8, 8\): dim 0 is 65"):
+        compiled(torch.randn(65, 3, 8, 8))
+    assert len(formatted) == 1
+
 class _ConstantOutputs(torch.nn.Module):
     """Outputs that depend on weights only: folded to one tensor, or the parameter itself."""
 

@@ -86,6 +86,76 @@ def test_beam_search_and_sampling_match_model(gpt2_eager):
     assert len(scores[1]) == 5 and all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*scores))
 
 
+
+def graph_ops(compiled) -> dict[str, dict[str, int]]:
+    from fxcompile.graph_utils import count_ops
+    return {name: count_ops(getattr(compiled, name).graph_module) for name in ("prefill", "decode")}
+
+
+def test_graphs_carry_no_dead_cache_placeholders(gpt2_eager):
+    """A cache layer starts from ``torch.tensor([])``: once its empty cat operand is gone, nothing
+    of it may be left to run (a copy and a detach_ per layer, key and value, every step)."""
+    for name, ops in graph_ops(gpt2_eager[1]).items():
+        assert ops.get("aten.lift_fresh_copy.default", 0) == 0 and ops.get("aten.detach_.default", 0) == 0, (name, ops)
+        assert ops["aten.scaled_dot_product_attention.default"] == 2  # one per layer
+
+
+
+def test_attention_mask_is_converted_once_per_step(gpt2_eager):
+    """sdpa turns a boolean mask into an additive one at every call (a where per layer and step);
+    the eager graphs make it once and every layer's attention reads it."""
+    for name in ("prefill", "decode"):
+        gm = getattr(gpt2_eager[1], name).graph_module
+        attention = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default)
+        masks = {n.args[3] for n in attention}
+        assert len(attention) == 2 and len(masks) == 1, name
+        mask = masks.pop()
+        assert mask.meta["val"].dtype == torch.float32, (name, mask.meta["val"].dtype)
+
+
+def test_prefill_logits_read_the_weight_once(gpt2_eager):
+    """The prefill graph's logits come from the prompt's last position, a strided slice: a linear
+    layer on it runs as a batched matmul reading the vocabulary-sized weight once per sequence
+    (the model's own weights, which require grad, fold it into one mm). The eager graph makes that
+    row contiguous first: one mm, and the model's logits."""
+    model, compiled = gpt2_eager
+    ids = prompts()[1]["input_ids"]
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = compiled(input_ids=ids, use_cache=True).logits
+    ops = {e.key: e.count for e in prof.key_averages()}
+    assert ops.get("aten::bmm", 0) == 0 and ops["aten::mm"] == 1, ops
+    with torch.no_grad():
+        assert torch.equal(got, model(input_ids=ids, logits_to_keep=1).logits)
+
+
+def test_eager_rewrites_follow_the_given_passes():
+    """The eager graphs run the given passes (a list, or names separated by commas as
+    fxcompile.compile takes them), then the decoder rewrites; other backends run the given ones."""
+    from fxcompile.integrations.generation import _passes
+    from fxcompile.integrations.generation_passes import contiguous_linear_rows, sdpa_float_mask, sdpa_gqa
+    rewrites = [sdpa_gqa, sdpa_float_mask, contiguous_linear_rows]
+    assert _passes("remove_noops, cse", "eager") == ["remove_noops", "cse", *rewrites]
+    assert _passes([], "eager") == rewrites
+    assert _passes(None, "eager")[-3:] == rewrites and len(_passes(None, "eager")) > 3
+    assert _passes("remove_noops,cse", "onnx") == ["remove_noops", "cse"] and _passes(None, "onnx") is None
+
+def test_grouped_query_attention_reads_the_cache_as_it_is():
+    """Llama's grouped-query attention repeats each key/value head for its query heads (expand +
+    reshape: a copy of the whole cache per layer and step); on the eager backend the compiled graphs
+    hand the cache to attention as it is (sdpa's enable_gqa), as the model's own decode step does,
+    with the model's tokens."""
+    model = tiny_decoder("llama")
+    compiled = fxcompile.compile_for_generation(model, "eager", max_batch=6, max_positions=40)
+    for name, ops in graph_ops(compiled).items():
+        assert ops.get("aten.expand.default", 0) == 0 and ops.get("aten.reshape.default", 0) <= 2, (name, ops)
+        attention = compiled.decode.graph_module.graph.find_nodes(
+            op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default)
+        assert len(attention) == 2 and all(n.kwargs.get("enable_gqa") is True for n in attention)
+    for node in attention:  # the decode step attends over the concatenated cache itself
+        assert all(kv.target is torch.ops.aten.cat.default for kv in node.args[1:3])
+    for call in prompts():
+        same_tokens(model, compiled, call, do_sample=False)
+
 def test_bounds_raise_naming_the_limit(gpt2_eager):
     model, compiled = gpt2_eager
     ids = prompts()[1]["input_ids"]

@@ -206,3 +206,25 @@ def test_remove_noops_drops_empty_cat_operands():
     cats = [n for n in compiled.graph_module.graph.nodes if n.target is torch.ops.aten.cat.default]
     assert [len(n.args[0]) for n in cats] == [2, 2]
 
+
+
+
+class EmptyCacheLayer(nn.Module):
+    """A cache layer's empty start (``torch.tensor([])``, as Hugging Face's DynamicLayer) concatenated
+    with the new keys: remove_noops drops the empty operand, which leaves its lift_fresh_copy and the
+    in-place detach_ torch.export records after it dead."""
+
+    def forward(self, x):
+        empty = torch.tensor([], dtype=x.dtype)
+        kept = x.clone()
+        kept.detach_()  # detach_ of a value the graph returns: stays
+        return torch.cat([empty, kept], dim=-2) * 2
+
+
+def test_dead_code_elimination_drops_dead_tensor_constants():
+    x = torch.randn(1, 2, 3, 4)
+    compiled, before, after = compile_and_compare(EmptyCacheLayer(), (x,), ["remove_noops", "dead_code_elimination"],
+                                                  tol=0)
+    assert before.count("aten.lift_fresh_copy.default") == 1 and before.count("aten.detach_.default") == 2
+    assert "aten.lift_fresh_copy.default" not in after and after.count("aten.detach_.default") == 1, after
+    assert not [name for name, _ in compiled.graph_module.named_buffers() if "lifted" in name]
