@@ -1,11 +1,13 @@
 """Distillation, measured: (a) a BERT-style encoder with heads and FFN pruned 50%, distilled from the
 original on the same inputs: hidden-state cosine to the teacher before and after; (b) distillation of
 the pruned digits CNN under DDP with 2 processes (torchrun, gloo) vs 1 process on the same global
-batches: final top-1 accuracy and wall time of both.
+batches: final top-1 accuracy and wall time of both; (c) the digits patch transformer, 50% of its
+FLOPs pruned, fine-tuned vs distilled (then int8) over several seeds: top-1 per seed, mean and spread.
 
     python benchmarks/bench_distill.py --out benchmarks/results/distill.md
     python benchmarks/bench_distill.py --part bert --steps 200
     python benchmarks/bench_distill.py --part ddp --epochs 3
+    python benchmarks/bench_distill.py --part seeds --seeds 0,1,2,3,4
 
 Cosine: mean over held-out tokens of cos(student's last hidden state, teacher's). The zoo's BERT is
 randomly initialised: its blocks add almost nothing to the residual stream (0.02-std weights), so
@@ -15,11 +17,17 @@ model (cosine 0.992 after pruning). DDP: each of the
 2 ranks runs on 1 thread and takes half of every global batch; the 1-process run takes the whole
 batches on 1 thread. Wall time is the launcher's (process start, teacher training, compile and
 distillation) and the distillation's alone, as measured on rank 0.
+Seeds: for each seed the transformer is trained from that seed (so pruning keeps other channels)
+and benchmarks/bench_compress.py's recipes run with its settings for the model (EPOCHS, TRAIN,
+DISTILL: one source) and that seed: prune > finetune and prune > distill > ptq, top-1 on onnxruntime
+on the 898 test images; one image is 0.11 points, so a single seed tells little.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -138,9 +146,67 @@ def ddp_rows(args) -> list[dict]:
     return rows
 
 
+# -- (c) digits transformer: fine-tune vs distillation over seeds ---------------------------------
+def _compress_settings():
+    """benchmarks/bench_compress.py as a module: the per-model settings it measures with."""
+    spec = importlib.util.spec_from_file_location("bench_compress", Path(__file__).with_name("bench_compress.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _seed_drops(name: str, seed: int, data, args) -> dict[str, float]:
+    """fp32 top-1 and the drops (points) of prune, finetune, distill and ptq, the model trained from
+    ``seed``; also "finetune, no mixup": fine-tuning without mixup (the blends are an augmentation that
+    fine-tuning can use too, with the labels blended: both baselines are shown); "cos finetune" and
+    "cos distill": the output cosine to the fp32 model (compress's, on the example batch)."""
+    from fxcompile.testing import digits
+    bench = _compress_settings()
+    xtr, ytr, xte, yte = data
+    model = digits.trained(name, xtr, ytr, seed=seed)
+    batches = list(zip(xtr.split(64), ytr.split(64)))
+    train = dict(getattr(bench, "TRAIN", {}).get(name, {}))
+    distill = {**train, **getattr(bench, "DISTILL", {}).get(name, {})}
+    prune = ("prune", {"criterion": "l1"})
+    plain = {k: v for k, v in train.items() if k != "mixup"}
+    found: dict[str, float] = {}
+    for recipe in ([prune, ("finetune", plain)], [prune, ("finetune", train)],
+                   [prune, ("distill", distill), ("ptq", {"method": "percentile"})]):
+        result = fxcompile.compress(
+            model, xtr[:64], batches, lambda m: digits.accuracy(m, xte, yte), recipe, "onnx", ratios=[0.5],
+            target="flops", labels=True, epochs=args.seed_epochs or bench.EPOCHS[name], lr=1e-3, seed=seed,
+            timing_runs=0, progress=False, log=lambda _: None, backend_options={"threads": args.threads},
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
+        found["fp32"] = result.rows[0].accuracy
+        found.update({r.step: r.accuracy - found["fp32"] for r in result.rows[1:]})
+        found.update({f"cos {r.step}": r.cosine for r in result.rows[1:] if r.step in ("finetune", "distill")})
+        if recipe[1][1] is plain:
+            found["finetune, no mixup"] = found.pop("finetune")
+    return found
+
+
+def seeds_rows(args) -> list[dict]:
+    from fxcompile.testing import digits
+    data = digits.split()
+    steps = ("prune", "finetune, no mixup", "finetune", "distill", "ptq")
+    per_seed = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        start = time.perf_counter()
+        per_seed.append((seed, _seed_drops("transformer", seed, data, args), time.perf_counter() - start))
+    cosines = ("cos finetune", "cos distill")
+    rows = [{"seed": str(seed), "fp32 top-1": f"{d['fp32']:.2f}", **{s: f"{d[s]:+.2f}" for s in steps},
+             **{c: f"{d[c]:.4f}" for c in cosines}, "s": f"{secs:.0f}"} for seed, d, secs in per_seed]
+    for label, fn in (("mean", statistics.fmean), ("worst", min), ("best", max)):
+        rows.append({"seed": label, "fp32 top-1": f"{fn([d['fp32'] for _, d, _ in per_seed]):.2f}",
+                     **{s: f"{fn([d[s] for _, d, _ in per_seed]):+.2f}" for s in steps},
+                     **{c: f"{fn([d[c] for _, d, _ in per_seed]):.4f}" for c in cosines}, "s": ""})
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["bert", "ddp", "all"], default="all")
+    ap.add_argument("--part", choices=["bert", "ddp", "seeds", "all"], default="all")
     ap.add_argument("--size", choices=["small", "base"], default="small", help="BERT size (zoo)")
     ap.add_argument("--steps", type=int, default=200, help="BERT distillation steps")
     ap.add_argument("--batch", type=int, default=8, help="BERT batch")
@@ -151,6 +217,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--branch-scale", type=float, default=6.0,
                     help="BERT: scale of the attention and FFN output projections (1: as initialised)")
     ap.add_argument("--lr", type=float, default=1e-3, help="digits learning rate (DDP part)")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds part: the transformer's training seeds")
+    ap.add_argument("--seed-epochs", type=int, default=None,
+                    help="seeds part: training epochs (default: bench_compress.py's for the model)")
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--out", default=None, help="also write the markdown to this file")
     ap.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
@@ -160,7 +229,8 @@ def main(argv=None) -> dict:
         return {}
     torch.set_num_threads(args.threads)
     tables = ([bert_rows(args)] if args.part in ("bert", "all") else []) + \
-        ([ddp_rows(args)] if args.part in ("ddp", "all") else [])
+        ([ddp_rows(args)] if args.part in ("ddp", "all") else []) + \
+        ([seeds_rows(args)] if args.part in ("seeds", "all") else [])
     return report(argv, args, tables)
 
 

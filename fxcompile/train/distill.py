@@ -15,7 +15,9 @@ trains on its share of each batch in DistributedDataParallel (distributed.py).
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import math
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,7 @@ from .checkpoint import RunState, load_checkpoint, save_checkpoint
 from .distributed import collective_device, is_main, mean_across, shard, wrap
 from .graphs import Feature, check_origin, select_features, student_graph, tap, teacher_graph
 from .losses import LOGIT_KINDS, feature_loss, feature_scales, logit_loss
+from .mixup import draw, mix_inputs, mixed_loss
 
 TERMS = ("loss", "logit_loss", "feature_loss", "user_loss")
 
@@ -39,7 +42,8 @@ TERMS = ("loss", "logit_loss", "feature_loss", "user_loss")
 class DistillResult:
     """``module``: the trained student (a TrainableModule: ``fxcompile.recompile`` lowers it, e.g.
     with ``["fold_fake_quant"]`` for int8); ``history``: one dict per step (step, loss and its
-    terms, None for a term not used); ``features``: the student nodes the feature loss compared."""
+    terms, None for a term not used, lr: the learning rate it took); ``features``: the student
+    nodes the feature loss compared."""
 
     module: Any
     history: list[dict] = field(default_factory=list)
@@ -59,6 +63,8 @@ class DistillOptions:
     checkpoint: str | None = None
     checkpoint_every: int = 100
     progress: bool = True
+    mixup: float = 0.0
+    seed: int = 0
 
     def validate(self) -> None:
         if self.logits not in (*LOGIT_KINDS, None):
@@ -69,6 +75,9 @@ class DistillOptions:
             raise InputError(f"distill: epochs must be a positive int, got {self.epochs!r}")
         if self.steps is not None and not (isinstance(self.steps, int) and self.steps >= 1):
             raise InputError(f"distill: steps must be a positive int or None, got {self.steps!r}")
+        if isinstance(self.mixup, bool) or not (isinstance(self.mixup, (int, float)) and self.mixup >= 0):
+            raise InputError(f"distill: mixup must be a number >= 0 (0: off; the Beta(mixup, mixup) weight of "
+                             f"each batch's mix, 1.0 typical), got {self.mixup!r}")
         if self.labels and self.loss_fn is None:
             self.loss_fn = _cross_entropy
 
@@ -81,7 +90,7 @@ def distill(student, teacher, data: Iterable, *, epochs: int = 1, steps: int | N
             temperature: float = 2.0, logits: str | None = "auto", logit_weight: float = 1.0,
             features: Any = "auto", feature_weight: float = 1.0, loss_fn: Callable | None = None,
             labels: bool = False, optimizer: Callable | None = None, lr: float = 1e-3,
-            schedule: Callable | None = None, seed: int = 0, progress: bool = True,
+            schedule: Callable | str | None = None, seed: int = 0, progress: bool = True, mixup: float = 0.0,
             checkpoint: str | None = None, resume: bool = False, checkpoint_every: int = 100,
             learnable_scales: bool = False, device: str | torch.device | None = None) -> DistillResult:
     """Distil ``teacher`` (the original nn.Module, or a CompiledModule of it) into ``student`` (a
@@ -94,7 +103,11 @@ def distill(student, teacher, data: Iterable, *, epochs: int = 1, steps: int | N
     [batch, classes] outputs, else MSE) or None. ``features``: "auto" (graphs.auto_features), a list
     of student node names, or None. ``steps``: stop after this many steps (over as many epochs as
     that takes) instead of ``epochs``. ``optimizer(params)`` -> a torch optimizer (Adam at ``lr`` by
-    default); ``schedule(optimizer)`` -> an LR scheduler stepped every step. ``checkpoint``: a path
+    default); ``schedule(optimizer)`` -> an LR scheduler stepped every step, or "cosine" (the LR
+    falls from ``lr`` to 0 along half a cosine over the run's steps). ``mixup``: alpha > 0 blends
+    each batch's floating-point inputs with a shuffled copy of it, weight ~ Beta(alpha, alpha)
+    (mixup.py: the teacher labels the blends; a labels loss is blended alike; under torchrun each
+    rank blends within its share, so it is not the one-process run). ``checkpoint``: a path
     written every ``checkpoint_every`` steps and at the end; ``resume`` continues from it exactly as
     an uninterrupted run would (the same data in the same order). ``learnable_scales``: train the
     fake-quant scales too (LSQ). ``device``: where to train (default: the CPU, or under nccl this
@@ -104,7 +117,7 @@ def distill(student, teacher, data: Iterable, *, epochs: int = 1, steps: int | N
     dynamic batch); only rank 0 writes the checkpoint (give every rank the same path) and shows progress.
     """
     opts = DistillOptions(epochs, steps, temperature, logits, logit_weight, feature_weight, loss_fn, labels,
-                          checkpoint, checkpoint_every, progress)
+                          checkpoint, checkpoint_every, progress, mixup, seed)
     opts.validate()
     if isinstance(optimizer, torch.optim.Optimizer):
         raise InputError("distill: optimizer takes a callable params -> optimizer (e.g. "
@@ -122,7 +135,7 @@ def distill(student, teacher, data: Iterable, *, epochs: int = 1, steps: int | N
         raise InputError("distill: nothing to train on: every loss term is off (logits, features, loss_fn)")
     params = [p for p in module.parameters() if p.requires_grad]
     opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
-    sched = schedule(opt) if schedule is not None else None
+    sched = _schedule(schedule, opt, opts, data)
     run = load_checkpoint(checkpoint, module, opt, sched) if resume and checkpoint else RunState()
     if resume and not checkpoint:
         raise InputError("distill: resume=True needs checkpoint=path")
@@ -131,6 +144,24 @@ def distill(student, teacher, data: Iterable, *, epochs: int = 1, steps: int | N
     trainer.fit(data, run)
     module.eval()
     return DistillResult(module, run.history, [f.name for f in matched])
+
+
+def _schedule(schedule, optimizer, opts: DistillOptions, data):
+    """The LR scheduler: ``schedule(optimizer)``, or for "cosine" half a cosine from the optimizer's
+    LR to 0 over the run's steps (``steps``, or ``epochs`` times the batches in ``data``)."""
+    if schedule is None or callable(schedule):
+        return schedule(optimizer) if schedule is not None else None
+    if schedule != "cosine":
+        raise InputError(f"distill: schedule must be a callable optimizer -> LR scheduler or 'cosine', got {schedule!r}")
+    if opts.steps is None and not isinstance(data, Sized):
+        raise InputError("distill: schedule='cosine' needs the run's length: pass steps=, or data with a len() "
+                         "(a list, a DataLoader)")
+    total = opts.steps if opts.steps is not None else opts.epochs * len(data)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_cosine, total=max(total, 1)))
+
+
+def _cosine(step: int, total: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
 
 
 class _Trainer:
@@ -167,6 +198,9 @@ class _Trainer:
 
     def step(self, item, index: int, run: RunState) -> dict:
         flat, target = self.inputs(item, index)
+        mix = draw(self.opts.mixup, self.opts.seed, run.step, flat) if self.opts.mixup else None
+        if mix is not None:
+            flat = mix_inputs(flat, *mix)
         self.optimizer.zero_grad(set_to_none=True)
         s_out, s_feats = self.student(*flat)
         with torch.no_grad():
@@ -181,20 +215,25 @@ class _Trainer:
         if self.features:
             terms["feature_loss"] = feature_loss(list(s_feats), t_feats, run.scales or [])
         if opts.loss_fn is not None:
-            other = target if opts.labels else self.t_captured.unflatten_outputs(t_out)
-            terms["user_loss"] = opts.loss_fn(self.captured.unflatten_outputs(s_out), other)
+            output = self.captured.unflatten_outputs(s_out)
+            if opts.labels and mix is not None:
+                terms["user_loss"] = mixed_loss(opts.loss_fn, output, target, *mix)
+            else:
+                other = target if opts.labels else self.t_captured.unflatten_outputs(t_out)
+                terms["user_loss"] = opts.loss_fn(output, other)
         weights = {"logit_loss": opts.logit_weight, "feature_loss": opts.feature_weight, "user_loss": 1.0}
         loss = sum(weights[k] * v for k, v in terms.items())
         if not isinstance(loss, torch.Tensor) or not torch.isfinite(loss):
             raise FxCompileError(f"distill: the loss at step {run.step + 1} (batch {index}) is {loss}: "
                                  "lower lr, or check the data and loss_fn")
         loss.backward()
+        lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         if self.schedule is not None:
             self.schedule.step()
         values = mean_across([float(loss.detach())] + [float(terms[k].detach()) if k in terms else 0.0
                                                        for k in TERMS[1:]])
-        return {k: (v if k == "loss" or k in terms else None) for k, v in zip(TERMS, values)}
+        return {**{k: (v if k == "loss" or k in terms else None) for k, v in zip(TERMS, values)}, "lr": lr}
 
     def inputs(self, item, index: int) -> tuple[list, Any]:
         """The flat inputs of batch ``index`` (this rank's share) and its target (labels=True)."""

@@ -29,3 +29,16 @@ def test_bench_distill_ddp_two_vs_one(bench, tmp_path):
     assert "1 process" in one["part"] and "2 processes" in two["part"]
     assert abs(float(one["top-1"]) - float(two["top-1"])) <= 0.2  # the same training, split over 2 ranks
     assert float(one["top-1"]) > float(one["pruned top-1"])
+
+
+@pytest.mark.slow
+def test_bench_distill_seeds_fine_tune_vs_distill(bench, tmp_path):
+    result = bench.main(["--part", "seeds", "--seeds", "0,1", "--seed-epochs", "1", "--out", str(tmp_path / "s.md")])
+    rows = result["rows"]
+    assert [r["seed"] for r in rows] == ["0", "1", "mean", "worst", "best"]
+    drops = {k: [float(r[k]) for r in rows[:2]] for k in ("prune", "finetune, no mixup", "finetune", "distill", "ptq")}
+    assert all(d < -5 for d in drops["prune"])  # half the FLOPs gone costs points before training
+    assert all(t > p for t, p in zip(drops["distill"], drops["prune"]))  # one epoch already wins some back
+    assert float(rows[2]["distill"]) == pytest.approx(sum(drops["distill"]) / 2, abs=0.01)
+    assert float(rows[3]["finetune"]) == min(drops["finetune"]) and float(rows[4]["ptq"]) == max(drops["ptq"])
+    assert all(0.0 < float(r[c]) <= 1.0 for r in rows for c in ("cos finetune", "cos distill"))

@@ -3,6 +3,8 @@ a student without a graph), then features matched by node on kept channels, dete
 checkpoint/resume, QAT + distillation, and pruned-digits accuracy recovered by distillation."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -168,3 +170,51 @@ def test_student_pruned_by_a_recompile_matches_every_feature():
     bare = fxcompile.compile(model, X[:8], passes=[]).graph_module  # BatchNorm not folded
     odd = {n.name for n in unmatched(student.graph_module, bare)}
     assert {"conv2d", "relu", "conv2d_1", "relu_1"} <= odd and "relu_2" not in odd
+
+
+def test_cosine_schedule_takes_the_lr_to_zero_over_the_run():
+    """schedule="cosine": step k of n trains at lr * (1 + cos(pi k / n)) / 2, over ``steps`` or
+    epochs x batches; refused without a known length, and a bad name is named."""
+    model = seeded_cnn()
+    student = pruned(model, X[:8])
+    data = batches(X, 8)  # 4 batches
+    result = fxcompile.distill(student, model, data, epochs=2, lr=0.01, schedule="cosine", progress=False)
+    lrs = [h["lr"] for h in result.history]
+    expected = [0.01 * (1 + math.cos(math.pi * k / 8)) / 2 for k in range(8)]
+    assert lrs == pytest.approx(expected, rel=1e-9) and lrs[0] == 0.01 and lrs[-1] < 0.0005
+    with pytest.raises(InputError, match="cosine.*needs the run's length"):
+        fxcompile.distill(student, model, iter(data), schedule="cosine", progress=False)
+    with pytest.raises(InputError, match="schedule must be a callable.*'cosne'"):
+        fxcompile.distill(student, model, data, schedule="cosne", progress=False)
+
+
+def test_mixup_blends_inputs_and_labels_deterministically():
+    """mixup: the teacher sees the blended batch the student sees (the logit loss of a student
+    equal to its teacher stays 0), the labels loss is the blend of the two targets' losses, a rerun
+    repeats every loss, mixup=0 trains on the batches as given, and integer inputs are refused."""
+    from fxcompile.train.mixup import draw, mix_inputs, mixed_loss
+    model = seeded_cnn()
+    same = fxcompile.compile(model, X[:8])  # no pruning: the student equals the teacher
+    data = batches(X, 8)
+    blended = fxcompile.distill(same, model, data, steps=2, mixup=1.0, features=None, lr=0.0, progress=False)
+    assert all(h["loss"] < 1e-10 for h in blended.history)
+    lam, perm = draw(1.0, 0, 3, [X[:8]])
+    assert 0 < lam < 1 and sorted(perm.tolist()) == list(range(8)) and not torch.equal(perm, torch.arange(8))
+    mask = torch.ones(8, dtype=torch.long)
+    mixed, kept = mix_inputs([X[:8], mask], lam, perm)
+    torch.testing.assert_close(mixed, lam * X[:8] + (1 - lam) * X[:8][perm])
+    assert kept is mask
+    out, y = torch.randn(8, 10), torch.arange(8)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(mixed_loss(ce, out, y, lam, perm), lam * ce(out, y) + (1 - lam) * ce(out, y[perm]))
+    student = pruned(model, X[:8])
+    labelled = batches(X, 8, torch.arange(32) % 10)
+    runs = [fxcompile.distill(student, model, labelled, epochs=1, labels=True, mixup=0.4, progress=False)
+            for _ in range(2)]
+    plain = fxcompile.distill(student, model, labelled, epochs=1, labels=True, progress=False)
+    assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
+    assert [h["loss"] for h in runs[0].history] != [h["loss"] for h in plain.history]
+    with pytest.raises(InputError, match="mixup must be a number >= 0"):
+        fxcompile.distill(student, model, data, mixup=-1, progress=False)
+    with pytest.raises(InputError, match="mixup blends floating-point inputs.*torch.int64"):
+        draw(1.0, 0, 0, [mask])
