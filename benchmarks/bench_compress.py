@@ -186,8 +186,8 @@ def main(argv=None) -> str:
         "# fxcompile.compress on scikit-learn digits", "", machine_line(args.threads), "", f"command: `{command}`",
         "", f"{args.flops:.0%} of the FLOPs pruned (l1); fine-tune and distillation {args.epochs or EPOCHS} epochs at lr "
         f"{args.lr:g} (per model, fine-tune and distillation: {TRAIN}; distillation: {DISTILL}); "
-        f"int8 calibrated with {args.method} (the CNNs keep their first conv, one input channel, in "
-        f"float: keep_first); QAT {args.qat_epochs} epochs at lr {args.qat_lr:g}. "
+        f"int8 calibrated with {args.method} (the CNNs' first conv, one input channel, stays "
+        f"float: fxcompile's placement for onnxruntime); QAT {args.qat_epochs} epochs at lr {args.qat_lr:g}. "
         f"Top-1 on the {len(data[2])} test images; latency: onnxruntime, {args.threads} threads, batch "
         f"{args.batch}, median of {args.runs} interleaved rounds. 1-minute load average {load_start} at start, "
         f"{load_average()} at the end.", "", format_table([HEADER] + table, markdown=True), "",
