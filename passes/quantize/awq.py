@@ -42,7 +42,7 @@ from fxcompile.graph_utils import add_constant, copy_origin, module_path
 from fxcompile.report import add_report_section
 
 from .placement import linear_operands
-from .smooth import Group, SmoothQuantOptions, apply_scales, find_groups
+from .smooth import Group, SmoothQuantOptions, apply_scales, find_groups, materialize
 from .smooth_search import ChannelStats, Choice
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def awq(gm: fx.GraphModule, sites: list[Site], opts: WeightOnlyOptions, grid: Gr
         raise PassError("quantize_weights with awq=True searches its scales on calibration data: pass "
                         "compile(..., calibration_data=batches) (a few batches of the model's inputs), "
                         "or leave awq off")
-    batches = _batches(data)
+    batches = materialize(data, "quantize_weights (awq)")
     ctx.data = batches  # a generator can be read once: GPTQ reads the same list
     inputs = record_inputs(gm, sites, batches, opts.awq_max_rows)
     chosen = {s.node: s for s in sites}
@@ -106,18 +106,6 @@ def _shares_weights(g: Group, readers: dict[str, set[fx.Node]]) -> bool:
 def _alphas(points: int) -> tuple[float, ...]:
     """0, 1/points, ..., (points - 1)/points: AWQ's grid (0 is plain rounding)."""
     return tuple(i / points for i in range(points))
-
-
-def _batches(data) -> list:
-    batches = []
-    for flat in data:
-        if isinstance(flat, Exception):
-            raise flat
-        batches.append(flat)
-    if not batches:
-        raise CalibrationError("quantize_weights (awq): the calibration data is empty; give at least one batch "
-                               "(a generator that was already consumed is empty too)")
-    return batches
 
 
 # -- calibration -----------------------------------------------------------------------------

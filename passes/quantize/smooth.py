@@ -130,7 +130,7 @@ def smooth_quant(gm: fx.GraphModule, opts: SmoothQuantOptions, ctx=None) -> int:
             "fxcompile.compile(model, x, passes=..., calibration_data=batches) (a few batches like the "
             "inputs), or leave smooth_quant out of the pipeline (quantize_passes(smooth=False)).")
     groups = find_groups(gm, opts)
-    batches = _materialize(data)
+    batches = materialize(data, "smooth_quant")
     ctx.data = batches  # a generator can be read once: insert_fake_quant calibrates on the same list
     if any(g.consumers for g in groups):
         _record(gm, [g for g in groups if g.consumers], batches, opts.max_rows)
@@ -248,15 +248,17 @@ def _consumer(gm: fx.GraphModule, node: fx.Node) -> Consumer:
 
 
 # -- calibration -----------------------------------------------------------------------------
-def _materialize(data) -> list:
+def materialize(data, what: str) -> list:
+    """The calibration batches as a list (the passes read them more than once); CalibrationError
+    naming ``what`` when there are none, and a batch's own error raised as it is."""
     batches = []
     for flat in data:
         if isinstance(flat, Exception):
             raise flat
         batches.append(flat)
     if not batches:
-        raise CalibrationError("smooth_quant: the calibration data is empty; give at least one batch "
-                                "(a generator that was already consumed is empty too)")
+        raise CalibrationError(f"{what}: the calibration data is empty; give at least one batch "
+                               "(a generator that was already consumed is empty too)")
     return batches
 
 
