@@ -75,7 +75,7 @@ def _candidates(A: Analysis, groups: list[Group], opts: PruneOptions):
 def _limits(gm: fx.GraphModule, groups: list[Group], opts: PruneOptions) -> dict[int, Limits]:
     out = {}
     targeted = opts.flops_reduction is not None or opts.params_reduction is not None
-    block = channel_block() if targeted else None
+    block = cpu.conv_channel_block() if targeted else None
     for g in groups:
         cap = opts.max_ratio
         for pattern, value in dict(opts.max_ratio_per_layer).items():
@@ -96,17 +96,6 @@ def _feeds_conv(gm: fx.GraphModule, g: Group) -> bool:
     ranks = [graph_utils.fetch_attr(gm, m.target).dim() for m in g.members if m.is_param]
     convs = sum(r >= 3 for r in ranks)
     return convs > 0 and convs >= sum(r == 2 for r in ranks)
-
-
-def channel_block(flags: frozenset[str] | None = None) -> int:
-    """Channels the CPU's float convolutions compute at once, read at run time: onnxruntime's
-    NCHWc kernels (and torch's oneDNN ones) block channels by the fp32 lanes of a vector
-    register, 16 with AVX-512F and 8 with AVX2 (8 elsewhere: also the tensor-core tile). A conv
-    whose channel count is not a multiple runs padded up to one, and onnxruntime reorders its
-    output back to NCHW: the digits CNN pruned 16/32 -> 11/22 channels ran its second conv as
-    slowly as unpruned plus two reorders (0.81x the unpruned model); 16/16 ran it 1.5x faster."""
-    flags = cpu.cpu_flags() if flags is None else flags
-    return 16 if "avx512f" in flags else 8
 
 
 AUTO_ROUND_TO, AUTO_MIN_CHANNELS = 8, 64
@@ -161,7 +150,8 @@ def prune(gm: fx.GraphModule, opts: PruneOptions, ctx) -> int:
     ratio, target, allocation = opts.ratio, f"ratio {opts.ratio:g}", opts.allocation
     if opts.flops_reduction is not None or opts.params_reduction is not None:
         removed, ratio, allocation, target = _meet_target(opts, cands, scores, limits,
-                                                          lambda r: _measure(A, gm, r, inputs), notes)
+                                                          lambda r: _measure(A, gm, r, inputs),
+                                                          (params0, flops0), notes)
     else:
         removed = choose(cands, scores, ratio, allocation, limits)
     params1, flops1 = _measure(A, gm, removed, inputs)  # checks every shape before gm changes
@@ -172,16 +162,15 @@ def prune(gm: fx.GraphModule, opts: PruneOptions, ctx) -> int:
 
 
 def _meet_target(opts: PruneOptions, cands: list[Group], scores, limits: dict[int, Limits], measure,
-                 notes: list[str]) -> tuple[dict, float, str, str]:
+                 base: tuple[int, int], notes: list[str]) -> tuple[dict, float, str, str]:
     """(removed, ratio, allocation, target text) meeting the FLOPs or parameter target: a uniform
     ratio; where its steps jump over the target, whole blocks group by group (rounded groups) or
     the lowest scores across groups (global); with round_to "auto", exact counts as a last resort.
-    ``measure(removed) -> (params, FLOPs)``."""
+    ``measure(removed) -> (params, FLOPs)``; ``base``: the unpruned graph's."""
     what, frac = ("FLOPs", opts.flops_reduction) if opts.flops_reduction is not None else \
         ("parameter", opts.params_reduction)
     assert frac is not None
     tol = opts.tolerance
-    base = measure({})
 
     def reduction(removed: dict) -> float:
         p, f = measure(removed)

@@ -23,8 +23,8 @@ class PruneOptions:
     attention: which attention groups to prune: heads | head_dim | both | none.
     round_to: keep a multiple of this many channels in each channel group; "auto" (default): under
     a FLOPs or parameter target, a convolution's channels keep a multiple of the channel block of
-    the CPU it runs on (driver.channel_block: 16 with AVX-512F, 8 otherwise) in every group at
-    least one block wide (a group of one block stays whole), exact counts in narrower groups;
+    the CPU it runs on (fxcompile.cpu.conv_channel_block: 16 with AVX-512F, 8 otherwise) in
+    every group at least one block wide (a group of one block stays whole), exact counts in narrower groups;
     otherwise (a channel ratio; linear layers) multiples of 8 in groups of 64 channels or more,
     exact counts in smaller ones. Convolutions compute whole blocks: ResNet-50 pruned by 0.1
     with exact counts ran 0.86x the unpruned model on onnxruntime, with multiples of 8 1.04x;

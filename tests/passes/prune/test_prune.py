@@ -9,7 +9,7 @@ import fxcompile
 from fxcompile.errors import PassError, PruneError
 from fxcompile.graph_utils import count_ops
 from fxcompile.passes.prune import chosen_channels
-from fxcompile.passes.prune.driver import channel_block
+from fxcompile.cpu import conv_channel_block as channel_block
 
 from tests.passes.prune.models import build
 from tests.passes.prune.oracle import oracle_error
