@@ -36,7 +36,7 @@ from fxcompile.graph_utils import arg_list
 
 from . import engine_cache
 from .onnx_runner import onnx_node_origin
-from .tensorrt_precision import prepare_model
+from .tensorrt_precision import TensorFiles, prepare_model
 
 _log = logging.getLogger("fxcompile.tensorrt")
 
@@ -365,9 +365,9 @@ def parse_onnx(parser, model, folder: str) -> bool:
 
     Weights in external data (the exporter's ``DATA_FILE`` in ``folder``) stay there: the graph is
     written beside them and parsed with ``parse_from_file``, which reads external data relative
-    to the model file. Over ``_INLINE_MAX`` bytes of inline tensors (the fp16/bf16/fp8 rewrites
-    load the weights) are moved out of ``model`` into a data file of their own on the way. Only a
-    small self-contained model is parsed from serialized bytes."""
+    to the model file. Over ``_INLINE_MAX`` bytes of inline tensors (a model prepared in memory)
+    are moved out of ``model`` into a data file of their own on the way. Only a small
+    self-contained model is parsed from serialized bytes."""
     import onnx
 
     from .onnx_runner import external_tensors, inline_bytes  # ByteSize() fails over 2 GB
@@ -386,12 +386,16 @@ def parse_onnx(parser, model, folder: str) -> bool:
 
 def model_to_parse(proto, precision: str, float_precision: str, folder: str):
     """``prepare_model`` of the exported ``proto``, whose large weights are external data in
-    ``folder``: they stay there unless the precision rewrites them (fp16/bf16 casts, fp8
-    re-encoding), which loads them into ``proto`` first."""
-    if precision == "fp8" or float_precision != "fp32":
-        from onnx.external_data_helper import load_external_data_for_model
-        load_external_data_for_model(proto, folder)
-    return prepare_model(proto, precision, float_precision)
+    ``folder``: they stay in files. fp32 and int8 + fp32 parse the export as it is; the
+    fp16/bf16 casts and fp8's re-encoding stream each tensor they rewrite from the export's data
+    file into a file of their own in ``folder`` (``TensorFiles``), and the model returned refers to
+    both (``parse_onnx`` hands it to TensorRT as a file). Neither ``proto`` nor the export's data
+    file changes: the engine cache key (``engine_key``), taken over them, stays that of the export.
+    What this adds to memory is the graph and a few chunks of a tensor, not the weights."""
+    if precision != "fp8" and float_precision == "fp32":
+        return proto
+    with TensorFiles(folder, f"tensorrt-{precision}-{float_precision}-{uuid.uuid4().hex}.data") as files:
+        return prepare_model(proto, precision, float_precision, files)
 
 
 def engine_key(proto, folder: str, inputs: list, profile: dict, settings: dict, versions: dict) -> dict:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import fxcompile
 from fxcompile.backends import engine_cache
 from fxcompile.backends import onnx as onnx_backend
-from fxcompile.backends.onnx_runner import external_tensors
+from fxcompile.backends.onnx_runner import external_tensors, inline_bytes
 from fxcompile.backends import tensorrt as trt_backend
 from fxcompile.backends import tensorrt_precision as trt_precision
 from fxcompile.errors import BackendError
@@ -374,15 +374,23 @@ def test_small_models_parse_from_bytes_and_large_inline_ones_move_to_a_file(tmp_
     proto = _export(fxcompile.compile(tiny, x, passes=[]).graph_module, [x])
     parser = _RecordingParser()
     assert trt_backend.parse_onnx(parser, proto, str(tmp_path)) and parser.calls == ["bytes"]
-    # fp16 rewrites the weights, which come into the model first (half size, all inline); beyond
-    # _INLINE_MAX they are moved out to a file TensorRT reads instead of serialized in memory
+    # a model rewritten in memory (prepare_model of the loaded export: half size, all inline):
+    # beyond _INLINE_MAX its tensors move out to a file TensorRT reads instead of serialized bytes
     model, exported = _exported(1, tmp_path / "big")
-    half = trt_backend.model_to_parse(exported, "fp16", "fp16", str(tmp_path / "big"))
+    half = trt_precision.prepare_model(onnx.load(str(tmp_path / "big" / onnx_backend.MODEL_FILE)), "fp16", "fp16")
     assert not external_tensors(half)
     expected = _weights(half)
     monkeypatch.setattr(trt_backend, "_INLINE_MAX", 1 << 20)
     parser = _RecordingParser()
     assert trt_backend.parse_onnx(parser, half, str(tmp_path / "big")) and parser.calls == ["file"]
+    got = _weights(parser.model)
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+    # model_to_parse never holds them: the converted weights are written to a file as they are made
+    streamed = trt_backend.model_to_parse(exported, "fp16", "fp16", str(tmp_path / "big"))
+    assert external_tensors(streamed) and inline_bytes(streamed) < 1 << 20
+    parser = _RecordingParser()
+    assert trt_backend.parse_onnx(parser, streamed, str(tmp_path / "big")) and parser.calls == ["file"]
     got = _weights(parser.model)
     assert got.keys() == expected.keys()
     assert all(np.array_equal(got[k], expected[k]) for k in expected)
