@@ -133,7 +133,7 @@ def _baseline(model, start, example, dynamic_shapes, backend, backend_options, e
     args, kwargs = example
     compiled = fxcompile.compile(model, args, example_kwargs=kwargs, dynamic_shapes=dynamic_shapes,
                                  backend=backend, **backend_options)
-    row = measure.Row("fp32", "fp32", None, module=compiled)
+    row = measure.Row("fp32", "fp32", None, module=compiled, graph=measure.graph_signature(compiled))
     row.accuracy = measure.evaluate(eval_fn, compiled, "fp32")
     row.cosine = measure.output_cosine(model, compiled, args, kwargs)
     row.params, row.flops = measure.graph_counts(start)
@@ -167,7 +167,7 @@ def _run_recipe(plan, ratio, target, stage, job, rows, eval_fn, example, backend
 
 
 def _measure(label, name, ratio, stage, lowered, teacher, eval_fn, example) -> measure.Row:
-    row = measure.Row(label, name, ratio, module=lowered)
+    row = measure.Row(label, name, ratio, module=lowered, graph=measure.graph_signature(lowered))
     row.accuracy = measure.evaluate(eval_fn, lowered, label)
     row.cosine = measure.output_cosine(teacher, lowered, *example)
     row.params, row.flops = measure.graph_counts(stage)

@@ -33,6 +33,7 @@ class Row:
     speedup: float | None = None
     meets_floor: bool | None = None
     module: Any = field(default=None, repr=False)   # the lowered CompiledModule
+    graph: Any = field(default=None, repr=False)    # graph_signature(module): equal for the same arithmetic
 
 
 def lower(stage, backend: str, backend_options: dict):
@@ -40,6 +41,31 @@ def lower(stage, backend: str, backend_options: dict):
     import fxcompile
     passes = ["fold_fake_quant"] if stage.quantized else fxcompile.default_pipeline()
     return fxcompile.recompile(stage.module, passes, backend=backend, **backend_options)
+
+
+def graph_signature(module) -> Any:
+    """What decides the arithmetic of a lowered module, not its weights' values: the ONNX nodes
+    (op types, inputs, attributes) and the initializers' names, types and shapes, or for a graph
+    on another backend its nodes and its tensors' shapes; None when neither is known. Two variants
+    with equal signatures (pruned, then fine-tuned or distilled: only the weights differ) do the
+    same work, so any gap in their measured latency is the machine's, not theirs."""
+    proto = getattr(getattr(module, "runner", None), "model_proto", None)
+    if proto is not None:
+        nodes = tuple((n.op_type, tuple(n.input), tuple(_attribute(a) for a in n.attribute)) for n in proto.graph.node)
+        return "onnx", nodes, tuple((t.name, t.data_type, tuple(t.dims)) for t in proto.graph.initializer)
+    gm = getattr(module, "graph_module", None)
+    if gm is None:
+        return None
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in [*gm.named_parameters(), *gm.named_buffers()])
+    return getattr(module, "backend", None), tuple((n.op, str(n.target)) for n in gm.graph.nodes), tensors
+
+
+def _attribute(a) -> Any:
+    """An ONNX attribute as graph_signature keeps it: a tensor (a Constant's value) by its type
+    and shape, anything else as it is."""
+    if a.HasField("t"):
+        return a.name, a.t.data_type, tuple(a.t.dims)
+    return a.SerializeToString()
 
 
 def evaluate(eval_fn: Callable | None, module, label: str) -> float | None:
