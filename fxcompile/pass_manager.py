@@ -101,6 +101,7 @@ def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: 
         chores.tidy(gm, rewrites)
         state.reset_buffers(gm, initial_state)
         seconds = time.perf_counter() - start
+        forget_erased_nodes(gm)
         release_free_heap()
         chores.refresh(gm, rewrites, info.name)
         record = PassRecord(info.name, seconds, rewrites, nodes, len(gm.graph.nodes), params,
@@ -118,6 +119,19 @@ def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: 
             dump.write(gm, index, info.name)
     gm._tracer_cls = state.GraphTracer  # so that a pickled graph keeps its buffer updates
     return gm, records
+
+
+def forget_erased_nodes(gm: fx.GraphModule) -> None:
+    """Let go of the nodes a pass erased. torch.fx's graph keeps every node it ever named in its
+    name table (``Graph._graph_namespace._obj_to_name``), erased ones included, and with them
+    their meta: a get_attr node's meta["val"] is the tensor itself (graph_utils.add_buffer), so a
+    weight a pass replaced stayed alive as long as the graph (int8 folding's [N, K] copies of the
+    weights it transposes: 0.2x a decoder's weights). The names stay taken."""
+    table = getattr(getattr(gm.graph, "_graph_namespace", None), "_obj_to_name", None)
+    if not isinstance(table, dict):
+        return  # another torch.fx: nothing to do
+    for node in [obj for obj in table if isinstance(obj, fx.Node) and getattr(obj, "_erased", False)]:
+        del table[node]
 
 
 def release_free_heap() -> None:

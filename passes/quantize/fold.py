@@ -14,6 +14,7 @@ Learned (QAT) scales are frozen into buffers first (``freeze``).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import fx
@@ -110,22 +111,10 @@ def _fold_weight(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) ->
     w = fq.x
     scale, zero_point = _qparams_of(gm, fq)
     weight = fetch_attr(gm, attr_target(w)).detach()
-    fake_quant = node.target
-    assert callable(fake_quant)  # a call_function node (one of FAKE_QUANT_OPS)
-    with torch.no_grad():
-        fake = fake_quant(weight, *[fetch_attr(gm, attr_target(a)) if isinstance(a, fx.Node) else a
-                                    for a in node.args[1:]])
-    axis = fq.axis
-    if axis is None:
-        s, zp = scale.reshape(()), zero_point.reshape(())
-        q = torch.round(fake / s) + zp
-    else:
-        shape = [1] * weight.dim()
-        shape[axis] = -1
-        s, zp = scale.float(), zero_point
-        q = torch.round(fake / s.reshape(shape)) + zp.reshape(shape)
     dtype = int_dtype(fq.quant_min)
-    q = q.clamp(fq.quant_min, fq.quant_max).to(dtype)
+    q = _integer_weight(node, weight, scale, zero_point, dtype)
+    axis = fq.axis
+    s, zp = (scale.reshape(()), zero_point.reshape(())) if axis is None else (scale.float(), zero_point)
     qn = add_buffer(gm, f"{w.target}_{str(dtype).removeprefix('torch.')}", q, node)
     sn = add_buffer(gm, f"{w.target}_scale", s.float().contiguous(), node)
     zn = add_buffer(gm, f"{w.target}_zero_point", zp.to(dtype).contiguous(), node)
@@ -136,12 +125,64 @@ def _fold_weight(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) ->
     _rename(state, node.name, dq.name, attr_target(sn), attr_target(zn))
 
 
+# Elements of a weight quantized at a time: _integer_weight's float temporary stays 16 MB
+# (whole, a 32000 x 2048 lm_head's were three of 262 MB alive at once: 0.6x a 4-layer 1B decoder).
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _integer_weight(node: fx.Node, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The integers the fake-quant ``node`` rounds ``weight`` to: round(fake / scale) + zero_point,
+    clamped (the integers exactly, whatever the op's rounding), as ``dtype``; a block of rows at a time."""
+    fq = FakeQuantArgs.of(node)
+    fake_quant = node.target
+    assert callable(fake_quant)  # a call_function node (one of FAKE_QUANT_OPS)
+    out = torch.empty(weight.shape, dtype=dtype)
+    rows = weight.shape[0] if weight.dim() else 1
+    step = max(1, BLOCK_ELEMENTS // max(1, weight[0].numel())) if weight.dim() else 1
+    by_row = fq.axis is not None and fq.axis % max(weight.dim(), 1) == 0  # per-channel along the rows
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        x = weight[part] if weight.dim() else weight
+        s, zp = (scale[part], zero_point[part]) if by_row else (scale, zero_point)
+        with torch.no_grad():
+            fake = fake_quant(*replace(fq, x=x, scale=s, zero_point=zp).args_for(fake_quant))
+            shape = [1] * weight.dim()
+            if fq.axis is not None:
+                shape[fq.axis] = -1
+            s, zp = (s.reshape(()), zp.reshape(())) if fq.axis is None else (s.float().reshape(shape), zp.reshape(shape))
+            # in place where the quotient keeps the weight's dtype (float32): one temporary per block
+            q = fake.div_(s) if torch.result_type(fake, s) == fake.dtype else torch.div(fake, s)
+            out[part] = q.round_().add_(zp).clamp_(fq.quant_min, fq.quant_max).to(dtype)
+    return out
+
+
 def _take_place(node: fx.Node, new: fx.Node) -> None:
     """``new`` replaces ``node``: it gets its origin, value and users, and ``node`` is erased."""
     copy_origin(new, node)
     new.meta["val"] = node.meta.get("val")
     node.replace_all_uses_with(new)
     node.graph.erase_node(node)
+
+
+def _drop_if_unused(gm: fx.GraphModule, dq: fx.Node) -> None:
+    """Erase the dequantize ``dq`` of a weight that a copy in another layout replaced, and that
+    weight's tensor, once nothing reads them: not at the end of the pass (drop_unused_attrs), where
+    every weight would be held twice in int8. An erased node's meta["val"] (the tensor itself, see
+    add_buffer) goes too: torch.fx's graph keeps erased nodes alive in its name table."""
+    if dq.users:
+        return
+    inputs = dq.all_input_nodes
+    dq.graph.erase_node(dq)
+    dq.meta.pop("val", None)
+    for node in inputs:
+        if node.op != "get_attr" or node.users:
+            continue
+        target = attr_target(node)
+        node.graph.erase_node(node)
+        node.meta.pop("val", None)
+        if "." not in target and not any(n.target == target for n in gm.graph.find_nodes(op="get_attr")):
+            delattr(gm, target)
 
 
 def _fold_activation(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -> None:
@@ -179,6 +220,7 @@ def _fold_dynamic(gm: fx.GraphModule, node: fx.Node, state: QuantState | None) -
             new = gm.graph.create_node("call_function", DYNAMIC_QUANTIZED_MATMUL,
                                        (x, q, scale, zero_point, bias), name=f"dynamic_quantized_{op.name}")
         _take_place(op, new)
+        _drop_if_unused(gm, w)  # the [N, K] int8 copy, once no other op reads it
         first = first or new
     drop_asserts(node)
     gm.graph.erase_node(node)
@@ -250,6 +292,7 @@ def _fold_float_output_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node, w: 
         new = gm.graph.create_node("call_function", QUANTIZED_LINEAR, (*x.args[:3], w_kn, *w.args[1:3], bias),
                                    name=f"quantized_{node.name}")
     _take_place(node, new)
+    _drop_if_unused(gm, w)
 
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default

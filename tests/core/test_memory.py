@@ -4,6 +4,8 @@ The peak-memory tests compile a ~190 MB model in a fresh subprocess and read the
 high-water mark (see benchmarks/bench_compile.py for the method): compiling may add at most
 BOUND_FRACTION of the weights' size plus BOUND_CONSTANT_MB, on the eager and the onnx backend,
 plus on onnx the copy onnxruntime packs the matmul weights into unless ``prepack=False``.
+Folding to int8 alone (``peaks_int8``) may add the int8 weights (a quarter of the fp32 ones) and
+a constant.
 """
 import json
 import os
@@ -163,6 +165,149 @@ def test_release_free_heap_is_a_no_op_without_glibc(monkeypatch):
     if sys.platform.startswith("linux") and os.path.exists("/proc/self/maps") and "libc.so.6" in open("/proc/self/maps").read():
         assert pass_manager._malloc_trim() is not None  # glibc: the real one
     pass_manager.release_free_heap()
+
+
+def test_a_replaced_weight_is_freed_after_the_pass():
+    """torch.fx keeps every node it named, erased ones too, and a get_attr's meta["val"] is its
+    tensor: a weight a pass replaced stayed alive as long as the graph (int8 folding's [N, K]
+    copies of the weights it transposes, 0.2x a decoder's fp32 weights). The pass manager lets
+    the erased nodes go after each pass."""
+    import gc
+    import weakref
+
+    from fxcompile.graph_utils import add_buffer, drop_unused_attrs
+    from fxcompile.pass_manager import run_pipeline
+    gm = torch.fx.symbolic_trace(nn.Linear(4, 4)).eval()
+    gm.graph.eliminate_dead_code()
+    refs = []
+
+    def replace_weight(gm):
+        old = gm.graph.find_nodes(op="get_attr")[0]
+        value = getattr(gm, old.target) * 2  # a new tensor, as folding makes
+        refs.append(weakref.ref(value))
+        new = add_buffer(gm, "doubled", value, old)
+        refs.append(weakref.ref(new.meta["val"]))
+        old.replace_all_uses_with(new)
+        gm.graph.erase_node(old)
+        replacement = add_buffer(gm, "halved", (value / 2).contiguous(), new)
+        new.replace_all_uses_with(replacement)
+        gm.graph.erase_node(new)  # erased within the pass, its tensor only in the erased node's meta
+        drop_unused_attrs(gm)
+        return 2
+    x = torch.randn(2, 4)
+    before = gm(x)
+    gm, _ = run_pipeline(gm, [replace_weight], [x])
+    gc.collect()
+    assert refs[0]() is None, "the tensor of a node the pass erased is still alive"
+    assert_close(gm(x), before)
+
+
+def test_folding_int8_holds_the_int8_weights_once(peaks_int8):
+    """fold_fake_quant alone (the fake-quant graph compiled before): int8 weights are a quarter of
+    the fp32 ones; quantizing a whole weight at once made three float temporaries of it (a
+    vocabulary head's: 3x 125 MB), and the [N, K] int8 copy of each weight transposed for
+    DynamicQuantizeMatMul stayed alive next to the [K, N] one (erased nodes' meta)."""
+    r = peaks_int8
+    int8 = 0.25 * r["weights"]
+    bound = int8 + 24  # MB: the scales, the process's own growth
+    assert r["err"] < 0.05
+    assert r["added"] <= BOUND_FRACTION * r["weights"] + BOUND_CONSTANT_MB, (
+        f"folding to int8 peaked at +{r['added']:.0f} MB for {r['weights']:.0f} MB of fp32 weights")
+    assert r["after"] <= bound, f"{r['after']:.0f} MB held after folding (int8 weights: {int8:.0f} MB)"
+
+
+@pytest.mark.parametrize("axis, dtype", [(0, torch.float32), (1, torch.float32), (None, torch.float32),
+                                         (0, torch.bfloat16), (None, torch.bfloat16)])
+def test_int8_folding_a_block_at_a_time_gives_the_same_integers(monkeypatch, axis, dtype):
+    """fold_fake_quant quantizes a weight a block of rows at a time (BLOCK_ELEMENTS): exactly the
+    integers of the whole weight at once, per channel along any axis or per tensor."""
+    from fxcompile.passes.quantize import fold
+    from fxcompile.passes.quantize.ops import FQ_PER_CHANNEL, FQ_PER_TENSOR, FakeQuantArgs
+    torch.manual_seed(0)
+    weight = (torch.randn(37, 11, 3) * 0.1).to(dtype)
+    if axis is None:
+        scale, zero_point = torch.tensor([0.003]), torch.tensor([0], dtype=torch.int32)
+    else:
+        scale = weight.float().abs().amax(dim=[d for d in range(3) if d != axis]) / 100  # some values clip
+        zero_point = torch.zeros(weight.shape[axis], dtype=torch.int32)
+    target = FQ_PER_TENSOR if axis is None else FQ_PER_CHANNEL
+    graph = torch.fx.Graph()
+    nodes = [graph.get_attr(name) for name in ("w", "s", "z")]
+    node = graph.call_function(target, FakeQuantArgs(*nodes, -128, 127, axis=axis).args_for(target))
+    args = FakeQuantArgs(weight, scale, zero_point, -128, 127, axis=axis).args_for(target)
+    fake = target(*args)  # the whole weight at once, as folding did before
+    shape = [1, 1, 1]
+    if axis is not None:
+        shape[axis] = -1
+    s = scale.reshape(()) if axis is None else scale.float().reshape(shape)
+    zp = zero_point.reshape(()) if axis is None else zero_point.reshape(shape)
+    expected = (torch.round(fake / s) + zp).clamp(-128, 127).to(torch.int8)
+    monkeypatch.setattr(fold, "BLOCK_ELEMENTS", 40)  # 37 rows of 33: one row per block
+    assert torch.equal(fold._integer_weight(node, weight, scale, zero_point, torch.int8), expected)
+    monkeypatch.setattr(fold, "BLOCK_ELEMENTS", 200)  # 6 rows per block, the last one short
+    assert torch.equal(fold._integer_weight(node, weight, scale, zero_point, torch.int8), expected)
+
+
+_FOLD_CHILD = textwrap.dedent("""
+    import gc, json, os, sys
+    import torch, torch.nn as nn
+    import fxcompile
+
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def hwm_mb():
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:"))
+
+    class Head(nn.Module):  # a decoder's shape in small: a few layers and a large vocabulary head
+        def __init__(self, width, depth, vocab):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+            self.head = nn.Linear(width, vocab)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return self.head(x)
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    width, depth, vocab = (int(a) for a in sys.argv[1:4])
+    passes = fxcompile.quantize_passes("onnxruntime", activations="dynamic", fold=False)
+    small = fxcompile.compile(Head(16, 2, 32).eval(), (torch.randn(2, 16),), passes=passes)
+    fxcompile.recompile(small, ["fold_fake_quant"])  # one small fold first: one-time set-up
+    model, x = Head(width, depth, vocab).eval(), torch.randn(4, width)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    fq = fxcompile.compile(model, (x,), passes=passes)
+    gc.collect()
+    before = rss_mb()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    int8 = fxcompile.recompile(fq, ["fold_fake_quant"])
+    added = hwm_mb() - before
+    del fq
+    gc.collect()
+    after = rss_mb() - before
+    ref = model(x)
+    err = float((int8(x) - ref).abs().max() / ref.abs().max())
+    print("RESULT " + json.dumps({"weights": weights, "added": added, "after": after, "err": err}))
+""")
+
+
+@pytest.fixture(scope="module")
+def peaks_int8() -> dict:
+    """fold_fake_quant of a ~190 MB model (half of it one 16384-wide head) in a fresh process."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the RSS high-water mark")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see peaks()
+    proc = subprocess.run([sys.executable, "-c", _FOLD_CHILD, "1536", "16", "16384"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    return json.loads(line[len("RESULT "):])
 
 
 # -- sharing without mutating ------------------------------------------------------------------
