@@ -97,7 +97,8 @@ class LoadedEagerRunner(EagerRunner):
 def load(path: str, manifest: dict, options: dict) -> LoadedEagerRunner:
     """The .pt2 program written by ``EagerRunner.save``, as a module over the flat inputs."""
     check_options("eager", options, DEFAULTS)
-    importlib.import_module("fxcompile.passes.quantize.ops")  # registers the ops that saved graphs may use
+    for module in ("fxcompile.passes.quantize.ops", "fxcompile.passes.kv_cache"):
+        importlib.import_module(module)  # registers the ops that saved graphs may use
     return LoadedEagerRunner(torch.export.load(path).module(), path, manifest.get("channels_last_inputs", ()))
 
 

@@ -1,9 +1,11 @@
-"""Rewrites of the eager backend's decoder graphs: the work the model's own eager steps do.
+"""Decoder-graph rewrites for CPU graphs: the work a model's own eager decode step does.
 
 Grouped-query attention without repeating the key/value cache (``sdpa_gqa``), one additive mask
 for every layer instead of a boolean one each layer's sdpa converts (``sdpa_float_mask``), and
 the prompt's last row made contiguous before the logits' linear layer (``contiguous_linear_rows``).
-All give the same bits; only CPU graphs are rewritten (what was measured).
+All give the same bits; only CPU graphs are rewritten (what was measured). Registered passes,
+not in the default pipeline: ``compile_for_generation`` runs them last on the eager backend, and
+any graph can name them (``passes=[..., "sdpa_gqa", "sdpa_float_mask"]``).
 
 Hugging Face's attention repeats each key/value head for the query heads that share it before
 calling sdpa (``repeat_kv``: unsqueeze, expand, reshape). The reshape of the expanded cache is a
@@ -27,14 +29,18 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fxcompile.graph_utils import get_arg, set_arg
+from fxcompile.registry import register_pass
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
 
+@register_pass("sdpa_gqa")
 def sdpa_gqa(gm: fx.GraphModule) -> int:
-    """Give CPU attention the un-repeated keys and values with ``enable_gqa=True``; returns the
-    number of attention calls rewritten (the repeats left unused go with dead-code elimination)."""
+    """Give CPU attention the un-repeated keys and values with enable_gqa=True.
+
+    Returns the number of attention calls rewritten (the repeats left unused go with dead-code
+    elimination)."""
     rewrites = 0
     for node in _cpu_attention(gm):
         query, key, value = node.args[:3]
@@ -49,10 +55,12 @@ def sdpa_gqa(gm: fx.GraphModule) -> int:
     return rewrites
 
 
+@register_pass("sdpa_float_mask")
 def sdpa_float_mask(gm: fx.GraphModule) -> int:
-    """One additive mask (0 where the boolean mask is True, -inf elsewhere, in the query's dtype:
-    what sdpa converts a boolean mask to) for the CPU attention calls that share a boolean mask,
-    made once where every call made its own; returns the number of calls rewritten."""
+    """One additive mask for the CPU attention calls that share a boolean mask, made once.
+
+    The mask is 0 where the boolean mask is True, -inf elsewhere, in the query's dtype: what sdpa
+    converts a boolean mask to at every call. Returns the number of calls rewritten."""
     shared: dict[fx.Node, list[fx.Node]] = {}
     for node in _cpu_attention(gm):
         mask = get_arg(node, "attn_mask")
@@ -131,10 +139,12 @@ def _same(a, b) -> bool:
     return bool(statically_known_true(a == b))
 
 
+@register_pass("contiguous_linear_rows")
 def contiguous_linear_rows(gm: fx.GraphModule) -> int:
-    """Make the input of a CPU linear layer contiguous where its leading dims are not one block
-    of rows (the prompt's last position, sliced out of (batch, prompt, hidden)); returns the
-    number of linear layers rewritten.
+    """Make a CPU linear layer's strided input rows contiguous, so that it runs as one mm.
+
+    Applies where the input's leading dims are not one block of rows (the prompt's last
+    position, sliced out of (batch, prompt, hidden)); returns the number of linear layers rewritten.
 
     matmul runs such an input as a batched matmul over the weight broadcast to every row: it
     reads the weight once per sequence (GPT-2's 38M-weight logits layer 8 times at batch 8). The

@@ -35,7 +35,6 @@ except ImportError:  # transformers is a [dev] extra: fxcompile imports without 
     class GenerationMixin:  # type: ignore[no-redef]
         pass
 
-from .generation_passes import contiguous_linear_rows, sdpa_float_mask, sdpa_gqa
 from .generation_step import (DecoderStep, Limits, cache_layout, check_causal_lm, decode_example,
                               prefill_example, size_oblivious_export)
 
@@ -55,10 +54,10 @@ def compile_for_generation(model: torch.nn.Module, backend: str = "eager", *, ma
     ``**options`` (the backend's) are fxcompile.compile's, applied to both graphs. The model is
     not modified; on the eager backend the graphs share its weights (see fxcompile.compile). The
     two graphs' artifacts (onnx sessions, saved files) each hold the weights: twice the memory
-    and disk of one. On the eager backend both graphs also run the rewrites of
-    generation_passes.py last: attention reads the key/value cache without repeating it for
-    grouped-query heads and one additive mask made once per step, and the logits' linear layer
-    runs as one mm.
+    and disk of one. On the eager backend both graphs also run EAGER_PASSES last: attention
+    reads the key/value cache without repeating it for grouped-query heads, with one additive
+    mask made once per step; the logits' linear layer runs as one mm; and a decode step writes
+    its new keys and values into the cache's buffer in place (passes/decoder.py, passes/kv_cache.py).
     """
     from fxcompile.api import compile as fx_compile
     check_causal_lm(model)
@@ -71,23 +70,30 @@ def compile_for_generation(model: torch.nn.Module, backend: str = "eager", *, ma
                 "decode": decode_example(limits, layout, weight.dtype, weight.device)}
     for name, (example, dims) in examples.items():
         with size_oblivious_export() if name == "decode" else contextlib.nullcontext():
-            graphs[name] = fx_compile(step, (), _passes(passes, backend), backend, check,
+            graphs[name] = fx_compile(step, (), _passes(passes, backend, limits), backend, check,
                                       example_kwargs=example, dynamic_shapes=dims, **options)
     generation_config = copy.deepcopy(getattr(model, "generation_config", None))
     return CompiledCausalLM(copy.deepcopy(model.config), graphs["prefill"], graphs["decode"], limits,
                             generation_config)
 
 
-def _passes(passes, backend: str) -> list | None:
+# What the eager backend's graphs run after the given passes: the same bits as without them,
+# measured on the CPU only, so the other backends' graphs stay as exported.
+EAGER_PASSES = ("sdpa_gqa", "sdpa_float_mask", "contiguous_linear_rows", "append_kv_in_place")
+
+
+def _passes(passes, backend: str, limits: Limits) -> list | None:
     """The passes of both graphs: the given ones (None: the default pipeline; a string: names
-    separated by commas), then on the eager backend the rewrites of generation_passes.py (the
-    same bits; measured on the CPU only, so the other backends' graphs stay as exported)."""
+    separated by commas), then on the eager backend EAGER_PASSES (the cache buffers sized to the
+    compiled bound of positions)."""
     if isinstance(passes, str):
         passes = [name.strip() for name in passes.split(",") if name.strip()]
     if backend != "eager":
         return list(passes) if passes is not None else None
     from fxcompile.registry import default_pipeline
-    return [*(default_pipeline() if passes is None else passes), sdpa_gqa, sdpa_float_mask, contiguous_linear_rows]
+    eager = [(name, {"capacity": limits.max_positions}) if name == "append_kv_in_place" else name
+             for name in EAGER_PASSES]
+    return [*(default_pipeline() if passes is None else passes), *eager]
 
 
 def _limits(config, max_batch: int, max_positions: int | None) -> Limits:

@@ -131,13 +131,15 @@ def test_prefill_logits_read_the_weight_once(gpt2_eager):
 def test_eager_rewrites_follow_the_given_passes():
     """The eager graphs run the given passes (a list, or names separated by commas as
     fxcompile.compile takes them), then the decoder rewrites; other backends run the given ones."""
-    from fxcompile.integrations.generation import _passes
-    from fxcompile.integrations.generation_passes import contiguous_linear_rows, sdpa_float_mask, sdpa_gqa
-    rewrites = [sdpa_gqa, sdpa_float_mask, contiguous_linear_rows]
-    assert _passes("remove_noops, cse", "eager") == ["remove_noops", "cse", *rewrites]
-    assert _passes([], "eager") == rewrites
-    assert _passes(None, "eager")[-3:] == rewrites and len(_passes(None, "eager")) > 3
-    assert _passes("remove_noops,cse", "onnx") == ["remove_noops", "cse"] and _passes(None, "onnx") is None
+    from fxcompile.integrations.generation import EAGER_PASSES, Limits, _passes
+    limits = Limits(4, 40)
+    rewrites = [*EAGER_PASSES[:-1], ("append_kv_in_place", {"capacity": 40})]
+    assert _passes("remove_noops, cse", "eager", limits) == ["remove_noops", "cse", *rewrites]
+    assert _passes([], "eager", limits) == rewrites
+    assert _passes(None, "eager", limits)[-4:] == rewrites and len(_passes(None, "eager", limits)) > 4
+    assert _passes("remove_noops,cse", "onnx", limits) == ["remove_noops", "cse"]
+    assert _passes(None, "onnx", limits) is None
+
 
 def test_grouped_query_attention_reads_the_cache_as_it_is():
     """Llama's grouped-query attention repeats each key/value head for its query heads (expand +
@@ -151,8 +153,8 @@ def test_grouped_query_attention_reads_the_cache_as_it_is():
         attention = compiled.decode.graph_module.graph.find_nodes(
             op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default)
         assert len(attention) == 2 and all(n.kwargs.get("enable_gqa") is True for n in attention)
-    for node in attention:  # the decode step attends over the concatenated cache itself
-        assert all(kv.target is torch.ops.aten.cat.default for kv in node.args[1:3])
+    for node in attention:  # the decode step attends over the appended cache itself
+        assert all(kv.target is torch.ops.fxcompile.kv_append.default for kv in node.args[1:3])
     for call in prompts():
         same_tokens(model, compiled, call, do_sample=False)
 
