@@ -223,20 +223,35 @@ def refresh_meta(gm: fx.GraphModule, example_inputs: Iterable[Any]) -> int:
     mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
     fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     with FlopCounterMode(display=False) as counter:
-        _propagate(gm, mode, fake)
+        _propagate(gm, mode, fake, counter)
     if symbolic is not None:
         sym_mode, values = symbolic
         _propagate(gm, sym_mode, [v if v is not None else x for v, x in zip(values, example_inputs)])
     return _known_flops(counter.get_total_flops())
 
 
-def _propagate(gm: fx.GraphModule, mode: FakeTensorMode, fake_inputs: list) -> None:
-    """One fake-tensor propagation of meta['val']. Each makes its own unbacked symbols; bindings
-    to an earlier run's symbols (u0 in both) would be taken for a stale memo and rejected, so they
-    are dropped first and recomputed."""
+def _propagate(gm: fx.GraphModule, mode: FakeTensorMode, fake_inputs: list, counter=None) -> None:
+    """One fake-tensor propagation of meta['val'] (and with a FlopCounterMode, each node's FLOPs
+    in meta['flops']). Each makes its own unbacked symbols; bindings to an earlier run's symbols
+    (u0 in both) would be taken for a stale memo and rejected, so they are dropped first and
+    recomputed."""
     for node in gm.graph.nodes:
         node.meta.pop("unbacked_bindings", None)
-    _FakeAttrProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+    _FakeAttrProp(gm, mode, counter).propagate_dont_convert_inputs(*fake_inputs)
+
+
+def graph_flops(gm: fx.GraphModule) -> int | None:
+    """The graph's FLOPs from its nodes' meta['flops'] (refresh_meta's, at the example inputs'
+    shapes); None when a node has none (it came after the last refresh)."""
+    total: Any = 0
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        flops = node.meta.get("flops")
+        if flops is None or "val" not in node.meta:
+            return None
+        total = total + flops
+    return _known_flops(total)
 
 
 def _known_flops(total) -> int:
@@ -262,7 +277,20 @@ def _symbolic_placeholders(gm: fx.GraphModule):
 
 class _FakeAttrProp(FakeTensorProp):
     """FakeTensorProp that also fakes parameters and buffers, so in-place ops in the graph
-    (buffer updates) never write into the real tensors while shapes are propagated."""
+    (buffer updates) never write into the real tensors while shapes are propagated; with a
+    FlopCounterMode it records each node's FLOPs in meta['flops']."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, counter=None):
+        super().__init__(gm, mode)
+        self._counter = counter
+
+    def run_node(self, n: fx.Node):
+        if self._counter is None:
+            return super().run_node(n)
+        before = self._counter.get_total_flops()
+        out = super().run_node(n)
+        n.meta["flops"] = self._counter.get_total_flops() - before
+        return out
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)

@@ -99,6 +99,7 @@ class PassInfo:
     lossless: bool = True
     default: bool = False
     doc: str = ""
+    keeps_values: bool = False
     run: Callable[..., PassResult] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -147,14 +148,17 @@ _loaded = False
 
 
 def register_pass(name: str | None = None, *, options: type | None = None, after=(), before=(),
-                  lossless: bool = True, default: bool = False, replace: bool = False):
+                  lossless: bool = True, default: bool = False, replace: bool = False,
+                  keeps_values: bool = False):
     """Decorator: register ``fn(gm)``, ``fn(gm, opts)`` or ``fn(gm, opts, ctx)`` as a pass.
 
     ``fn`` rewrites the GraphModule in place and returns the number of rewrites it made (or a new
     GraphModule, or ``PassResult(gm, rewrites)``); it is adapted once, here, to the contract the
     pass manager calls (``PassInfo.run``). The pass manager does the chores: lint, dead-code
     elimination, recompile, shape refresh, timing and the report. ``default=True`` adds it to the
-    default pipeline, placed by its ``after``/``before`` constraints.
+    default pipeline, placed by its ``after``/``before`` constraints. ``keeps_values=True`` says
+    the pass only erases nodes or reroutes uses to nodes of the same value (cse, dead-code
+    elimination): the shapes need no fresh propagation after it, only a new FLOP sum.
 
     A name that is taken raises PassError unless ``replace=True``; registering the same
     definition again (the same function, or its module re-imported) just updates the entry.
@@ -170,7 +174,7 @@ def register_pass(name: str | None = None, *, options: type | None = None, after
                             f"another name, or pass replace=True to replace it on purpose.")
         doc = (inspect.getdoc(fn) or "").strip().splitlines()
         info = PassInfo(pass_name, fn, options, tuple(after), tuple(before), lossless, default,
-                        doc[0] if doc else "")
+                        doc[0] if doc else "", keeps_values)
         _PASSES[pass_name] = fn.pass_info = info  # type: ignore[attr-defined]  # a function attribute
         return fn
     return deco

@@ -13,7 +13,7 @@ from fxcompile.registry import register_pass
 aten = torch.ops.aten
 
 
-@register_pass("dead_code_elimination", default=True)
+@register_pass("dead_code_elimination", default=True, keeps_values=True)
 def dead_code_elimination(gm: fx.GraphModule) -> int:
     """Remove nodes whose results nothing uses, and the parameters only they read."""
     before = len(gm.graph.nodes)
@@ -234,7 +234,7 @@ def _cse_candidate(node: fx.Node) -> bool:
 
 
 @register_pass("cse", after=("fuse_attention", "merge_parallel_linears"), before=("dead_code_elimination",),
-               default=True)
+               default=True, keeps_values=True)
 def cse(gm: fx.GraphModule) -> int:
     """Merge identical pure computations (same op, same inputs) into one node."""
     canonical: dict[fx.Node, fx.Node] = {}

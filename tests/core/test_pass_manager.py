@@ -536,3 +536,69 @@ def test_a_pass_that_says_zero_but_changed_the_graph_is_refreshed(monkeypatch, s
     assert records[2].params_before == records[2].params_after == params
     out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][0]
     assert tuple(out.meta["val"].shape) == tuple(gm(x)[0].shape)
+
+
+class _Duplicated(torch.nn.Module):
+    """Two identical linear branches: cse merges them, which halves the FLOPs."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x)) + torch.relu(self.lin(x))
+
+
+def test_cse_and_dead_code_elimination_sum_node_flops_instead_of_refreshing(monkeypatch):
+    """Passes that only erase nodes or merge equal ones keep every value: the pass manager sums
+    the nodes' FLOPs (from the last refresh) instead of a fake-tensor run of the whole graph, and
+    the numbers are those a full refresh gives."""
+    from fxcompile import graph_utils, pass_manager
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    gm = fxcompile.capture(_Duplicated().eval(), (x,)).gm
+    full = graph_utils.refresh_meta(gm, [x])
+    assert graph_utils.graph_flops(gm) == full > 0  # per-node FLOPs add up to the counter's total
+    calls = {"refresh": 0}
+    refresh = graph_utils.refresh_meta
+
+    def counted(*args, **kwargs):
+        calls["refresh"] += 1
+        return refresh(*args, **kwargs)
+    monkeypatch.setattr(graph_utils, "refresh_meta", counted)
+    gm, records = pass_manager.run_pipeline(gm, ["cse", "dead_code_elimination"], [x])
+    assert records[0].rewrites == 2  # the second linear and relu merged into the first
+    assert calls["refresh"] == 1  # the one before the passes
+    monkeypatch.setattr(graph_utils, "refresh_meta", refresh)
+    fresh = graph_utils.refresh_meta(gm, [x])
+    assert records[0].flops_after == records[1].flops_after == fresh == full // 2  # one linear
+    assert records[0].flops_before == full
+    assert records[1].params_after == graph_utils.count_params(gm)
+
+
+def test_a_pass_without_keeps_values_is_refreshed(monkeypatch):
+    """remove_noops can change strides (a contiguous removed): its rewrites get a full refresh."""
+    gm, records, calls, x = _pipeline_with_counted_refresh(monkeypatch, ["test_relu_to_clamp"])
+    assert calls["refresh"] == 2 and not fxcompile.get_pass("test_relu_to_clamp").keeps_values
+    assert fxcompile.get_pass("cse").keeps_values and fxcompile.get_pass("dead_code_elimination").keeps_values
+    assert not fxcompile.get_pass("remove_noops").keeps_values
+
+
+def test_a_node_added_after_the_refresh_makes_keeps_values_refresh(monkeypatch):
+    """A pass that says keeps_values but left a node without FLOPs (added after the last
+    refresh) gets the full refresh: the sum is only taken over nodes that all have theirs."""
+    from fxcompile import graph_utils
+
+    @registry.register_pass("test_adds_node_keeps_values", keeps_values=True)
+    def adds(gm):
+        node = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default)
+        with gm.graph.inserting_after(node):
+            extra = gm.graph.call_function(torch.ops.aten.mul.Tensor, (node, 2.0))
+        node.replace_all_uses_with(extra, delete_user_cb=lambda u: u is not extra)
+        return 1
+    try:
+        gm, records, calls, x = _pipeline_with_counted_refresh(monkeypatch, ["test_adds_node_keeps_values"])
+        assert calls["refresh"] == 2
+        assert records[0].flops_after == graph_utils.refresh_meta(gm, [x])
+    finally:
+        registry._PASSES.pop("test_adds_node_keeps_values", None)
