@@ -7,12 +7,9 @@ node's ``metadata_props``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import logging
 import os
 import re
-import sys
 import tempfile
 import types
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ import torch
 from torch import fx
 
 from fxcompile.backend_api import Lowered
+from fxcompile.cpu import glibc_function
 from fxcompile.errors import BackendError, describe_node, user_frame
 
 _log = logging.getLogger("fxcompile.onnx")
@@ -219,7 +217,7 @@ def large_allocations_mapped():
     dynamic threshold afterwards, so the block leaves the threshold at that dynamic threshold's
     ceiling (32 MB; trim at 64 MB), which long-running processes reach anyway. Nothing happens
     without glibc, or when the user tuned malloc (MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES)."""
-    mallopt = _mallopt()
+    mallopt = glibc_function("mallopt")
     tuned = "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
     if mallopt is None or tuned:
         yield
@@ -230,17 +228,6 @@ def large_allocations_mapped():
     finally:
         mallopt(M_MMAP_THRESHOLD, DYNAMIC_MMAP_THRESHOLD_MAX)
         mallopt(M_TRIM_THRESHOLD, 2 * DYNAMIC_MMAP_THRESHOLD_MAX)
-
-
-@functools.cache
-def _mallopt():
-    """glibc's mallopt, or None (musl, macOS, Windows)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None
 
 
 def decide_prepack(setting: bool | str, proto, providers: list) -> str:

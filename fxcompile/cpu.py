@@ -78,3 +78,17 @@ def int8_kernel_note(flags: frozenset[str] | None = None) -> str:
         return f"CPU with VNNI ({found}): int8 products summed in int32"
     return ("CPU without VNNI (" + (isa_summary(flags) or "no AVX2") + "): U8S8 kernels sum int8 "
             "products in int16 pairs, which 8-bit weights can saturate")
+
+
+@functools.cache
+def glibc_function(name: str):
+    """glibc's C function ``name`` (``malloc_trim``, ``mallopt``), or None where the C library is
+    not glibc (musl, macOS, Windows) or lacks it: callers then skip what it would tune."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None

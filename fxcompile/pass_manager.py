@@ -4,8 +4,6 @@ Every pass is called the same way, ``info.run(gm, opts, ctx) -> PassResult(gm, r
 (fxcompile.registry adapts each pass function to that once, when it is registered)."""
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
 import re
 import sys
@@ -22,6 +20,7 @@ from . import graph_utils, state
 from .errors import FxCompileError, PassError
 from .numerics import LOSSLESS_TOLERANCE, max_error
 from .registry import PassInfo, PassResult, check_order, default_pipeline, get_pass, register_pass
+from .cpu import glibc_function
 from .report import PassRecord
 
 
@@ -142,20 +141,9 @@ def release_free_heap() -> None:
     and a later stage then peaks higher: BERT-base (418 MB) compiled to int8 dynamic on onnx peaked
     at +536 to +718 MB in 11 of 22 runs without this between passes, at most +444 MB in 19 with.
     A call costs well under a millisecond."""
-    trim = _malloc_trim()
+    trim = glibc_function("malloc_trim")
     if trim is not None:
         trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None (musl, macOS and Windows have no such function)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def _apply(info: PassInfo, opts, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -265,7 +253,6 @@ class _GraphDump:
 def _callers_level() -> int:
     """The ``stacklevel`` (for a warning raised by the function calling this) of the first frame
     outside fxcompile's own files, so the warning points at the user's compile call."""
-    import sys
     from types import FrameType
     here = os.path.dirname(os.path.abspath(__file__))
     level = 1

@@ -25,7 +25,7 @@ from tests.core.test_state import Counter
 BOUND_FRACTION = 0.25
 BOUND_CONSTANT_MB = 64
 
-_CHILD = textwrap.dedent("""
+_PROC = """
     import gc, json, os, sys
     import torch, torch.nn as nn
     import fxcompile
@@ -37,7 +37,9 @@ _CHILD = textwrap.dedent("""
     def hwm_mb():
         with open("/proc/self/status") as f:
             return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:"))
+"""
 
+_CHILD = textwrap.dedent(_PROC + """
     class ConvBN(nn.Module):  # batch norm folding makes new conv weights: one copy, no more
         def __init__(self, width, depth):
             super().__init__()
@@ -150,20 +152,20 @@ def test_release_free_heap_is_a_no_op_without_glibc(monkeypatch):
     """musl, macOS and Windows have no malloc_trim: nothing happens, nothing fails."""
     import ctypes
 
-    from fxcompile import pass_manager
+    from fxcompile import cpu, pass_manager
 
     def no_glibc(name, *args, **kwargs):
         raise OSError(f"{name}: cannot open shared object file")
-    pass_manager._malloc_trim.cache_clear()
+    cpu.glibc_function.cache_clear()
     monkeypatch.setattr(ctypes, "CDLL", no_glibc)
     try:
-        assert pass_manager._malloc_trim() is None
+        assert cpu.glibc_function("malloc_trim") is None and cpu.glibc_function("mallopt") is None
         pass_manager.release_free_heap()
     finally:
-        pass_manager._malloc_trim.cache_clear()
+        cpu.glibc_function.cache_clear()
     monkeypatch.undo()
     if sys.platform.startswith("linux") and os.path.exists("/proc/self/maps") and "libc.so.6" in open("/proc/self/maps").read():
-        assert pass_manager._malloc_trim() is not None  # glibc: the real one
+        assert cpu.glibc_function("malloc_trim") is not None  # glibc: the real one
     pass_manager.release_free_heap()
 
 
@@ -248,19 +250,7 @@ def test_int8_folding_a_block_at_a_time_gives_the_same_integers(monkeypatch, axi
     assert torch.equal(fold._integer_weight(node, weight, scale, zero_point, torch.int8), expected)
 
 
-_FOLD_CHILD = textwrap.dedent("""
-    import gc, json, os, sys
-    import torch, torch.nn as nn
-    import fxcompile
-
-    def rss_mb():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def hwm_mb():
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:"))
-
+_FOLD_CHILD = textwrap.dedent(_PROC + """
     class Head(nn.Module):  # a decoder's shape in small: a few layers and a large vocabulary head
         def __init__(self, width, depth, vocab):
             super().__init__()
