@@ -18,6 +18,7 @@ from torch import fx
 
 from . import graph_utils, state
 from .errors import FxCompileError, PassError
+from .meta_refresh import MetaSnapshot, update_meta
 from .numerics import LOSSLESS_TOLERANCE, max_error
 from .registry import PassInfo, PassResult, check_order, default_pipeline, get_pass, register_pass
 from .cpu import glibc_function
@@ -168,6 +169,7 @@ class _Chores:
     def __init__(self, gm: fx.GraphModule, inputs: list[Any]):
         self.inputs = inputs
         self.flops = graph_utils.refresh_meta(gm, inputs)
+        self.snapshot = MetaSnapshot(gm)
         self.params = graph_utils.count_params(gm)
         self.refreshed: graph_utils.GraphFingerprint | None = graph_utils.GraphFingerprint(gm)
         self.tidied: graph_utils.GraphFingerprint | None = None  # the captured graph never was
@@ -185,12 +187,19 @@ class _Chores:
         flops = graph_utils.graph_flops(gm) if keeps_values else None
         if flops is not None:  # nodes erased or merged with equals: every value is still right
             self.flops, self.params, self.refreshed = flops, graph_utils.count_params(gm), now
+            self.snapshot = MetaSnapshot(gm)
             return
+        updated = None
+        try:  # the nodes the pass changed, and what reads them (meta_refresh); else everything
+            updated = update_meta(gm, self.snapshot)
+        except Exception:
+            pass  # the full refresh below says what no longer runs, or finds that everything does
         try:
-            self.flops = graph_utils.refresh_meta(gm, self.inputs)
+            self.flops = updated[0] if updated else graph_utils.refresh_meta(gm, self.inputs)
         except Exception as e:
             raise PassError(f"after pass '{name}' the graph no longer runs on the example inputs "
                             f"(shape propagation failed): {type(e).__name__}: {e}") from e
+        self.snapshot = MetaSnapshot(gm)
         self.params = graph_utils.count_params(gm)
         self.refreshed = graph_utils.GraphFingerprint(gm)
         if now.same_as(self.tidied):  # the refresh replaced meta['val'], nothing the chores need

@@ -24,7 +24,7 @@ FOLDERS = {"fxcompile": ROOT / "fxcompile", "fxcompile.passes": ROOT / "passes",
 
 # fxcompile/'s top level: the core modules and the sub-packages for everything else.
 CORE_MODULES = {"__init__", "__main__", "api", "capture", "signature", "outputs", "pass_manager", "registry",
-                "report", "errors", "saving", "backend_api", "graph_utils", "numerics", "state", "cpu", "collective",
+                "report", "errors", "saving", "backend_api", "graph_utils", "meta_refresh", "numerics", "state", "cpu", "collective",
                 "rewrite"}
 SUB_PACKAGES = {"cli", "integrations", "testing", "train", "recipes"}
 

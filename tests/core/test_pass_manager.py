@@ -460,23 +460,30 @@ class _AddBias(torch.nn.Module):
 
 
 def _pipeline_with_counted_refresh(monkeypatch, passes):
-    """Run ``passes`` over a small captured graph, counting refresh_meta and lint calls."""
+    """Run ``passes`` over a small captured graph, counting refreshes (full ones and incremental
+    ones that did not decline) and lint calls."""
     from fxcompile import graph_utils, pass_manager
     torch.manual_seed(0)
     x = torch.randn(2, 4)
     gm = fxcompile.capture(_AddBias().eval(), (x,)).gm
     calls = {"refresh": 0, "lint": 0}
-    refresh, lint = graph_utils.refresh_meta, torch.fx.Graph.lint
+    refresh, update, lint = graph_utils.refresh_meta, pass_manager.update_meta, torch.fx.Graph.lint
 
     def counted_refresh(*args, **kwargs):
         calls["refresh"] += 1
         return refresh(*args, **kwargs)
+
+    def counted_update(*args, **kwargs):
+        result = update(*args, **kwargs)
+        calls["refresh"] += result is not None
+        return result
 
     def counted_lint(self, *args, **kwargs):
         calls["lint"] += 1
         return lint(self, *args, **kwargs)
 
     monkeypatch.setattr(graph_utils, "refresh_meta", counted_refresh)
+    monkeypatch.setattr(pass_manager, "update_meta", counted_update)
     monkeypatch.setattr(torch.fx.Graph, "lint", counted_lint)
     gm, records = pass_manager.run_pipeline(gm, passes, [x])
     return gm, records, calls, x
@@ -577,7 +584,7 @@ def test_cse_and_dead_code_elimination_sum_node_flops_instead_of_refreshing(monk
 
 
 def test_a_pass_without_keeps_values_is_refreshed(monkeypatch):
-    """remove_noops can change strides (a contiguous removed): its rewrites get a full refresh."""
+    """remove_noops can change strides (a contiguous removed): its rewrites get a refresh."""
     gm, records, calls, x = _pipeline_with_counted_refresh(monkeypatch, ["test_relu_to_clamp"])
     assert calls["refresh"] == 2 and not fxcompile.get_pass("test_relu_to_clamp").keeps_values
     assert fxcompile.get_pass("cse").keeps_values and fxcompile.get_pass("dead_code_elimination").keeps_values
