@@ -87,6 +87,8 @@ class OnnxRunner(Lowered):
         so.intra_op_num_threads = options["threads"] or torch.get_num_threads()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
                                               _ORT_LEVELS[options["graph_optimization_level"]])
+        if not options.get("spinning", True):  # saved before the option existed: onnxruntime's default
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = options["providers"] or ["CPUExecutionProvider"]
         # models saved before the option existed: True, the default then
         self.prepack = decide_prepack(options.get("prepack", True), self.model_proto, providers)

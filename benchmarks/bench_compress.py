@@ -47,7 +47,7 @@ import fxcompile
 from fxcompile.recipes import measure, plot
 from fxcompile.report import format_table, load_average, machine_line
 from fxcompile.testing import digits
-from fxcompile.testing.benchmarking import Contender, time_interleaved, write_report
+from fxcompile.testing.benchmarking import QUIET_ONNX, Contender, time_interleaved, write_report
 
 # fine-tune / distillation epochs per model where --epochs is not given: where distillation levels off
 # (the transformer, 50% of its FLOPs pruned, loses 30-50 points; with TRAIN's settings distillation
@@ -73,7 +73,7 @@ def _variants(name: str, model, data, args, log) -> list[measure.Row]:
     xtr, ytr, xte, yte = data
     batches = [(x, y) for x, y in zip(xtr.split(args.train_batch), ytr.split(args.train_batch))]
     common = dict(ratios=[args.flops], target="flops", labels=True, epochs=args.epochs or EPOCHS[name], lr=args.lr,
-                  timing_runs=0, progress=False, log=log, backend_options={"threads": args.threads},
+                  timing_runs=0, progress=False, log=log, backend_options={"threads": args.threads, **QUIET_ONNX},
                   dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
     prune = ("prune", {"criterion": "l1"})
     finetune = ("finetune", TRAIN.get(name, {}))

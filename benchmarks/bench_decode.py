@@ -60,6 +60,7 @@ def build_contender(key: str, model, args):
     import torch
 
     import fxcompile
+    from fxcompile.testing.benchmarking import QUIET_ONNX
     if key == "hf":
         return model
     if key == "torch_compile":
@@ -76,8 +77,9 @@ def build_contender(key: str, model, args):
         except ImportError:
             return "not available (fxcompile.passes.quantize.weight_only_passes missing)"
         passes = weight_only_passes(bits=4, group_size=args.group_size, method="rtn", lm_head=True)
+    options = QUIET_ONNX if backend == "onnx" else {}
     return fxcompile.compile_for_generation(model, backend, passes=passes, max_batch=max(args.batch_list),
-                                           max_positions=args.prompt + args.new)
+                                           max_positions=args.prompt + args.new, **options)
 
 
 def calls(runner, args) -> dict:
@@ -217,7 +219,8 @@ def main(argv=None) -> dict:
     for kind in args.model_list:
         rows += measure(kind, args)
     notes = (f"Decoders from configs ({args.size}), fp32 weights unless the row says otherwise; prompt "
-             f"{args.prompt} tokens, {args.new} new tokens, greedy. x: ratio to HF eager (higher is faster).")
+             f"{args.prompt} tokens, {args.new} new tokens, greedy. x: ratio to HF eager (higher is faster). onnx rows: "
+             "onnxruntime's intra-op threads not spinning (interleaved with the other contenders).")
     return report(argv, args, rows, notes)
 
 

@@ -39,6 +39,7 @@ import fxcompile
 import fxcompile.testing.zoo as zoo
 from fxcompile.numerics import max_error
 from fxcompile.report import format_table
+from fxcompile.testing.benchmarking import QUIET_ONNX, quiet_session_options
 
 UNFUSED = ["remove_noops", "fold_constants"]
 HAS_BASE = {"resnet", "mobilenet_v2", "bert", "vit"}  # zoo models with a size="base" config
@@ -60,10 +61,7 @@ def _ort_session(model, kwargs: dict, threads: int):
         program = torch.onnx.export(model, (), kwargs=kwargs, dynamo=True, optimize=True,
                                     verbose=False)
     nodes = len(program.model_proto.graph.node)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), so,
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), quiet_session_options(threads),
                                    providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     inputs = ({n: kwargs[n] for n in names} if all(n in kwargs for n in names)
@@ -106,7 +104,7 @@ def bench_model(name: str, args, log) -> list[tuple]:
     calls, errors, nodes, graphs = {}, {}, {}, {}
     no_attention = [p for p in fxcompile.default_pipeline() if p != "fuse_attention"]
     for backend in ("eager", "onnx"):
-        opts = {"threads": args.threads} if backend == "onnx" else {}
+        opts = {"threads": args.threads, **QUIET_ONNX} if backend == "onnx" else {}
         configs = [("unfused", UNFUSED), ("fused", None)]
         if backend == "eager" and attn:  # isolates what fuse_attention itself buys
             configs.append(("no_attention", no_attention))
@@ -200,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     markdown = "\n".join([
         "# Fusion: unfused vs default pipeline", "", machine_line(args.threads), "",
         f"command: `{command}`", "",
-        "fp32, batch 1, torch.no_grad(); medians over interleaved rounds. unfused = passes "
+        "fp32, batch 1, torch.no_grad(); medians over interleaved rounds; onnxruntime sessions with "
+        "intra-op threads not spinning. unfused = passes "
         f"{UNFUSED}; fused = the default pipeline ({', '.join(fxcompile.default_pipeline())}). "
         "ratio = unfused ms / fused ms (> 1: fusion is faster), from the medians; ratio of mins: "
         "the same from each contender's fastest run (less sensitive to other processes). vs PyTorch "

@@ -34,7 +34,8 @@ import torch.utils._pytree as pytree
 
 import fxcompile
 import fxcompile.testing.zoo as zoo
-from fxcompile.testing.benchmarking import Contender, split_selection, time_interleaved, write_report
+from fxcompile.testing.benchmarking import (QUIET_ONNX, Contender, quiet_session_options, split_selection,
+                                            time_interleaved, write_report)
 from fxcompile.testing.benchmarking import short_error as _short
 from fxcompile.numerics import max_error
 from fxcompile.report import format_table
@@ -67,7 +68,7 @@ def _build(key: str, model: torch.nn.Module, kwargs: dict, threads: int) -> Call
         compiled = fxcompile.compile(model, example_kwargs=kwargs, backend="eager")
         return lambda: compiled(**kwargs)
     if key == "fx_onnx":
-        compiled = fxcompile.compile(model, example_kwargs=kwargs, backend="onnx", threads=threads)
+        compiled = fxcompile.compile(model, example_kwargs=kwargs, backend="onnx", threads=threads, **QUIET_ONNX)
         return lambda: compiled(**kwargs)
     if key == "fx_inductor":  # fxcompile's passes, then inductor with frozen weights
         compiled = fxcompile.compile(model, example_kwargs=kwargs, backend="inductor")
@@ -81,10 +82,7 @@ def _build_ort(model: torch.nn.Module, kwargs: dict, threads: int) -> Callable[[
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (), kwargs=kwargs, dynamo=True, verbose=False)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), so,
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), quiet_session_options(threads),
                                    providers=["CPUExecutionProvider"])
     del program
     names = [i.name for i in session.get_inputs()]
@@ -203,7 +201,8 @@ def render(rows: list[tuple], loads: list[str], args, command: str, done: bool =
             f"start, {load_average()} at the end.")
     notes = (f"fp32, torch.no_grad(); median and min of {args.runs} runs after {WARMUP} warm-up runs, "
              f"timed in interleaved rounds (one timed run of each contender per round, after {args.settle} untimed "
-             "ones of it). vs eager = eager ms / contender ms (> 1: faster), from the medians. max err = max "
+             "ones of it); onnxruntime sessions (fxcompile's and torch.onnx's) with intra-op threads not spinning. "
+             "vs eager = eager ms / contender ms (> 1: faster), from the medians. max err = max "
              "|out - eager| / max |eager| over all outputs. compile s: torch.compile includes its "
              "first call; onnx rows include export and session creation; fxcompile rows include "
              "capture, default passes and lowering.")

@@ -50,7 +50,8 @@ import torch.nn as nn
 
 import fxcompile
 import fxcompile.testing.zoo as zoo
-from fxcompile.testing.benchmarking import Contender, split_selection, time_interleaved, write_report
+from fxcompile.testing.benchmarking import (QUIET_ONNX, Contender, quiet_session_options, split_selection,
+                                            time_interleaved, write_report)
 from fxcompile.testing.benchmarking import short_error as _short
 from fxcompile.numerics import cosine
 from fxcompile.report import format_table
@@ -83,10 +84,7 @@ def _inputs(name: str, batch: int, args, seed: int) -> dict:
 
 def _session(path: str, threads: int):
     import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, quiet_session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def _file_size(path: str) -> int:
@@ -133,7 +131,7 @@ def bench_one(name: str, batch: int, args, keys: list[str], tmp: str, log) -> li
                 passes = (None if c.key == "fp32" else
                           fxcompile.quantize_passes("onnxruntime", method=args.method, **ops))
                 compiled = fxcompile.compile(model, example_kwargs=kwargs, passes=passes, backend="onnx",
-                                             threads=args.threads,
+                                             threads=args.threads, **QUIET_ONNX,
                                              calibration_data=calib if c.key in ("fx_int8", "fx_int8_smooth", "fx_int8_noadd")
                                              else None)
                 c.build_s = time.perf_counter() - start
@@ -221,7 +219,8 @@ def _budget_contender(model, kwargs: dict, test: dict, calib: list[dict], args, 
     names = list(kwargs)
     compiled, report = fxcompile.quantize_within_budget(
         _Positional(model, names), tuple(kwargs.values()), [tuple(b[n] for n in names) for b in calib],
-        min_cosine=args.budget, backend="onnx", timing_runs=0, method=args.method, smooth=args.smooth)
+        min_cosine=args.budget, backend="onnx", timing_runs=0, method=args.method, smooth=args.smooth,
+        backend_options={"threads": args.threads, **QUIET_ONNX})
     compiled.save(path)
     met = "" if report.met else ", not met"
     label = f"{CONTENDERS['fx_int8_budget']} (cos >= {args.budget:g}: {len(report.float_layers)} layers float{met})"
@@ -270,7 +269,7 @@ def _digits_rows(name: str, model, data, args, tmp: str) -> list[tuple]:
                                  passes=fxcompile.quantize_passes("onnxruntime", fold=False, method=method, **options))
 
     def int8(fq):
-        return fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx", threads=args.threads)
+        return fxcompile.recompile(fq, ["fold_fake_quant"], backend="onnx", threads=args.threads, **QUIET_ONNX)
 
     smooth = (False, True) if name == "transformer" else (False,)
     for method in ("minmax", "percentile", "mse", "entropy"):
@@ -291,7 +290,7 @@ def _ort_digits(model, calib, xte, args, tmp: str, name: str):
     onnxruntime calibrates it on batches of 64) as a function of the images."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     batch = torch.export.Dim("batch", min=1, max=4096)
-    fp32_onnx = fxcompile.compile(model, (xte,), backend="onnx", threads=args.threads, dynamic_shapes={"x": {0: batch}})
+    fp32_onnx = fxcompile.compile(model, (xte,), backend="onnx", threads=args.threads, **QUIET_ONNX, dynamic_shapes={"x": {0: batch}})
     fp32_path, out = os.path.join(tmp, f"digits_{name}_fp32.onnx"), os.path.join(tmp, f"digits_{name}_ort.onnx")
     fp32_onnx.save(fp32_path)
     names = [i.name for i in fp32_onnx.runner.session.get_inputs()]
@@ -305,7 +304,8 @@ def _ort_digits(model, calib, xte, args, tmp: str, name: str):
 
 
 def render(rows, digits, args, command, done=True) -> str:
-    notes = (f"onnxruntime CPU, {args.threads} threads, ORT_ENABLE_ALL. median of {args.runs} runs after "
+    notes = (f"onnxruntime CPU, {args.threads} threads, ORT_ENABLE_ALL, intra-op threads not spinning (every "
+             f"session, fxcompile's and onnxruntime.quantization's). median of {args.runs} runs after "
              f"{WARMUP} warm-ups, interleaved rounds, each timed run after {args.settle} untimed ones of the same "
              f"contender. vs fp32 = fxcompile fp32 ms / contender ms (> 1: "
              f"faster). cos = cosine similarity of all outputs with fxcompile fp32 on a held-out "
@@ -346,16 +346,16 @@ def bench_zoo(args, tmp: str, log) -> list[tuple]:
         calib = [_inputs(name, 1, small, seed) for seed in range(args.calib)]
         test = _inputs(name, 1, small, 1234)
         try:
-            fp32 = fxcompile.compile(model, example_kwargs=test, backend="onnx", threads=args.threads)
+            fp32 = fxcompile.compile(model, example_kwargs=test, backend="onnx", threads=args.threads, **QUIET_ONNX)
             int8 = fxcompile.compile(model, example_kwargs=test, passes=fxcompile.quantize_passes("onnxruntime"),
-                                     calibration_data=calib, backend="onnx", threads=args.threads)
+                                     calibration_data=calib, backend="onnx", threads=args.threads, **QUIET_ONNX)
             ref, out = model(**test), int8(**test)
             points = _points(int8)
             size = _file_size(int8.save(os.path.join(tmp, f"{name}8.onnx"))[0]) / _file_size(
                 fp32.save(os.path.join(tmp, f"{name}32.onnx"))[0])
             dynamic = "-"
             if name not in zoo.CNNS:  # transformers: their linears are what dynamic quantizes
-                dyn = fxcompile.compile(model, example_kwargs=test, backend="onnx", threads=args.threads,
+                dyn = fxcompile.compile(model, example_kwargs=test, backend="onnx", threads=args.threads, **QUIET_ONNX,
                                         passes=fxcompile.quantize_passes("onnxruntime", activations="dynamic"))
                 dynamic = f"{cosine(ref, dyn(**test)):.5f}"
             rows.append((name, str(points), f"{cosine(ref, out):.5f}", f"{max_error(ref, out):.1e}",

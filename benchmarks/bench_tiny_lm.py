@@ -37,7 +37,7 @@ import fxcompile
 from fxcompile.numerics import cosine
 from fxcompile.report import format_table, load_average, machine_line
 from fxcompile.testing import tiny_lm
-from fxcompile.testing.benchmarking import short_error, write_report
+from fxcompile.testing.benchmarking import QUIET_ONNX, quiet_session_options, short_error, write_report
 
 HEADER = ("contender", "ppl", "vs fp32 ppl", "cos logits", "build s")
 OUTLIER_HEADER = ("linear", "reads a LayerNorm", "channels", "max abs", "median", "max / median", "top channels")
@@ -55,16 +55,14 @@ class _Reader:
 
 def _ort(path: str, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.log_severity_level = threads, 3
-    session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path, quiet_session_options(threads), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
 
 def _fx(model, example, calib, threads: int, **options):
     passes = fxcompile.quantize_passes("onnxruntime", **options) if options else None
-    return fxcompile.compile(model, example, passes=passes, calibration_data=calib, backend="onnx", threads=threads)
+    return fxcompile.compile(model, example, passes=passes, calibration_data=calib, backend="onnx", threads=threads, **QUIET_ONNX)
 
 
 def contenders(model, calib, args, tmp: str) -> dict[str, Callable[[], Callable]]:

@@ -34,7 +34,7 @@ from fxcompile.numerics import cosine
 from fxcompile.passes.quantize import weight_only_passes
 from fxcompile.report import format_table, load_average, machine_line
 from fxcompile.testing import tiny_lm
-from fxcompile.testing.benchmarking import Contender, short_error, time_interleaved, write_report
+from fxcompile.testing.benchmarking import QUIET_ONNX, Contender, short_error, time_interleaved, write_report
 
 HEADER = ("contender", "ppl", "vs fp32 ppl", "cos logits", ".onnx KB", ".pt2 KB", "build s")
 LATENCY_HEADER = ("contender", "median ms / token", "vs fp32 onnx", ".onnx MB")
@@ -88,7 +88,7 @@ def accuracy_rows(model, calib, evals, args, log) -> list[tuple]:
                 start = time.perf_counter()
                 passes = weight_only_passes(**options, progress=False) if options else None
                 eager = fxcompile.compile(model, (calib[0],), passes=passes, calibration_data=calib)
-                onnx = fxcompile.recompile(eager, passes=[], backend="onnx", threads=args.threads)
+                onnx = fxcompile.recompile(eager, passes=[], backend="onnx", threads=args.threads, **QUIET_ONNX)
                 build_s = time.perf_counter() - start
                 ppl = tiny_lm.perplexity(onnx, evals)
                 cos = cosine(reference, torch.cat([onnx(x) for x in evals]))
@@ -113,7 +113,7 @@ def latency_rows(args, log) -> list[tuple]:
             c = Contender(label, label)
             try:
                 passes = weight_only_passes(**options, lm_head=True) if options else None
-                compiled = fxcompile.compile(model, (token,), passes=passes, backend="onnx", threads=args.threads)
+                compiled = fxcompile.compile(model, (token,), passes=passes, backend="onnx", threads=args.threads, **QUIET_ONNX)
                 sizes[label] = _size_kb(compiled, os.path.join(tmp, f"{i}.onnx")) / 1024
                 c.fn = lambda compiled=compiled: compiled(token)
             except Exception as e:
@@ -136,7 +136,8 @@ def render(rows, latency, model, args, command) -> str:
              f"other batches of the same shape. Default options unless named: asymmetric, lm_head and "
              "embeddings float, MatMulNBits accuracy_level 4 (activations int8 per block in the kernel). "
              f"g128 on d_model {c.d_model} "
-             f"is one group per row for most linears (fc2 reads {c.mlp_ratio * c.d_model} features).")
+             f"is one group per row for most linears (fc2 reads {c.mlp_ratio * c.d_model} features). "
+             "onnxruntime sessions: intra-op threads not spinning (the rows are timed interleaved).")
     parts: list[str] = ["# Weight-only int4/int8 on a trained tiny decoder (tiny_lm)", "", machine_line(args.threads),
                         "", f"command: `{command}`", "", notes]
     if rows:

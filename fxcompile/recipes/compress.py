@@ -46,7 +46,8 @@ def compress(model, example_inputs: Any, data: Iterable, eval_fn: Callable | Non
     parameters removed). ``epochs``, ``lr``, ``seed``: training defaults of every training step.
     ``max_drop``: the most eval_fn may fall below the fp32 model's (needs eval_fn). ``out``: a
     folder for compress.md (the table) and the plot (compress.svg, and .png with matplotlib).
-    ``timing_runs``: interleaved timed calls per variant on the example inputs (0: no timing).
+    ``timing_runs``: interleaved timed calls per variant on the example inputs, each after 5
+    untimed ones of the same variant (0: no timing).
     ``example_kwargs`` and ``dynamic_shapes`` go to fxcompile.compile, ``backend_options`` to the
     backend.
     """

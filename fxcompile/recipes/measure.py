@@ -125,7 +125,9 @@ def time_rows(rows: list[Row], args: tuple, kwargs: dict, runs: int) -> None:
             for _ in range(2):
                 assert c.fn is not None
                 c.fn()
-        time_interleaved(contenders, runs)
+        # 5 untimed calls before each timed one: onnxruntime's threads spin after a run (its default),
+        # which slows the next variant's first calls on few cores (benchmarking.time_interleaved)
+        time_interleaved(contenders, runs, settle=5)
     for row, c in zip(rows, contenders):
         row.latency_ms = c.median_ms
     base = rows[0].latency_ms

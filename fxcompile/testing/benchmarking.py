@@ -5,6 +5,14 @@ Each round calls every live contender once, in a fresh random order (seeded): dr
 processes then hit all contenders alike, and no contender always runs right after the same
 other one (a runtime's worker threads still spinning after its call slow whoever comes next; an
 identical graph measured 0.7x behind another under a fixed rotation).
+
+Every onnxruntime session timed beside others runs with its intra-op threads not spinning
+(``QUIET_ONNX`` for fxcompile's onnx backend, ``quiet_session_options`` for a peer's session):
+spinning threads of the session that ran last take the cores from whoever runs next, which no
+number of untimed calls fully absorbs. Measured on 2 cores, three interleaved sessions of one CNN
+(digits.WideCNN, batch 64): 24-31 ms per call spinning, 12.2-13.0 ms not; one session called back to
+back: 10.8-11.0 ms spinning, 11.7-12.6 ms not. So the tables time sessions that do not spin: what
+one session alone costs without spinning, up to ~10% above its best back-to-back latency.
 """
 from __future__ import annotations
 
@@ -14,6 +22,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+
+QUIET_ONNX = {"spinning": False}  # fxcompile.compile(..., backend="onnx", **QUIET_ONNX)
+
+
+def quiet_session_options(threads: int | None = None, level: str = "ORT_ENABLE_ALL"):
+    """onnxruntime SessionOptions for a peer's session timed beside others: ``threads`` intra-op
+    threads (None: onnxruntime's choice) that sleep after a run, graph optimization ``level``."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
 
 
 @dataclass

@@ -150,17 +150,20 @@ def quantize_within_budget(model: torch.nn.Module, example_inputs: Any, data: It
                            eval_fn: Callable[[Any], float] | None = None, max_drop: float | None = None,
                            min_cosine: float | None = None, min_sqnr_db: float | None = None,
                            target: str = "onnxruntime", backend: str = "onnx", max_reverted: int | None = None,
-                           timing_runs: int = 5, **quantize_options) -> tuple[Any, MixedPrecisionReport]:
+                           timing_runs: int = 5, backend_options: dict | None = None,
+                           **quantize_options) -> tuple[Any, MixedPrecisionReport]:
     """Static int8 of ``model`` with the fewest layers returned to float that meet one budget.
 
     ``data``: batches (as for calibration) to calibrate on and, without ``eval_fn``, to measure the
     model output's cosine / SQNR against ``model`` on. Budgets (exactly one): ``max_drop`` on
     ``eval_fn(compiled) -> float`` (higher is better) against ``eval_fn(model)``; ``min_cosine``;
     ``min_sqnr_db``. ``max_reverted``: at most this many layers go back to float (default: all).
-    ``timing_runs``: timed calls per model for the report's latency (0: none). Other options go to
-    quantize_passes (``method``, ``per_channel``, ``skip``, ...). Returns (compiled, report).
+    ``timing_runs``: timed calls per model for the report's latency (0: none). ``backend_options``:
+    options of ``backend`` for the returned model and the timed ones (e.g. ``{"threads": 4}``); the
+    search itself runs on the eager backend. Other options go to quantize_passes (``method``, ``per_channel``, ``skip``, ...). Returns (compiled, report).
     """
     _check_options(max_reverted, timing_runs, quantize_options)
+    on_backend = dict(backend_options or {})
     data = list(data)
     if not data:
         raise InputError("quantize_within_budget got no data: give a list of batches to calibrate and measure on")
@@ -175,7 +178,8 @@ def quantize_within_budget(model: torch.nn.Module, example_inputs: Any, data: It
         from fxcompile.api import compile
         from . import quantize_passes
         passes = quantize_passes(target, fold=fold, skip=base_skip + skip, **quantize_options)
-        return compile(model, example_inputs, passes=passes, calibration_data=data, backend=on)
+        options = on_backend if on == backend else {}
+        return compile(model, example_inputs, passes=passes, calibration_data=data, backend=on, **options)
 
     quantized = build((), False, "eager")
     best = (budget.measure(quantized), ())
@@ -199,18 +203,19 @@ def quantize_within_budget(model: torch.nn.Module, example_inputs: Any, data: It
                       f"(layers in float: {', '.join(best[1]) or 'none'}) has {budget.name} "
                       f"{report.final_metric:.6g}; it is returned with report.met False", stacklevel=2)
     if timing_runs > 0:
-        _latency(report, model, example_inputs, final, lambda: build((), True, backend), backend, timing_runs)
+        _latency(report, model, example_inputs, final, lambda: build((), True, backend), backend, on_backend,
+                 timing_runs)
     return final, report
 
 
 def _latency(report: MixedPrecisionReport, model, example_inputs, final, all_int8: Callable[[], Any],
-             backend: str, runs: int) -> None:
+             backend: str, options: dict, runs: int) -> None:
     """Median latency of the final model, all-int8 and fp32, all on ``backend``."""
     from fxcompile.api import compile
     from fxcompile.testing.benchmarking import time_calls
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     models: dict[str, Any] = {"mixed": final, "all int8": final if not report.float_layers else all_int8(),
-              "fp32": compile(model, example_inputs, backend=backend)}
+              "fp32": compile(model, example_inputs, backend=backend, **options)}
     with torch.no_grad():
         for name, compiled in models.items():
             times = time_calls(_call(compiled, args), runs, warmup=1, budget_s=5.0)

@@ -304,6 +304,29 @@ def test_onnx_prepack_option():
         fxcompile.compile(model, (ids,), backend="onnx", prepack="no")
 
 
+def _spins(compiled) -> bool:
+    """Whether the session's intra-op threads spin after a run (read from its SessionOptions)."""
+    options = compiled.runner.session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+    except RuntimeError:  # never set: onnxruntime's default, spinning
+        return True
+
+
+def test_onnx_spinning_option_reaches_the_session_and_survives_saving(tmp_path):
+    model, ids = Wide().eval(), torch.randint(0, 512, (2, 5))
+    assert _spins(fxcompile.compile(model, (ids,), backend="onnx"))
+    quiet = fxcompile.compile(model, (ids,), backend="onnx", spinning=False)
+    assert not _spins(quiet)
+    assert_close(model(ids), quiet(ids))
+    quiet.save(tmp_path / "m.onnx")
+    loaded = fxcompile.load(tmp_path / "m.onnx")
+    assert not _spins(loaded)
+    assert_close(model(ids), loaded(ids))
+    with pytest.raises(BackendError, match="spinning must be True or False"):
+        fxcompile.compile(model, (ids,), backend="onnx", spinning="no")
+
+
 @pytest.mark.parametrize("available, prepack, expected", [
     (1 << 40, "auto", True),     # room for the weights and their packed copy: pre-pack
     (3 << 20, "auto", False),    # 2 MB of weights and 3 MB free: no room for a second copy
