@@ -103,9 +103,11 @@ def run_pipeline(gm: fx.GraphModule, spec, example_inputs: list[Any], *, check: 
         seconds = time.perf_counter() - start
         forget_erased_nodes(gm)
         release_free_heap()
+        start = time.perf_counter()
         chores.refresh(gm, rewrites, info.name, info.keeps_values)
         record = PassRecord(info.name, seconds, rewrites, nodes, len(gm.graph.nodes), params,
-                            chores.params, flops, chores.flops, info.lossless)
+                            chores.params, flops, chores.flops, info.lossless,
+                            refresh_seconds=time.perf_counter() - start)
         if check:
             out = _run(gm, ctx.example_inputs)
             record.max_error = max_error(reference, out)

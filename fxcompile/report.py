@@ -18,6 +18,7 @@ class PassRecord:
     flops_after: int
     lossless: bool = True
     max_error: float | None = None  # set when compile(check=True)
+    refresh_seconds: float = 0.0  # the shape/FLOP refresh after the pass (fxcompile.meta_refresh)
 
 
 @dataclass
@@ -33,9 +34,10 @@ class Report:
         return asdict(self)
 
     def table(self) -> str:
-        rows = [("pass", "time ms", "rewrites", "nodes", "params", "GFLOPs", "max err")]
+        rows = [("pass", "time ms", "refresh ms", "rewrites", "nodes", "params", "GFLOPs", "max err")]
         for r in self.passes:
-            rows.append((r.name, f"{r.seconds * 1e3:.1f}", "-" if r.rewrites is None else str(r.rewrites),
+            rows.append((r.name, f"{r.seconds * 1e3:.1f}", f"{r.refresh_seconds * 1e3:.1f}",
+                         "-" if r.rewrites is None else str(r.rewrites),
                          _delta(r.nodes_before, r.nodes_after), _delta(r.params_before, r.params_after, _si),
                          _delta(r.flops_before, r.flops_after, lambda v: f"{v / 1e9:.3f}"),
                          "-" if r.max_error is None else f"{r.max_error:.1e}"))

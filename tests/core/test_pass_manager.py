@@ -609,3 +609,13 @@ def test_a_node_added_after_the_refresh_makes_keeps_values_refresh(monkeypatch):
         assert records[0].flops_after == graph_utils.refresh_meta(gm, [x])
     finally:
         registry._PASSES.pop("test_adds_node_keeps_values", None)
+
+
+def test_the_report_shows_the_refresh_after_each_pass(monkeypatch):
+    """The shape refresh is timed apart from the pass: 0 where it was skipped (no rewrite, same
+    graph), more where the pass rewrote, and the report's table has the column."""
+    from fxcompile.report import Report
+    gm, records, calls, x = _pipeline_with_counted_refresh(monkeypatch, [_noop, "test_relu_to_clamp"])
+    assert records[0].refresh_seconds < records[1].refresh_seconds and records[1].refresh_seconds > 0
+    text = Report(passes=records).table()
+    assert "refresh ms" in text.splitlines()[1]

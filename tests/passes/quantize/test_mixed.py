@@ -60,8 +60,12 @@ def test_reverting_exactly_the_hard_layer_meets_a_cosine_budget(hard):
     budget = 0.9995
     assert _cosine(model, all_int8, data) < budget  # all-int8 misses it: the search has work to do
     before = [p.detach().clone() for p in model.parameters()]
-    compiled, report = fxcompile.quantize_within_budget(model, (data[0],), data, min_cosine=budget, timing_runs=2)
+    compiled, report = fxcompile.quantize_within_budget(model, (data[0],), data, min_cosine=budget, timing_runs=2,
+                                                        backend_options={"threads": 1, "spinning": False})
     assert report.met, str(report)
+    options = compiled.runner.session.get_session_options()  # backend_options reached the returned model
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert report.float_layers == ["hard"], str(report)
     assert [s.module for s in report.steps] == ["", "hard"], str(report)
     assert report.steps[0].metric < budget <= report.steps[-1].metric
