@@ -6,7 +6,6 @@ node's ``metadata_props``).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ import torch
 from torch import fx
 
 from fxcompile.backend_api import Lowered
-from fxcompile.cpu import glibc_function
+from fxcompile.cpu import large_allocations_mapped
 from fxcompile.errors import BackendError, describe_node, user_frame
 
 _log = logging.getLogger("fxcompile.onnx")
@@ -197,39 +196,6 @@ class OnnxRunner(Lowered):
         proto.ParseFromString(state["model_proto"])
         super().__setstate__({**state, "model_proto": proto})
         self._start_session()
-
-
-# glibc's mallopt parameters, and the ceiling of its dynamic mmap threshold on 64-bit systems
-# (DEFAULT_MMAP_THRESHOLD_MAX: 4 MiB * sizeof(long))
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-SESSION_MMAP_THRESHOLD = 1 << 20
-DYNAMIC_MMAP_THRESHOLD_MAX = 32 << 20
-
-
-@contextlib.contextmanager
-def large_allocations_mapped():
-    """Within the block, glibc serves every allocation of SESSION_MMAP_THRESHOLD or more with a
-    mapping of its own, which goes back to the OS when freed.
-
-    onnxruntime's graph transformers make and free a temporary per weight they rewrite (the NCHWc
-    layout of every conv weight on x86: a new filter, its TensorProto, its OrtValue). With glibc's
-    default (dynamic) threshold those come from the heap once the first is freed, and the heap keeps
-    their pages: a BN-folded conv stack's session peaked at +559 MB for 270 MB of conv weights,
-    +307 MB with this (see tests/backends/test_backend_onnx.py). glibc cannot return to its
-    dynamic threshold afterwards, so the block leaves the threshold at that dynamic threshold's
-    ceiling (32 MB; trim at 64 MB), which long-running processes reach anyway. Nothing happens
-    without glibc, or when the user tuned malloc (MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES)."""
-    mallopt = glibc_function("mallopt")
-    tuned = "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
-    if mallopt is None or tuned:
-        yield
-        return
-    mallopt(M_MMAP_THRESHOLD, SESSION_MMAP_THRESHOLD)
-    try:
-        yield
-    finally:
-        mallopt(M_MMAP_THRESHOLD, DYNAMIC_MMAP_THRESHOLD_MAX)
-        mallopt(M_TRIM_THRESHOLD, 2 * DYNAMIC_MMAP_THRESHOLD_MAX)
 
 
 def decide_prepack(setting: bool | str, proto, providers: list) -> str:

@@ -6,7 +6,9 @@ here is decided at install time.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import platform
 
 # Instruction-set extensions that matter to fxcompile's choices or to reading its benchmarks.
@@ -92,3 +94,37 @@ def glibc_function(name: str):
         return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
         return None
+
+
+# glibc's mallopt parameters, and the ceiling of its dynamic mmap threshold on 64-bit systems
+# (DEFAULT_MMAP_THRESHOLD_MAX: 4 MiB * sizeof(long))
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+SESSION_MMAP_THRESHOLD = 1 << 20
+DYNAMIC_MMAP_THRESHOLD_MAX = 32 << 20
+
+
+@contextlib.contextmanager
+def large_allocations_mapped():
+    """Within the block, glibc serves every allocation of SESSION_MMAP_THRESHOLD or more with a
+    mapping of its own, which goes back to the OS when freed.
+
+    For work that makes and frees one large temporary after another. onnxruntime's graph
+    transformers make and free a temporary per weight they rewrite (the NCHWc
+    layout of every conv weight on x86: a new filter, its TensorProto, its OrtValue). With glibc's
+    default (dynamic) threshold those come from the heap once the first is freed, and the heap keeps
+    their pages: a BN-folded conv stack's session peaked at +559 MB for 270 MB of conv weights,
+    +307 MB with this (see tests/backends/test_backend_onnx.py). glibc cannot return to its
+    dynamic threshold afterwards, so the block leaves the threshold at that dynamic threshold's
+    ceiling (32 MB; trim at 64 MB), which long-running processes reach anyway. Nothing happens
+    without glibc, or when the user tuned malloc (MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES)."""
+    mallopt = glibc_function("mallopt")
+    tuned = "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+    if mallopt is None or tuned:
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, SESSION_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, DYNAMIC_MMAP_THRESHOLD_MAX)
+        mallopt(M_TRIM_THRESHOLD, 2 * DYNAMIC_MMAP_THRESHOLD_MAX)

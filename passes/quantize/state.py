@@ -124,10 +124,34 @@ def weight_qparams(w: torch.Tensor, axis: int | None, reduce_range: bool = False
     conv weight [O, I, kh, kw] the way onnxruntime's QLinearConv sums it: K ordered (kh, kw, I),
     neighbours along I within each kernel position (checked: a sign pattern that saturates only
     in that order agrees exactly with the fake-quant graph once limited in it)."""
-    w = w.detach().float()
     if pair_axis == "hwio":
-        flat = w.movedim(1, -1).reshape(w.shape[0], -1)
+        flat = w.detach().movedim(1, -1).reshape(w.shape[0], -1)
         return weight_qparams(flat, None if axis is None else 0, reduce_range, 1)
+    amax = _amax_in_blocks(w, axis, None if pair_axis is None else pair_axis % w.dim())
+    scale = (amax / (63.0 if reduce_range else 127.0)).clamp_min(EPS)
+    return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+
+WEIGHT_BLOCK_ELEMENTS = 1 << 22  # 16 MB of fp32: the most _amax_bound works on at once
+
+
+def _amax_in_blocks(w: torch.Tensor, axis: int | None, pair_axis: int | None) -> torch.Tensor:
+    """_amax_bound of ``w`` taken over blocks of rows (along a dimension other than ``pair_axis``)
+    of at most WEIGHT_BLOCK_ELEMENTS: the same result, with temporaries of one block instead of
+    several of the whole weight (an embedding or lm_head of 262 MB needed ~1 GB at once)."""
+    split = next((d for d in range(w.dim()) if d != pair_axis and w.shape[d] > 1), None)
+    if split is None or w.numel() <= WEIGHT_BLOCK_ELEMENTS:
+        return _amax_bound(w.detach().float(), axis, pair_axis)
+    rows = max(1, WEIGHT_BLOCK_ELEMENTS * w.shape[split] // w.numel())
+    parts = [_amax_bound(block.detach().float(), axis, pair_axis) for block in w.split(rows, dim=split)]
+    if axis is not None and axis % w.dim() == split:
+        return torch.cat(parts)  # the blocks hold different channels
+    return torch.stack(parts).amax(0)  # the same channels (or the tensor) in every block
+
+
+def _amax_bound(w: torch.Tensor, axis: int | None, pair_axis: int | None) -> torch.Tensor:
+    """max |w| per channel along ``axis`` (or of the tensor), or with ``pair_axis`` the pair bound
+    weight_qparams describes."""
     if pair_axis is not None:
         k = pair_axis % w.dim()
         wk = w.movedim(k, -1)
@@ -140,11 +164,8 @@ def weight_qparams(w: torch.Tensor, axis: int | None, reduce_range: bool = False
     else:
         bound = w.abs()
     if axis is None:
-        amax = bound.amax().reshape(1)
-    else:
-        amax = bound.movedim(axis, 0).reshape(w.shape[axis], -1).amax(1)
-    scale = (amax / (63.0 if reduce_range else 127.0)).clamp_min(EPS)
-    return scale, torch.zeros_like(scale, dtype=torch.int32)
+        return bound.amax().reshape(1)
+    return bound.movedim(axis, 0).reshape(w.shape[axis], -1).amax(1)
 
 
 def u8s8_saturates() -> bool:

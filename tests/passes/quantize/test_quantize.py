@@ -822,3 +822,27 @@ def test_skipping_every_op_says_so_instead_of_blaming_dynamic_activations():
                           calibration_data=[x])
     text = " ".join(str(w.message) for w in record)
     assert "skip/only" in text and "activations='dynamic'" not in text
+
+
+def _amax_whole(w, axis, pair_axis):
+    """weight_qparams' bound computed on the whole tensor at once (the definition)."""
+    from fxcompile.passes.quantize.state import _amax_bound
+    return _amax_bound(w.float(), axis, None if pair_axis is None else pair_axis % w.dim())
+
+
+@pytest.mark.parametrize("shape, axis, pair_axis", [
+    ((96, 40), 0, None), ((96, 40), 0, 1), ((96, 40), 1, 0), ((96, 41), None, 1), ((96, 40), None, None),
+    ((8, 12, 3, 3), 0, None), ((40, 96), -1, None), ((40, 97), 0, -1),
+])
+def test_weight_scales_taken_in_blocks_equal_the_whole_tensor_ones(monkeypatch, shape, axis, pair_axis):
+    """weight_qparams bounds its temporaries by working on blocks of rows (a 262 MB embedding
+    needed ~1 GB at once): the scales are exactly those of the whole tensor."""
+    from fxcompile.passes.quantize import state
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g) * torch.rand(shape, generator=g) ** 4  # skewed, like trained weights
+    expected = _amax_whole(w, axis, pair_axis)
+    monkeypatch.setattr(state, "WEIGHT_BLOCK_ELEMENTS", 7 * shape[-1] + 3)  # several blocks, a ragged last one
+    got = state._amax_in_blocks(w, axis, None if pair_axis is None else pair_axis % w.dim())
+    assert torch.equal(got, expected)
+    scale, _ = state.weight_qparams(w, axis, pair_axis=pair_axis)
+    assert torch.equal(scale, (expected / 127.0).clamp_min(state.EPS))
