@@ -47,7 +47,7 @@ import fxcompile
 from fxcompile.recipes import measure, plot
 from fxcompile.report import format_table, load_average, machine_line
 from fxcompile.testing import digits
-from fxcompile.testing.benchmarking import QUIET_ONNX, Contender, time_interleaved, write_report
+from fxcompile.testing.benchmarking import QUIET_ONNX, Contender, quiet_session_options, time_interleaved, write_report
 
 # fine-tune / distillation epochs per model where --epochs is not given: where distillation levels off
 # (the transformer, 50% of its FLOPs pruned, loses 30-50 points; with TRAIN's settings distillation
@@ -142,10 +142,9 @@ def plain_session(module, threads: int = 1):
     runner = getattr(module, "runner", None)
     if getattr(runner, "backend", None) != "onnx" or getattr(runner, "session", None) is None:
         return None
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so = quiet_session_options(threads)
+    so.inter_op_num_threads = 1
     so.graph_optimization_level = runner.session.get_session_options().graph_optimization_level
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(runner.full_proto().SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 

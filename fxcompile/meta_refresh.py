@@ -82,8 +82,9 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 def _from_mode(val: Any, mode: FakeTensorMode) -> bool:
-    return all(leaf.fake_mode is mode for leaf in tree_flatten(val)[0] if isinstance(leaf, FakeTensor)) and not any(
-        isinstance(leaf, torch.Tensor) and not isinstance(leaf, FakeTensor) for leaf in tree_flatten(val)[0])
+    """Every tensor in ``val`` is a fake tensor of ``mode``."""
+    return all(isinstance(leaf, FakeTensor) and leaf.fake_mode is mode
+               for leaf in tree_flatten(val)[0] if isinstance(leaf, torch.Tensor))
 
 
 def update_meta(gm: fx.GraphModule, snapshot: MetaSnapshot) -> tuple[int, int] | None:

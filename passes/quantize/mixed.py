@@ -160,7 +160,8 @@ def quantize_within_budget(model: torch.nn.Module, example_inputs: Any, data: It
     ``min_sqnr_db``. ``max_reverted``: at most this many layers go back to float (default: all).
     ``timing_runs``: timed calls per model for the report's latency (0: none). ``backend_options``:
     options of ``backend`` for the returned model and the timed ones (e.g. ``{"threads": 4}``); the
-    search itself runs on the eager backend. Other options go to quantize_passes (``method``, ``per_channel``, ``skip``, ...). Returns (compiled, report).
+    search itself runs on the eager backend. Other options go to quantize_passes (``method``,
+    ``per_channel``, ``skip``, ...). Returns (compiled, report).
     """
     _check_options(max_reverted, timing_runs, quantize_options)
     on_backend = dict(backend_options or {})
