@@ -170,10 +170,7 @@ def quantize_within_budget(model: torch.nn.Module, example_inputs: Any, data: It
         raise InputError("quantize_within_budget got no data: give a list of batches to calibrate and measure on")
     budget = _budget(model, data, eval_fn, max_drop, min_cosine, min_sqnr_db)
     report = MixedPrecisionReport(budget.describe, budget.name, budget.float_metric)
-    user_skip = quantize_options.pop("skip", ()) or ()
-    base_skip = (user_skip,) if isinstance(user_skip, str) else tuple(user_skip)
-    if base_skip:
-        report.notes.append(f"also in float, by the skip option: {', '.join(base_skip)}")
+    base_skip = _user_skip(quantize_options, report)
 
     def build(skip: tuple, fold: bool, on: str):
         from fxcompile.api import compile
@@ -207,6 +204,15 @@ def quantize_within_budget(model: torch.nn.Module, example_inputs: Any, data: It
         _latency(report, model, example_inputs, final, lambda: build((), True, backend), backend, on_backend,
                  timing_runs)
     return final, report
+
+
+def _user_skip(quantize_options: dict, report: MixedPrecisionReport) -> tuple:
+    """The user's own ``skip`` option (taken out of ``quantize_options``) as a tuple, noted in the report."""
+    user_skip = quantize_options.pop("skip", ()) or ()
+    base_skip = (user_skip,) if isinstance(user_skip, str) else tuple(user_skip)
+    if base_skip:
+        report.notes.append(f"also in float, by the skip option: {', '.join(base_skip)}")
+    return base_skip
 
 
 def _latency(report: MixedPrecisionReport, model, example_inputs, final, all_int8: Callable[[], Any],
