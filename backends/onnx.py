@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import inspect
 import logging
 import math
@@ -18,10 +19,12 @@ from fxcompile import state
 from fxcompile.backend_api import check_options
 from fxcompile.errors import BackendError, describe_node
 from fxcompile.graph_utils import arg_list, fetch_attr
+from fxcompile.pass_manager import release_free_heap
 
+from .onnx_mapped import map_graph_weights
 from .onnx_quant_ops import TRANSLATIONS as QUANT_TRANSLATIONS
 from .onnx_runner import (DATA_FILE, EXTERNAL_ALIGNMENT, EXTERNAL_MIN_BYTES, MODEL_FILE, ExternalWeights,
-                          OnnxRunner, take_state_initializers)
+                          OnnxRunner, TemporaryFolder, take_state_initializers)
 
 aten = torch.ops.aten
 DEFAULTS = {
@@ -112,6 +115,7 @@ def export_onnx(gm: fx.GraphModule, example_inputs, options: dict, directory: st
     keep = contextlib.nullcontext(directory) if directory else tempfile.TemporaryDirectory(prefix="fxcompile-export-")
     with keep as where:
         proto = _save_and_check(program.model, where)
+        _let_go_of_tensors(program.model)
         if directory is None:
             from onnx.external_data_helper import load_external_data_for_model
             load_external_data_for_model(proto, where)
@@ -135,6 +139,14 @@ def _save_and_check(model, directory: str):
     except Exception as e:
         raise BackendError(f"torch.onnx.export produced an ONNX model that onnx.checker rejects: {e}") from e
     return proto
+
+
+def _let_go_of_tensors(model) -> None:
+    """Drop the exported IR's references to the graph's tensors once they are saved: onnxscript's
+    rewriter keeps the last graph it matched in a module-level rule, with every initializer's
+    tensor, until the next export; the graph's own tensors could not be freed before then."""
+    for value in model.graph.initializers.values():
+        value.const_value = None
 
 
 def _refuse_mutated_buffers(gm: fx.GraphModule) -> None:
@@ -348,9 +360,15 @@ def lower(gm: fx.GraphModule, example_inputs, options: dict) -> OnnxRunner:
         dynamic = list(dynamic) + [None] * len(state_values)  # buffers have static shapes
     inputs = list(example_inputs) + [v.clone() for v in state_values.values()]
     # the exported model's files live as long as the runner: onnxruntime maps the weights from there
-    files = tempfile.TemporaryDirectory(prefix="fxcompile-onnx-")
+    files = TemporaryFolder()
     proto, names = export_onnx(carried, inputs, {**options, "dynamic_shapes": dynamic}, directory=files.name)
     names = names[:len(names) - len(state_values)]
+    # the graph's own tensors are in the data file now: the graph reads them from there, so the
+    # session starts without a second copy of them in memory
+    del carried
+    if map_graph_weights(gm, proto, files.name):
+        gc.collect()  # the exporter's IR, in reference cycles, holds the graph's old tensors too
+        release_free_heap()
     return OnnxRunner(proto, names, len(outputs), options, constants, state=state_values, gm=gm,
                       weights=ExternalWeights(files.name, files))
 

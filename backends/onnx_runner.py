@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +34,23 @@ EXTERNAL_MIN_BYTES = 1 << 20
 EXTERNAL_ALIGNMENT = 1 << 16
 
 
+class TemporaryFolder:
+    """A folder of a runner's own files, removed with the last reference to this object (or at
+    exit). tempfile.TemporaryDirectory does the same but warns (ResourceWarning) each time it is
+    cleaned up that way, which is how a compiled module's files are meant to go."""
+
+    def __init__(self, prefix: str = "fxcompile-onnx-"):
+        self.name = tempfile.mkdtemp(prefix=prefix)
+        self._remove = weakref.finalize(self, shutil.rmtree, self.name, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        self._remove()
+
+
 @dataclass
 class ExternalWeights:
     """The folder that the external data of a runner's ModelProto is relative to; ``owner`` (a
-    TemporaryDirectory) keeps a folder of the runner's own alive as long as the runner."""
+    TemporaryFolder) keeps a folder of the runner's own alive as long as the runner."""
 
     folder: str
     owner: Any = None
@@ -100,7 +115,7 @@ class OnnxRunner(Lowered):
         elif inline_bytes(self.model_proto) < options["external_data_threshold"]:
             source = self.model_proto.SerializeToString()
         else:
-            self._tmp = tempfile.TemporaryDirectory(prefix="fxcompile-onnx-")
+            self._tmp = TemporaryFolder()
             source = os.path.join(self._tmp.name, MODEL_FILE)
             save_proto(self.model_proto, source, external=True)
         try:
