@@ -11,6 +11,7 @@ graph shares with the model, are left as they are.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 
@@ -20,6 +21,7 @@ from torch import fx
 
 from fxcompile.capture import is_borrowed
 
+_log = logging.getLogger("fxcompile.onnx")
 CHUNK_BYTES = 16 << 20  # the byte-for-byte check reads the file this much at a time
 
 
@@ -30,7 +32,7 @@ def map_graph_weights(gm: fx.GraphModule, proto, folder: str) -> int:
     changed. Returns the bytes handed over."""
     from onnx.external_data_helper import uses_external_data
     names = _tensor_names(gm)
-    buffer = torch.empty(CHUNK_BYTES, dtype=torch.uint8)  # one for every check: freed buffers stay in the heap
+    buffer = bytearray(CHUNK_BYTES)  # one for every check: freed buffers stay in the heap
     moved = 0
     for init in proto.graph.initializer:
         if not uses_external_data(init) or init.name not in names:
@@ -41,9 +43,13 @@ def map_graph_weights(gm: fx.GraphModule, proto, folder: str) -> int:
         offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
         if not _own_contiguous_storage(tensor) or length != tensor.nbytes or is_borrowed(tensor):
             continue
-        if not _file_holds(path, offset, tensor, buffer):
+        try:
+            if not _file_holds(path, offset, tensor, buffer):
+                continue
+            view = _file_view(path, offset, tensor)
+        except (OSError, ValueError) as e:  # a file system that can't map files: the graph keeps its own
+            _log.debug("keeping %s in memory: %s", init.name, e)
             continue
-        view = _file_view(path, offset, tensor)
         for name in aliases:
             _replace(gm, name, view)
         moved += tensor.nbytes
@@ -69,15 +75,16 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
 
-def _file_holds(path: str, offset: int, tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
+def _file_holds(path: str, offset: int, tensor: torch.Tensor, buffer: bytearray) -> bool:
     """Whether ``path`` holds ``tensor``'s bytes at ``offset`` (read in chunks of ``buffer``'s
     size: the file's pages go to the page cache, not into this process's memory)."""
-    data = _bytes(tensor)
+    data, chunk = _bytes(tensor), memoryview(buffer)
+    read = torch.frombuffer(buffer, dtype=torch.uint8)  # the same memory as ``buffer``
     with open(path, "rb") as f:
         f.seek(offset)
-        for start in range(0, data.numel(), buffer.numel()):
-            part = buffer[:min(buffer.numel(), data.numel() - start)]
-            if f.readinto(part.numpy()) != part.numel() or not torch.equal(part, data[start:start + part.numel()]):
+        for start in range(0, data.numel(), len(buffer)):
+            n = min(len(buffer), data.numel() - start)
+            if f.readinto(chunk[:n]) != n or not torch.equal(read[:n], data[start:start + n]):
                 return False
     return True
 

@@ -156,3 +156,20 @@ def test_views_trainable_and_borrowed_tensors_are_left_alone(tmp_path):
     captured = capture(model.eval(), (torch.randn(1, 512),), None)
     assert map_graph_weights(captured.gm, _external_model([("weight", base, 0)]), str(tmp_path)) == 0
     assert captured.gm.weight.data_ptr() == model.weight.data_ptr()
+
+
+def test_a_file_that_cannot_be_mapped_leaves_the_graph_as_it_was(tmp_path, monkeypatch):
+    """Where the file system refuses memory maps the graph keeps its own tensors; compiling works."""
+    from fxcompile.backends import onnx_mapped
+
+    def refuse(*args, **kwargs):
+        raise OSError("mmap: operation not supported")
+    w = torch.randn(256, 256)
+    w.numpy().tofile(tmp_path / "data.bin")
+    gm = _graph_with(a=w)
+    monkeypatch.setattr(onnx_mapped.np, "memmap", refuse)
+    assert map_graph_weights(gm, _external_model([("a", w, 0)]), str(tmp_path)) == 0
+    assert gm.a is w
+    model, inputs = _model()
+    compiled = fxcompile.compile(model, inputs, backend="onnx")
+    assert_close(compiled(*inputs), model(*inputs))
