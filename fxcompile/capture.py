@@ -297,7 +297,6 @@ def _flat_graph_module(ep: torch.export.ExportedProgram):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
     graph._codegen = fx.graph.CodeGen()
-    graph.eliminate_dead_code()  # before the GraphModule below, which generates the code once
     signature = ep.module_call_graph[0].signature
     # ep.module() sees the model inside _OutputEncoder: drop the 'model.' prefix so attribute
     # names read like the user's own module paths (the keys of model.state_dict()).
@@ -307,6 +306,8 @@ def _flat_graph_module(ep: torch.export.ExportedProgram):
         node.target = node.target.removeprefix("model.")
         attrs[node.target] = value
     gm = fx.GraphModule(attrs, graph, class_name="FxCompileGraph")
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     return gm, signature.in_spec, signature.out_spec
 
 
