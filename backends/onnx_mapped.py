@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from fxcompile.capture import is_borrowed
+from fxcompile.graph_utils import set_attr
 
 _log = logging.getLogger("fxcompile.onnx")
 CHUNK_BYTES = 16 << 20  # the byte-for-byte check reads the file this much at a time
@@ -51,7 +52,7 @@ def map_graph_weights(gm: fx.GraphModule, proto, folder: str) -> int:
             _log.debug("keeping %s in memory: %s", init.name, e)
             continue
         for name in aliases:
-            _replace(gm, name, view)
+            set_attr(gm, name, view)
         moved += tensor.nbytes
     return moved
 
@@ -95,14 +96,3 @@ def _file_view(path: str, offset: int, like: torch.Tensor) -> torch.Tensor:
     raw = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(like.nbytes,))
     view = torch.from_numpy(raw).view(like.dtype).reshape(like.shape)
     return torch.nn.Parameter(view, requires_grad=False) if isinstance(like, torch.nn.Parameter) else view
-
-
-def _replace(gm: fx.GraphModule, path: str, tensor: torch.Tensor) -> None:
-    owner_path, _, name = path.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if name in owner._parameters:
-        owner._parameters[name] = tensor  # type: ignore[assignment]
-    elif name in owner._buffers:
-        owner._buffers[name] = tensor
-    else:
-        setattr(owner, name, tensor)
