@@ -286,6 +286,34 @@ def test_onnx_weights_stay_in_external_data_through_save_load_and_pickle(tmp_pat
     assert_close(expected, fxcompile.load(tmp_path / "c.onnx")(ids))
 
 
+def test_transposed_weights_are_written_in_blocks_with_their_bytes_unchanged(tmp_path, monkeypatch):
+    """The exporter's optimizer leaves folded transposes as non-contiguous numpy views; they are
+    written in contiguous blocks of rows (several blocks here), byte for byte the array's values."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from fxcompile.backends import onnx as onnx_backend
+    ir = onnx_backend.onnx_ir()
+    weight = np.arange(64 * 48, dtype=np.float32).reshape(64, 48).T  # (48, 64), not contiguous
+    ints = np.arange(40 * 30, dtype=np.int8).reshape(40, 30)[:, ::3]  # every third column
+    values = [ir.Value(name=name, const_value=ir.Tensor(array)) for name, array in (("w", weight), ("q", ints))]
+    nodes = [ir.node("Identity", inputs=[value]) for value in values]
+    for node, value in zip(nodes, values):
+        node.outputs[0].type, node.outputs[0].shape = ir.TensorType(value.const_value.dtype), value.const_value.shape
+    graph = ir.Graph(inputs=[], outputs=[node.outputs[0] for node in nodes], nodes=nodes,
+                     initializers=values, opset_imports={"": 18}, name="blocks")
+    monkeypatch.setattr(onnx_backend, "WRITE_BLOCK_BYTES", 1000)  # 3 rows of w a block, 100 of q
+    monkeypatch.setattr(onnx_backend, "EXTERNAL_MIN_BYTES", 16)  # both go to the data file
+    onnx_backend._save_and_check(ir.Model(graph, ir_version=10), str(tmp_path))
+    assert [type(value.const_value).__name__ for value in values] == ["BlockWrittenTensor"] * 2
+    path = str(tmp_path / onnx_backend.MODEL_FILE)
+    stored = onnx.load(path, load_external_data=False).graph.initializer
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in stored)
+    saved = onnx.load(path)
+    loaded = {t.name: numpy_helper.to_array(t) for t in saved.graph.initializer}
+    assert np.array_equal(loaded["w"], weight) and np.array_equal(loaded["q"], ints)
+
+
 def _prepacks(compiled) -> bool:
     """Whether the session fxcompile built pre-packs weights (read from its SessionOptions)."""
     options = compiled.runner.session.get_session_options()
