@@ -167,7 +167,7 @@ def _write_in_blocks(model) -> None:
 
 @functools.cache
 def _block_written_tensor() -> type:
-    class BlockWrittenTensor(onnx_ir().Tensor):
+    class BlockWrittenTensor(onnx_ir().Tensor):  # type: ignore[misc]  # onnx_ir is imported lazily
         """An onnx_ir tensor over a non-contiguous array, written in contiguous blocks of rows."""
 
         def tofile(self, file) -> None:
