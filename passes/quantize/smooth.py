@@ -107,7 +107,7 @@ class Group:
     attention) and the linear-like ops reading it."""
 
     producer: fx.Node
-    kind: str                              # layer_norm | norm_weight | linear
+    kind: str                              # layer_norm | norm_weight | linear | activation (awq: a mul only)
     consumers: list[fx.Node]
     entries: list[fx.Node]                 # producer's users leading only to consumers
     absorbable: bool                       # the producer's output has no other reader
@@ -300,7 +300,7 @@ _WEIGHT_ARGS = {aten.linear.default: ("weight", "bias", True), aten.addmm.defaul
 def apply_scales(gm: fx.GraphModule, g: Group, s: torch.Tensor, fallback: str) -> str:
     """X / s at the producer (or a mul), s into every consumer's weight columns; how it was done.
     ``s`` is over the consumers' input channels; the producer takes it over its own channels."""
-    residual = None if g.absorbable else _residual_adds(gm, g)
+    residual = None if g.absorbable or g.kind not in PRODUCERS else _residual_adds(gm, g)
     at_producer = _producer_scales(g, s).double()
     if g.absorbable:
         _fold_into_producer(gm, g, at_producer)
@@ -319,7 +319,7 @@ def apply_scales(gm: fx.GraphModule, g: Group, s: torch.Tensor, fallback: str) -
         mul.meta["val"] = g.producer.meta.get("val")
         for entry in g.entries:
             entry.replace_input_with(g.producer, mul)
-        how = "mul inserted (output has other readers)"
+        how = "mul inserted (" + ("output has other readers" if g.kind in PRODUCERS else "nothing absorbs it") + ")"
     else:
         before = g.choice.before if g.choice else 0.0
         g.choice = Choice(None, before, before, None)  # the report shows it as it stays

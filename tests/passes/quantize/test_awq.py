@@ -143,6 +143,68 @@ def test_llama_block_value_path_and_swiglu(variant):
     assert with_awq <= rtn / 3, (rtn, with_awq)
 
 
+class GeluOutliers(nn.Module):
+    """A GELU MLP after a LayerNorm, with a few large channels in the GELU's output (fc1's rows):
+    nothing can absorb fc2's input scales (GELU(x)/s is not GELU(x/s))."""
+
+    def __init__(self, d: int = 64, hidden: int = 256, outliers: bool = True):
+        super().__init__()
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+        with torch.no_grad():
+            if outliers:
+                self.fc1.weight[OUTLIERS] *= 3
+                self.fc1.bias[OUTLIERS] += 30
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(self.ln(x))))
+
+
+def test_a_gelu_output_is_scaled_by_a_mul_exactly_in_fp32():
+    """awq_mul (the default): fc2's input gets one per-channel mul (fc1's input is the norm's,
+    folded), the graph equals the model in fp32 before rounding, and int4 g32's output error is
+    below awq_mul=False's, which leaves fc2 as RTN rounds it (measured: 0.49 of it)."""
+    torch.manual_seed(0)
+    model, calib = GeluOutliers().eval(), data(0)
+    gm = fxcompile.capture(model, (calib[0],)).gm
+    before_ops = op_list(gm)
+    opts = WeightOnlyOptions(bits=4, group_size=32, awq=True, awq_clip=False, lm_head=True)
+    opts.validate()
+    awq(gm, select(gm, opts), opts, Grid(4, False), types.SimpleNamespace(data=[(x,) for x in calib]))
+    gm.recompile()
+    added = op_list(gm)
+    for op in before_ops:
+        added.remove(op)
+    assert added == ["aten.mul.Tensor"], added
+    mul = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor)
+    assert [module_path(u) for u in mul.users] == ["fc2"]
+    with torch.no_grad():
+        for x in data(1):
+            ref = model(x)
+            assert (gm(x)[0] - ref).abs().max() <= LOSSLESS_TOLERANCE * ref.abs().max()
+    rows = {r["producer"]: r for r in report_sections(gm)["awq"].rows}
+    assert rows.keys() == {"layer_norm", "gelu"} and rows["layer_norm"]["input of"] == "fc1", rows
+    assert rows["gelu"]["how"] == "mul inserted (nothing absorbs it)" and rows["gelu"]["alpha"] != "-", rows
+    evals = data(1)
+    unscaled = rel_error(compile_wo(model, calib, bits=4, group_size=32, lm_head=True, awq=True, awq_mul=False,
+                                    awq_clip=False), model, evals)
+    scaled = rel_error(compile_wo(model, calib, bits=4, group_size=32, lm_head=True, awq=True, awq_clip=False),
+                       model, evals)
+    assert scaled <= 0.7 * unscaled, (unscaled, scaled)
+    with pytest.raises((ValueError, PassError), match="awq_mul"):
+        compile_wo(model, calib, awq=True, awq_mul="yes")
+
+
+def test_no_mul_where_it_would_gain_little():
+    """Without outlier channels the search's gain on fc2's input stays under MUL_MIN_GAIN: no op is
+    added (a mul costs a pass over the activation on every call) and the report says why."""
+    torch.manual_seed(0)
+    model, calib = GeluOutliers(outliers=False).eval(), data(0)
+    compiled = compile_wo(model, calib, bits=4, group_size=32, lm_head=True, awq=True)
+    assert "aten.mul.Tensor" not in op_list(compiled.graph_module)
+    rows = {r["producer"]: r for r in compiled.report.extra["awq"].rows}
+    assert rows["gelu"]["how"].startswith("left: a mul would cut the error by under"), rows
+
+
 def test_a_shared_weight_stays_stored_once():
     """A linear called twice (its second call's output read by another linear, a group whose
     producer weight it shares with the first call; a norm read by the same linear twice): AWQ
