@@ -173,7 +173,8 @@ def _foldable(node: fx.Node, const: set[fx.Node]) -> bool:
 
 @register_pass("fold_constants", options=FoldConstantsOptions, after=("remove_noops",), default=True)
 def fold_constants(gm: fx.GraphModule, opts: FoldConstantsOptions) -> int:
-    """Precompute subgraphs that read only parameters and constants; store their results."""
+    """Precompute subgraphs that read only parameters and constants; store their results. An
+    attention's constant mask that masks nothing is left out (see _masks_nothing)."""
     # A constant that an in-place op writes to is not constant across calls.
     const: set[fx.Node] = {n for n in gm.graph.find_nodes(op="get_attr") if not graph_utils.feeds_mutation(n)}
     values: dict[fx.Node, torch.Tensor] = {n: graph_utils.fetch_attr(gm, graph_utils.attr_target(n)) for n in const}
@@ -186,6 +187,10 @@ def fold_constants(gm: fx.GraphModule, opts: FoldConstantsOptions) -> int:
             const.add(node)
             size_in[node] = sum(size_in[i] for i in node.all_input_nodes)
     rewrites = 0
+    for sdpa in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+        if _masks_nothing(sdpa, values):
+            graph_utils.set_arg(sdpa, "attn_mask", None)
+            rewrites += 1
     for node in list(gm.graph.nodes):
         if node not in const or node.op == "get_attr":
             continue
@@ -199,6 +204,26 @@ def fold_constants(gm: fx.GraphModule, opts: FoldConstantsOptions) -> int:
         node.replace_all_uses_with(new, delete_user_cb=lambda u: u not in const)
         rewrites += 1
     return rewrites
+
+
+def _masks_nothing(sdpa: fx.Node, values: dict[fx.Node, torch.Tensor]) -> bool:
+    """Whether scaled_dot_product_attention's mask is a constant that masks nothing (all True, or
+    all 0 added) and broadcasts to the scores' shape: then the attention is the same without it,
+    and runs faster. torch.export records such masks from Hugging Face models that take none
+    (ViT: ``arange(197) >= 0`` expanded to [1, 1, 197, 197]); the kernel then reads it."""
+    mask = graph_utils.get_arg(sdpa, "attn_mask")
+    value = values.get(mask) if isinstance(mask, fx.Node) else None
+    q, k = (graph_utils.get_arg(sdpa, name) for name in ("query", "key"))
+    qv, kv = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in (q, k))
+    if not isinstance(value, torch.Tensor) or not isinstance(qv, torch.Tensor) or not isinstance(kv, torch.Tensor):
+        return False
+    scores = (*qv.shape[:-1], kv.shape[-2])
+    try:
+        if value.dim() > len(scores) or tuple(torch.broadcast_shapes(value.shape, scores)) != scores:
+            return False
+    except Exception:  # symbolic sizes, or shapes that do not broadcast
+        return False
+    return bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
 
 
 def _cse_key(node: fx.Node, canonical: dict[fx.Node, fx.Node]):

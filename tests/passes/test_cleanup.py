@@ -1,4 +1,5 @@
 """Clean-up passes: op lists before/after and parity with eager PyTorch."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -228,3 +229,44 @@ def test_dead_code_elimination_drops_dead_tensor_constants():
     assert before.count("aten.lift_fresh_copy.default") == 1 and before.count("aten.detach_.default") == 2
     assert "aten.lift_fresh_copy.default" not in after and after.count("aten.detach_.default") == 1, after
     assert not [name for name, _ in compiled.graph_module.named_buffers() if "lifted" in name]
+
+
+class ConstMaskAttention(nn.Module):
+    """Attention whose mask is built from constants, as torch.export records Hugging Face ViT's
+    (``arange(197) >= 0`` expanded), or from the input."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.qkv, self.kind = nn.Linear(32, 96), kind
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(t)
+        if self.kind == "all_true":
+            mask = (pos >= 0).view(1, 1, t, 1).expand(1, 1, t, t)
+        elif self.kind == "zeros":
+            mask = torch.zeros(t, t)
+        elif self.kind == "one_false":
+            mask = (pos >= 1).view(1, 1, 1, t).expand(1, 1, t, t)  # key 0 is masked
+        else:  # from the input: not a constant
+            mask = x[..., :1].unsqueeze(1) > 0
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("kind, dropped", [("all_true", True), ("zeros", True), ("one_false", False),
+                                           ("input", False)])
+def test_fold_constants_drops_an_attention_mask_that_masks_nothing(kind, dropped):
+    """A constant mask that is all True (or all 0 added) is left out of the attention, and the ops
+    that built it go; a mask that masks a key, or that depends on the input, stays."""
+    torch.manual_seed(0)
+    model, inputs = ConstMaskAttention(kind).eval(), (torch.randn(2, 6, 32),)
+    compiled, before, after = compile_and_compare(model, inputs, ["fold_constants", "dead_code_elimination"],
+                                                  tol=1e-5)
+    (sdpa,) = compiled.graph_module.graph.find_nodes(
+        op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default)
+    from fxcompile.graph_utils import get_arg
+    assert (get_arg(sdpa, "attn_mask") is None) == dropped
+    if dropped:
+        assert not {"aten.arange.default", "aten.zeros.default", "aten.expand.default"} & set(after), after
+        assert compiled.report.passes[0].rewrites >= 1
