@@ -2,7 +2,10 @@
 
 No weights are downloaded; every model is randomly initialised from a config, seeded, in eval
 mode. Tests and benchmarks use these. ``size="small"`` gives models that run in milliseconds on a
-CPU; ``size="base"`` gives the real ResNet-50 / BERT-base shapes for benchmarks.
+CPU; ``size="base"`` gives each architecture's usual base shapes for benchmarks: ResNet-50,
+MobileNetV2, BERT-base, DistilBERT, RoBERTa-base, GPT-2 (124M), a Llama-style decoder of GPT-2's
+size with grouped-query attention, T5-small's encoder, ViT-B/16, Swin-T, ConvNeXt-T and
+EfficientNet-B0, at 224x224 for images.
 
 transformers is not a runtime dependency of fxcompile (the ``[dev]`` extra installs it): it is
 imported when a model is built, not when this module is.
@@ -36,31 +39,37 @@ def _bert(tf, small, batch, seq):
 
 
 def _distilbert(tf, small, batch, seq):
-    cfg = tf.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=1000)
+    cfg = (tf.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=1000) if small
+           else tf.DistilBertConfig())
     return tf.DistilBertModel, cfg, _text_inputs(cfg.vocab_size, batch, seq)
 
 
 def _roberta(tf, small, batch, seq):
-    cfg = tf.RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=128, vocab_size=1000)
+    cfg = (tf.RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=128, vocab_size=1000) if small else tf.RobertaConfig())
     return tf.RobertaModel, cfg, _text_inputs(cfg.vocab_size, batch, seq)
 
 
 def _gpt2(tf, small, batch, seq):
-    cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=128,
-                        bos_token_id=0, eos_token_id=0)
+    cfg = (tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=1000, n_positions=128,
+                         bos_token_id=0, eos_token_id=0) if small else tf.GPT2Config())
     return tf.GPT2LMHeadModel, cfg, _text_inputs(cfg.vocab_size, batch, seq)
 
 
 def _llama(tf, small, batch, seq):
-    cfg = tf.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, vocab_size=1000,
-                         max_position_embeddings=128)
+    # base: GPT-2-small-sized with grouped-query attention (LlamaConfig()'s default is 7B)
+    cfg = (tf.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=128, vocab_size=1000,
+                          max_position_embeddings=128) if small else
+           tf.LlamaConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                          num_key_value_heads=4, intermediate_size=2048, vocab_size=32000,
+                          max_position_embeddings=2048))
     return tf.LlamaForCausalLM, cfg, _text_inputs(cfg.vocab_size, batch, seq)
 
 
 def _t5_encoder(tf, small, batch, seq):
-    cfg = tf.T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=1000)
+    cfg = (tf.T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=1000) if small
+           else tf.T5Config())  # t5-small's shapes
     return tf.T5EncoderModel, cfg, _text_inputs(cfg.vocab_size, batch, seq)
 
 
@@ -71,9 +80,9 @@ def _vit(tf, small, batch, seq):
 
 
 def _swin(tf, small, batch, seq):
-    cfg = tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
-                        num_heads=[2, 4], window_size=4)
-    return tf.SwinModel, cfg, _image(batch, 32)
+    cfg = (tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                         num_heads=[2, 4], window_size=4) if small else tf.SwinConfig())  # Swin-T
+    return tf.SwinModel, cfg, _image(batch, cfg.image_size)
 
 
 def _resnet(tf, small, batch, seq):
@@ -88,14 +97,17 @@ def _mobilenet_v2(tf, small, batch, seq):
 
 
 def _convnext(tf, small, batch, seq):
-    cfg = tf.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2)
-    return tf.ConvNextModel, cfg, _image(batch, 32)
+    cfg = (tf.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2) if small
+           else tf.ConvNextConfig())  # ConvNeXt-T
+    return tf.ConvNextModel, cfg, _image(batch, 32 if small else 224)
 
 
 def _efficientnet(tf, small, batch, seq):
-    cfg = tf.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
-                                hidden_dim=320)
-    return tf.EfficientNetModel, cfg, _image(batch, 32)
+    cfg = (tf.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
+                                 hidden_dim=320) if small else
+           tf.EfficientNetConfig(image_size=224, width_coefficient=1.0, depth_coefficient=1.0,
+                                 hidden_dim=1280, dropout_rate=0.2))  # B0 (the default config is B7)
+    return tf.EfficientNetModel, cfg, _image(batch, cfg.image_size)
 
 
 BUILDERS = {"bert": _bert, "distilbert": _distilbert, "roberta": _roberta, "gpt2": _gpt2, "llama": _llama,

@@ -96,3 +96,27 @@ def test_inject_outliers_is_seeded_and_takes_channels():
 def test_inject_outliers_needs_a_norm():
     with pytest.raises(ValueError, match="no LayerNorm"):
         inject_outliers(torch.nn.Sequential(torch.nn.Linear(4, 4)), {"input": torch.randn(1, 4)})
+
+
+# Parameters of each base config: the published sizes of the models they are named after (the
+# Llama-style decoder is GPT-2's size with grouped-query attention; T5 is t5-small's encoder).
+BASE_PARAMS = {"bert": 109.5e6, "distilbert": 66.4e6, "roberta": 124.6e6, "gpt2": 124.4e6, "llama": 124.7e6,
+               "t5_encoder": 35.3e6, "vit": 86.4e6, "swin": 27.5e6, "resnet": 23.5e6, "mobilenet_v2": 2.22e6,
+               "convnext": 27.8e6, "efficientnet": 4.0e6}
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_base_size_is_the_named_model(name):
+    """size="base" gives every zoo model its base shapes (counted on the meta device: nothing is
+    allocated), and image models 224x224 inputs; "small" stays small."""
+    from fxcompile.testing import zoo
+    tf = zoo._transformers()
+    counts = {}
+    for small in (True, False):
+        cls, cfg, inputs = zoo.BUILDERS[name](tf, small, 1, 16)
+        with torch.device("meta"):
+            counts[small] = sum(p.numel() for p in cls(cfg).parameters())
+    assert abs(counts[False] - BASE_PARAMS[name]) <= 0.01 * BASE_PARAMS[name], counts
+    assert counts[True] < 0.5e6, counts
+    if "pixel_values" in inputs:
+        assert inputs["pixel_values"].shape[-2:] == (224, 224)
