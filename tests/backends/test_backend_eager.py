@@ -94,6 +94,35 @@ def test_channels_last_inputs_for_conv_nets(convbn):
         fxcompile.compile(model, inputs, channels_last="yes")
 
 
+class _PatchEmbed(torch.nn.Module):
+    """ViT's shape: one strided conv cuts the image into patches, then linears do the work."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 64, 16, stride=16)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 64))
+
+    def forward(self, x):
+        return self.mlp(self.conv(x).flatten(2).transpose(1, 2))
+
+
+def test_channels_last_auto_only_where_convolutions_do_the_work(convbn):
+    """"auto" leaves a graph whose convolutions are a small share of its FLOPs contiguous (ViT,
+    ConvNeXt measured slower in channels_last); the conv stack still gets it; True still forces."""
+    from fxcompile.backends.eager import AUTO_MIN_CONV_SHARE, conv_flop_share
+    torch.manual_seed(0)
+    model, x = _PatchEmbed().eval(), torch.randn(1, 3, 128, 128)  # 49152 elements: past the size rule
+    compiled = fxcompile.compile(model, (x,))
+    assert conv_flop_share(compiled.graph_module) < AUTO_MIN_CONV_SHARE
+    assert "memory format" not in compiled.report.extra
+    forced = fxcompile.compile(model, (x,), channels_last=True)
+    assert forced.report.extra["memory format"] == "channels_last"
+    assert_close(model(x), forced(x))
+    stack = fxcompile.compile(convbn[0], (torch.randn(4, 3, 64, 64),))
+    assert conv_flop_share(stack.graph_module) >= AUTO_MIN_CONV_SHARE
+    assert stack.report.extra["memory format"] == "channels_last"
+
+
 def test_channels_last_falls_back_when_the_graph_cannot_take_it():
     torch.manual_seed(0)
     model, x = _ViewAfterConv().eval(), torch.randn(2, 3, 8, 8)
