@@ -6,10 +6,10 @@ onnx backends, next to plain torch.onnx.export + onnxruntime of the original mod
         --seq 128 --runs 60 --budget 60 --out benchmarks/results/fusion.md
 
 Models resnet, mobilenet_v2, bert and vit are built at --size (default "base"), the others
-"small" (the results table covers those four at base size); bert and vit with attn_implementation="eager" (attention written out, what
-fuse_attention rewrites); batch 1. Every contender is checked against eager PyTorch, warmed up,
-then timed in interleaved rounds (one call of each per round, in a random order), so drift and
-other processes hit all alike; medians are reported, and ratios of each contender's fastest run
+"small" (the results table covers those four at base size); bert and vit with
+attn_implementation="eager" (attention written out, what fuse_attention rewrites); batch 1.
+Every contender is checked against eager PyTorch, warmed up, then timed in interleaved rounds
+(one call of each per round, in a random order), so drift and other processes hit all alike; medians are reported, and ratios of each contender's fastest run
 beside them (other processes only ever add time). ratio = unfused ms / fused ms (> 1: fusion
 made it faster); vs PyTorch = the original model's eager ms / fused ms (what a user gains);
 vs torch.onnx = torch.onnx+ORT ms / fxcompile onnx fused ms. ONNX node counts:

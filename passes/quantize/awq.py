@@ -19,9 +19,10 @@ nothing produces an activation that could absorb them (a GELU's output, as GPT-2
 projection reads it; attention's output where the value path is cut), a per-channel mul divides
 it before its linears, as AutoAWQ's scaled activations do, if that cuts the error by
 ``MUL_MIN_GAIN`` at least (``awq_mul``, on by default). An activation whose producer has other
-readers is left as it is; a post-norm residual add is rescaled as smooth_quant rescales it. A group is searched
-only if one of its linears is quantized, and left if a weight it would rewrite is shared with
-other ops (a linear called twice: scaling one call's copy would store the weight twice).
+readers is left as it is; a post-norm residual add is rescaled as smooth_quant rescales it. A
+group is searched only if one of its linears is quantized, and left if a weight it would rewrite
+is shared with other ops (a linear called twice: scaling one call's copy would store the weight
+twice).
 
 Clipping (``awq_clip``; by default with RTN only: GPTQ compensates the rounding itself, and
 clamping the float weights first moves the target it compensates towards): for every quantized
@@ -76,7 +77,7 @@ def awq(gm: fx.GraphModule, sites: list[Site], opts: WeightOnlyOptions, grid: Gr
               if any(c in chosen for c in g.consumers)]
     if opts.awq_mul:
         covered = {c for g in groups for c in g.consumers}
-        groups += _unabsorbed(gm, [s for s in sites if s.node not in covered])
+        groups += _unabsorbed([s for s in sites if s.node not in covered])
     for g in groups:
         if _shares_weights(g, _weight_readers(gm)):  # the graph as earlier groups left it
             g.how = "skipped: a weight it would scale is read by other ops too (it stays stored once)"
@@ -99,7 +100,7 @@ def awq(gm: fx.GraphModule, sites: list[Site], opts: WeightOnlyOptions, grid: Gr
     add_report_section(gm, "awq", AwqReport(groups, clipped))
 
 
-def _unabsorbed(gm: fx.GraphModule, sites: list[Site]) -> list[Group]:
+def _unabsorbed(sites: list[Site]) -> list[Group]:
     """One group per activation read by ``sites`` that no norm or linear produces (a GELU's output,
     a model input): its scales can only go to a mul before the linears reading it."""
     readers: dict[fx.Node, list[fx.Node]] = {}
