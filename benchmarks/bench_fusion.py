@@ -9,9 +9,10 @@ Models resnet, mobilenet_v2, bert and vit are built at --size (default "base"), 
 "small" (the results table covers those four at base size); bert and vit with
 attn_implementation="eager" (attention written out, what fuse_attention rewrites); batch 1.
 Every contender is checked against eager PyTorch, warmed up, then timed in interleaved rounds
-(one call of each per round, in a random order), so drift and other processes hit all alike; medians are reported, and ratios of each contender's fastest run
-beside them (other processes only ever add time). ratio = unfused ms / fused ms (> 1: fusion
-made it faster); vs PyTorch = the original model's eager ms / fused ms (what a user gains);
+(one call of each per round, in a random order), so drift and other processes hit all alike;
+medians are reported, and ratios of each contender's fastest run beside them (other processes
+only ever add time). ratio = unfused ms / fused ms (> 1: fusion made it faster); vs PyTorch =
+the original model's eager ms / fused ms (what a user gains);
 vs torch.onnx = torch.onnx+ORT ms / fxcompile onnx fused ms. ONNX node counts:
 our exported graph without and with fusion ("same graph" when they compute alike: then the onnx
 ratio measures only the timing noise), and torch.onnx.export(model, dynamo=True,
