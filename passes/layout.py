@@ -1,6 +1,7 @@
 """simplify_layout: fewer layout ops. Permute/transpose pairs are composed into one permute (or
-none), chains of reshapes into one reshape, and zero padding into the next conv's padding: three
-rewrite rules (fxcompile.rewrite), whose guards say why a node was left as it was."""
+none), chains of reshapes into one reshape, zero padding into the next conv's padding, and an
+average pool whose one window covers the whole input into a mean: four rewrite rules
+(fxcompile.rewrite), whose guards say why a node was left as it was."""
 from __future__ import annotations
 
 from typing import Any
@@ -163,6 +164,34 @@ def _conv_with_padding(m) -> fx.Node:
     return conv
 
 
+# -- avg_pool2d(x) with one window over all of x -> mean(x, (-2, -1), keepdim) ----------------
+def _pool_is_global(m) -> str | None:
+    """Hugging Face's EfficientNet pools its 7x7 map with ``AvgPool2d(1280, ceil_mode=True)``: one
+    output per channel, from a window far larger than the input. Eager PyTorch clips the window to
+    the input; inductor's C++ code generation loops over all 1280x1280 positions of it (0.7 s per
+    call on an AVX2 CPU). A mean over H and W is the same value (the divisor is H*W either way:
+    with no padding, count_include_pad counts only the input)."""
+    pool, src, out = m.anchor, _val(m.x), _val(m.anchor)
+    if src is None or out is None:
+        return "the shapes are unknown (no meta['val'])"
+    if gu.get_arg(pool, "divisor_override") is not None:
+        return "it has a divisor_override"
+    if any(p != 0 for p in gu.get_arg(pool, "padding", [0, 0])):
+        return "it pads the input"
+    size = [int(d) if isinstance(d, int) else None for d in src.shape[-2:]]
+    kernel = list(gu.get_arg(pool, "kernel_size"))
+    kernel = kernel * 2 if len(kernel) == 1 else kernel
+    if None in size or not all(isinstance(d, int) and d == 1 for d in out.shape[-2:]):
+        return "its output is not one static 1x1 window per channel"
+    if any(k < n for k, n in zip(kernel, size)):
+        return "its window does not cover the whole input"
+    return None
+
+
+def _mean_over_window(m) -> fx.Node:
+    return m.call(aten.mean.dim, m.x, [-2, -1], True)
+
+
 _RULES = RuleSet([
     Rule("compose_permutes", Op(_PERMUTES, Op(_PERMUTES, Var("src"), name="inner")),
          guard=_permutes_compose, replace=_composed_permute),
@@ -170,10 +199,13 @@ _RULES = RuleSet([
          guard=_reshapes_collapse, replace=_collapsed_reshape),
     Rule("fold_pad_into_conv", Op(gu.CONV_OPS, Op(_PADS, Var("x"), name="pad")),
          guard=_pad_folds, replace=_conv_with_padding),
+    Rule("global_avg_pool_as_mean", Op(aten.avg_pool2d.default, Var("x")),
+         guard=_pool_is_global, replace=_mean_over_window),
 ])
 
 
 @register_pass("simplify_layout", after=("fold_constants",), default=True)
 def simplify_layout(gm: fx.GraphModule) -> int:
-    """Compose permute/transpose pairs, collapse reshape chains, fold zero padding into convs."""
+    """Compose permute/transpose pairs, collapse reshape chains, fold zero padding into convs,
+    turn an average pool over the whole input into a mean."""
     return _RULES.apply(gm)

@@ -158,3 +158,30 @@ def test_simplify_layout_says_why_a_pad_stays(caplog):
         _, after, compiled = _compile(PadConv((0, 1, 0, 1)), (torch.randn(2, 3, 8, 8),))
     assert after[PAD] == 1 and compiled.report.passes[0].rewrites == 0
     assert "fold_pad_into_conv: the padding is asymmetric" in caplog.text
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(40, ceil_mode=True), nn.AvgPool2d((7, 5)),
+                                  nn.AvgPool2d(9, ceil_mode=True, count_include_pad=False)],
+                         ids=["efficientnet_style", "exact_window", "no_pad_count"])
+def test_average_pool_over_the_whole_input_becomes_a_mean(pool):
+    # Hugging Face's EfficientNet pools its last map with AvgPool2d(1280, ceil_mode=True), which
+    # inductor's C++ code generation runs as a loop over the whole 1280x1280 window
+    model = Fn(lambda x: pool(x.relu()) * 2)
+    before, after, compiled = _compile(model, (torch.randn(2, 8, 7, 5),))
+    assert before["aten.avg_pool2d.default"] == 1
+    assert "aten.avg_pool2d.default" not in after and after["aten.mean.dim"] == 1
+    mean = next(n for n in compiled.graph_module.graph.nodes if str(n.target) == "aten.mean.dim")
+    assert list(mean.args[1]) == [-2, -1] and mean.args[2] is True
+
+
+@pytest.mark.parametrize("pool, why", [
+    (nn.AvgPool2d(3), "its output is not one"),
+    (nn.AvgPool2d(3, stride=10), "its window does not cover the whole input"),
+    (nn.AvgPool2d(9, padding=4, ceil_mode=True), "it pads the input"),
+    (nn.AvgPool2d(9, ceil_mode=True, divisor_override=3), "it has a divisor_override")],
+    ids=["windows", "stride_past_input", "padded", "divisor"])
+def test_average_pool_that_is_no_mean_stays(pool, why, caplog):
+    with caplog.at_level(logging.DEBUG, logger="fxcompile.rewrite"):
+        _, after, compiled = _compile(Fn(lambda x: pool(x)), (torch.randn(2, 8, 7, 7),))
+    assert after.get("aten.avg_pool2d.default") == 1 and "aten.mean.dim" not in after
+    assert f"global_avg_pool_as_mean: {why}" in caplog.text
