@@ -56,7 +56,10 @@ class CompiledModule(torch.nn.Module):
         flat = sig.flatten(args, kwargs)
         sig.check_shapes(flat)
         check_borrowed(self._borrowed)
-        with torch.no_grad():
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                out = self.runner(*flat)
+        else:  # the caller's no_grad or inference_mode already holds
             out = self.runner(*flat)
         return self._captured.unflatten_outputs(out)
 

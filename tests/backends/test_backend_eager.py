@@ -217,3 +217,59 @@ def test_check_fails_when_the_backend_differs():
         fxcompile.compile(model, (x,), backend="off_by_one_test", check=True)
     good = fxcompile.compile(model, (x,), check=True)
     assert float(good.report.extra["backend max error"]) <= 1e-4
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x).relu())
+
+
+def test_runner_calls_the_graph_with_its_operators_bound():
+    """The runner's forward is the graph's own code with each torch.ops operator bound once: no
+    ``torch.ops.aten...`` lookups left in it, the same outputs, the same file in tracebacks."""
+    torch.manual_seed(0)
+    model, x = _Mlp().eval(), torch.randn(2, 8)
+    compiled = fxcompile.compile(model, (x,))
+    gm, run = compiled.graph_module, compiled.runner._fast.runner()
+    assert run is not gm and "ops" not in run.__code__.co_names
+    assert run.__code__.co_filename == type(gm).forward.__code__.co_filename
+    assert_close(gm(x), run(x), tol=0)
+    assert_close(model(x), compiled(x))
+    with pytest.raises(RuntimeError) as info:
+        compiled.runner(torch.randn(2, 7))  # past the input checks: the graph itself fails
+    assert any(str(f.path) == run.__code__.co_filename for f in info.traceback)
+    import copy
+    import pickle
+    for twin in (copy.deepcopy(compiled), pickle.loads(pickle.dumps(compiled))):
+        assert twin.runner._fast.runner() is not twin.graph_module
+        assert twin.runner._fast.gm is twin.graph_module
+        assert_close(compiled(x), twin(x), tol=0)
+
+
+def test_runner_sees_weights_reassigned_graph_edits_and_hooks():
+    """Bound operators, live weights: a reassigned parameter is read at the next call; an edited
+    and recompiled graph and forward hooks on the graph module take the module's own call."""
+    torch.manual_seed(0)
+    model, x = _Mlp().eval(), torch.randn(2, 8)
+    compiled = fxcompile.compile(model, (x,))
+    runner, gm = compiled.runner, compiled.graph_module
+    with torch.no_grad():
+        before = runner(x)[0]
+        gm.fc2.bias = torch.nn.Parameter(gm.fc2.bias + 1)
+        assert_close(before + 1, runner(x)[0])
+    calls = []
+    handle = gm.register_forward_hook(lambda *_: calls.append(1))
+    runner(x)
+    assert calls == [1] and runner._fast.runner() is gm
+    handle.remove()
+    assert runner._fast.runner() is not gm
+    relu = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.relu.default)
+    relu.target = torch.ops.aten.neg.default
+    gm.recompile()
+    assert runner._fast.runner() is gm
+    with torch.no_grad():
+        assert_close(runner(x)[0], torch.nn.functional.linear(-model.fc1(x), gm.fc2.weight, gm.fc2.bias))
