@@ -102,8 +102,10 @@ def _bind_operators(gm: fx.GraphModule) -> Callable | None:
     with its ``torch.ops`` operators bound as globals; None where it holds no such call."""
     forward = type(gm).forward
     code = getattr(forward, "__code__", None)
-    if code is None:
+    op_type = getattr(getattr(torch, "_ops", None), "OpOverload", None)
+    if code is None or not isinstance(op_type, type):
         return None
+    overload: type = op_type
     try:
         tree = ast.parse(gm.code)
     except (SyntaxError, AttributeError):
@@ -116,7 +118,7 @@ def _bind_operators(gm: fx.GraphModule) -> Callable | None:
             dotted = _dotted(node)
             if dotted is not None and dotted.startswith("torch.ops."):
                 op = _resolve(scope, dotted)
-                if isinstance(op, torch._ops.OpOverload):
+                if isinstance(op, overload):
                     name = bound.setdefault(dotted, f"_fxcompile_op_{len(bound)}")
                     scope[name] = op
                     return ast.copy_location(ast.Name(name, ast.Load()), node)
@@ -128,9 +130,7 @@ def _bind_operators(gm: fx.GraphModule) -> Callable | None:
         return None
     local: dict = {}
     exec(compile(tree, code.co_filename, "exec"), scope, local)  # same file name: same tracebacks
-    fn = local[code.co_name]
-    fn.__defaults__ = forward.__defaults__
-    return fn
+    return local[code.co_name]
 
 
 def _dotted(node: ast.AST) -> str | None:
