@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import fxcompile
 from fxcompile.numerics import cosine
+from fxcompile.passes.quantize.state import u8s8_saturates
 
 from tests.passes.quantize.models import FLOAT_KERNELS, optimized_ops, single_thread  # noqa: F401 (fixture)
 
@@ -68,6 +69,13 @@ def _producers(graph) -> dict:
     return {o: n for n in graph.node for o in n.output}
 
 
+# How far onnxruntime's int8 kernels may round from the folded graph, in cosine. Without VNNI
+# its U8S8 kernels sum pairs of products in int16; weights are limited for that, but an
+# activation x activation matmul (q @ k^T) can't be, and rounds a little differently there
+# (cosine 0.99997 against 0.99999+ with VNNI, measured on an AVX2-only EPYC).
+_ORT_ROUNDING = 1e-4 if u8s8_saturates() else 1e-5
+
+
 def test_float_outputs_linear_read_only_by_float_ops_runs_int8_with_a_float_output(tmp_path):
     """float_outputs (the default): a linear whose output only GELU or tanh reads (BERT's feed-forward
     up-projection and pooler) gets no QuantizeLinear -> DequantizeLinear after it, and onnxruntime
@@ -96,7 +104,7 @@ def test_float_outputs_linear_read_only_by_float_ops_runs_int8_with_a_float_outp
     _, quantized, _, _ = _int8(tmp_path / "quantized", float_outputs=False)
     held_out = _inputs(99)
     ref = model(*held_out)
-    assert cosine(ref, int8(*held_out)) >= cosine(ref, quantized(*held_out)) - 1e-5
+    assert cosine(ref, int8(*held_out)) >= cosine(ref, quantized(*held_out)) - _ORT_ROUNDING
 
 
 def test_attention_scale_goes_into_the_query_dequantize(tmp_path):
@@ -149,7 +157,7 @@ def test_float_output_linears_run_as_matmul_integer_to_float(tmp_path):
         while src.op_type == "Reshape":
             src = producer[src.input[0]]
         assert src.op_type == "MatMulIntegerToFloat", (n.name, src.op_type)
-    assert cosine(folded(*held_out), int8(*held_out)) >= 0.99999
+    assert cosine(folded(*held_out), int8(*held_out)) >= 1 - _ORT_ROUNDING
     assert max_error(folded(*held_out), int8(*held_out)) <= 0.05  # at most a few int8 steps apart
 
 
