@@ -114,6 +114,8 @@ def measure(kind: str, args) -> list[tuple]:
             built[key] = (build_contender(key, model, args), time.perf_counter() - start)
         except Exception as e:  # a contender that cannot build is a row saying why
             built[key] = (f"failed: {short_error(e)}", None)
+        runner, build_s = built[key]
+        _log(f"{kind} {ROWS[key]}: " + (runner if isinstance(runner, str) else f"built in {build_s:.1f} s"))
     live = {k: r for k, (r, _) in built.items() if not isinstance(r, str)}
     times = time_all(live, args)
     rates = {k: _rates(times[k], args) for k in live}
@@ -145,10 +147,22 @@ def time_all(live: dict, args) -> dict:
                 c.fn()
             except Exception as e:
                 c.failed = short_error(e)
+        start = time.perf_counter()
         time_interleaved(contenders, args.runs, settle=1)
         for c in contenders:
             times[c.key][metric] = c.failed or statistics.median(c.times)
+        _log(f"  {metric}: " + ", ".join(f"{c.key} {_seconds(times[c.key][metric])}" for c in contenders)
+             + f" ({time.perf_counter() - start:.0f} s)")
     return times
+
+
+def _seconds(t) -> str:
+    return f"{t * 1e3:.0f} ms" if isinstance(t, float) else str(t)
+
+
+def _log(msg: str) -> None:
+    """Progress on stderr, a line per built contender and per timed call (runs take up to an hour)."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def calls_names(args) -> list[str]:
@@ -216,6 +230,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     rows: list = [header(args)]
+    from fxcompile.report import machine_line
+    _log(machine_line(args.threads))
     for kind in args.model_list:
         rows += measure(kind, args)
     notes = (f"Decoders from configs ({args.size}), fp32 weights unless the row says otherwise; prompt "

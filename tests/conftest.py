@@ -9,7 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-torch.set_num_threads(2)
+import os
+
+# Two threads for each test, or the cores' share of each pytest-xdist worker (`pytest -n N`), so
+# that N workers' OpenMP pools don't wait on each other for cores (oversubscribed, torch's threads
+# spin and a model runs many times slower).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // _WORKERS)))
 
 # The checkout's root: tests find README, examples/, benchmarks/ and the source folders from it.
 ROOT = Path(__file__).resolve().parents[1]

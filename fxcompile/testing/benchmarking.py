@@ -115,6 +115,19 @@ def time_interleaved(contenders: list[Contender], runs: int,
                 c.failed = short_error(e)
 
 
+def paired_ratio(a: Contender, b: Contender) -> tuple[float, int, int] | None:
+    """``a`` against ``b`` round by round (``time_interleaved`` times both once per round): the
+    median of b's time / a's time over the rounds (> 1: ``a`` faster), the rounds ``a`` was faster
+    in, and the rounds. Drift between rounds cancels out of each ratio, so this separates two
+    contenders a few percent apart that the medians of their own times can't. None unless both
+    ran every round."""
+    n = len(a.times)
+    if not n or len(b.times) != n or a.failed or b.failed:
+        return None
+    ratios = [tb / ta for ta, tb in zip(a.times, b.times)]
+    return statistics.median(ratios), sum(r > 1 for r in ratios), n
+
+
 def short_error(e: BaseException, limit: int = 90) -> str:
     """``Type: first line`` of an exception, for a table cell."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]

@@ -41,6 +41,9 @@ def test_bench_latency_small_resnet(bench, tmp_path):
     table = [ln for ln in md.splitlines() if ln.startswith("|")]
     assert [c.strip() for c in table[0].strip("|").split("|")] == list(bench.HEADER)
     assert len(table) == 2 + len(rows)
+    # each fxcompile backend against its peer, round by round (eager PyTorch vs fx eager, torch.onnx vs fx onnx)
+    assert "fxcompile eager / eager PyTorch " in md and "fxcompile onnx / torch.onnx + onnxruntime " in md
+    assert "of 3 rounds)" in md
 
 
 def test_bench_latency_records_a_failing_contender(bench, monkeypatch):

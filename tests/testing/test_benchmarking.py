@@ -35,3 +35,15 @@ def test_a_failing_contender_is_marked_and_left_out_of_later_rounds():
     time_interleaved([ok, bad], runs=4, timer=lambda fn: (fn(), 0.5)[1], settle=1)
     assert bad.failed == "RuntimeError: kernel missing" and bad.times == []
     assert len(ok.times) == 4 and ok.median_ms == 500.0
+
+
+def test_paired_ratio_compares_round_by_round():
+    from fxcompile.testing.benchmarking import paired_ratio
+    # b drifts 10x slower over the rounds; a is 10% faster than b in every round but one
+    a = Contender("a", times=[0.9, 9.0, 4.5, 1.2, 0.9])
+    b = Contender("b", times=[1.0, 10.0, 5.0, 1.0, 1.0])
+    ratio, wins, n = paired_ratio(a, b)
+    assert (wins, n) == (4, 5) and abs(ratio - 1.0 / 0.9) < 1e-9
+    assert paired_ratio(b, a)[1] == 1
+    assert paired_ratio(a, Contender("short", times=[1.0])) is None  # not timed in every round
+    assert paired_ratio(a, Contender("bad", times=list(b.times), failed="RuntimeError: x")) is None
