@@ -12,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx
 
-from .backend_api import Lowered
+from .backend_api import Lowered, hooked
 from .capture import Captured, borrowed_versions, capture, check_borrowed, serialised, shared_copy
 from .errors import BackendError, InputError
 from .numerics import LOSSLESS_TOLERANCE, max_error
@@ -48,6 +48,11 @@ class CompiledModule(torch.nn.Module):
     def backend(self) -> str:
         return self.runner.backend
 
+    def __call__(self, *args, **kwargs):
+        if hooked(self):  # nn.Module's call runs them
+            return super().__call__(*args, **kwargs)
+        return self.forward(*args, **kwargs)  # what that call runs, minus its overhead
+
     def forward(self, *args, **kwargs):
         # Every backend gets inputs the graph was compiled for: the values of non-tensor inputs
         # (flatten), static dims and Dim ranges (check_shapes). Outside them a graph can run and
@@ -56,11 +61,13 @@ class CompiledModule(torch.nn.Module):
         flat = sig.flatten(args, kwargs)
         sig.check_shapes(flat)
         check_borrowed(self._borrowed)
+        runner = self.runner
+        run = runner if hooked(runner) else runner.forward  # the module call's overhead, without hooks
         if torch.is_grad_enabled():
             with torch.no_grad():
-                out = self.runner(*flat)
+                out = run(*flat)
         else:  # the caller's no_grad or inference_mode already holds
-            out = self.runner(*flat)
+            out = run(*flat)
         return self._captured.unflatten_outputs(out)
 
     def save(self, path: str) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.nn.modules import module as _module
 
 
 class Lowered(torch.nn.Module):
@@ -29,6 +30,15 @@ class Lowered(torch.nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {}
+
+
+def hooked(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs forward hooks (its own or global ones); True when torch
+    does not say. Without hooks, ``module.forward(...)`` is what its call runs, minus the
+    call's own overhead (a few microseconds)."""
+    return bool(getattr(module, "_forward_hooks", True) or getattr(module, "_forward_pre_hooks", True)
+                or getattr(_module, "_global_forward_hooks", True)
+                or getattr(_module, "_global_forward_pre_hooks", True))
 
 
 def check_options(backend: str, options: dict, known: dict) -> dict:

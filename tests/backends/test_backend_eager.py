@@ -273,3 +273,25 @@ def test_runner_sees_weights_reassigned_graph_edits_and_hooks():
     assert runner._fast.runner() is gm
     with torch.no_grad():
         assert_close(runner(x)[0], torch.nn.functional.linear(-model.fc1(x), gm.fc2.weight, gm.fc2.bias))
+
+
+def test_hooks_on_the_compiled_module_and_its_runner_still_run():
+    """Without hooks a call skips nn.Module's call machinery (a few microseconds); with one on
+    the CompiledModule, its runner or a global one, the module call runs them as usual."""
+    torch.manual_seed(0)
+    model, x = _Mlp().eval(), torch.randn(2, 8)
+    compiled = fxcompile.compile(model, (x,))
+    seen = []
+    for target in (compiled, compiled.runner):
+        handle = target.register_forward_hook(lambda mod, args, out: seen.append(type(mod).__name__))
+        pre = target.register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+        compiled(x)
+        handle.remove()
+        pre.remove()
+    from torch.nn.modules.module import register_module_forward_hook
+    handle = register_module_forward_hook(lambda mod, args, out: seen.append("global"))
+    compiled(x)
+    handle.remove()
+    compiled(x)
+    assert seen[:4] == ["pre", "CompiledModule", "pre", "EagerRunner"] and "global" in seen[4:]
+    assert len(seen) == 4 + seen[4:].count("global")
