@@ -54,10 +54,11 @@ def compile_for_generation(model: torch.nn.Module, backend: str = "eager", *, ma
     ``**options`` (the backend's) are fxcompile.compile's, applied to both graphs. The model is
     not modified; on the eager backend the graphs share its weights (see fxcompile.compile). The
     two graphs' artifacts (onnx sessions, saved files) each hold the weights: twice the memory
-    and disk of one. On the eager backend both graphs also run EAGER_PASSES last: attention
-    reads the key/value cache without repeating it for grouped-query heads, with one additive
-    mask made once per step; the logits' linear layer runs as one mm; and a decode step writes
-    its new keys and values into the cache's buffer in place (passes/decoder.py, passes/kv_cache.py).
+    and disk of one. On the eager and inductor backends both graphs also run DECODER_PASSES
+    last: attention reads the key/value cache without repeating it for grouped-query heads, with
+    one additive mask made once per step, and the logits' linear layer runs as one mm
+    (passes/decoder.py). On the eager backend a decode step also writes its new keys and values
+    into the cache's buffer in place (append_kv_in_place, passes/kv_cache.py).
     """
     from fxcompile.api import compile as fx_compile
     check_causal_lm(model)
@@ -77,23 +78,28 @@ def compile_for_generation(model: torch.nn.Module, backend: str = "eager", *, ma
                             generation_config)
 
 
-# What the eager backend's graphs run after the given passes: the same bits as without them,
-# measured on the CPU only, so the other backends' graphs stay as exported.
-EAGER_PASSES = ("sdpa_gqa", "sdpa_float_mask", "contiguous_linear_rows", "append_kv_in_place")
+# What the eager and inductor backends' graphs run after the given passes: the same bits as
+# without them, measured on the CPU only (they rewrite CPU graphs only), so onnx and TensorRT
+# graphs stay as exported. The eager graphs then append to the cache in place (an op of ours that
+# inductor would run as an opaque call between its kernels; not measured there).
+DECODER_PASSES = ("sdpa_gqa", "sdpa_float_mask", "contiguous_linear_rows")
+EAGER_PASSES = (*DECODER_PASSES, "append_kv_in_place")
+_BACKEND_PASSES = {"eager": EAGER_PASSES, "inductor": DECODER_PASSES}
 
 
 def _passes(passes, backend: str, limits: Limits) -> list | None:
     """The passes of both graphs: the given ones (None: the default pipeline; a string: names
-    separated by commas), then on the eager backend EAGER_PASSES (the cache buffers sized to the
-    compiled bound of positions)."""
+    separated by commas), then the backend's decoder rewrites (eager: EAGER_PASSES, with the cache
+    buffers sized to the compiled bound of positions; inductor: DECODER_PASSES)."""
     if isinstance(passes, str):
         passes = [name.strip() for name in passes.split(",") if name.strip()]
-    if backend != "eager":
+    extra = _BACKEND_PASSES.get(backend)
+    if extra is None:
         return list(passes) if passes is not None else None
     from fxcompile.registry import default_pipeline
-    eager = [(name, {"capacity": limits.max_positions}) if name == "append_kv_in_place" else name
-             for name in EAGER_PASSES]
-    return [*(default_pipeline() if passes is None else passes), *eager]
+    rewrites = [(name, {"capacity": limits.max_positions}) if name == "append_kv_in_place" else name
+                for name in extra]
+    return [*(default_pipeline() if passes is None else passes), *rewrites]
 
 
 def _limits(config, max_batch: int, max_positions: int | None) -> Limits:

@@ -130,7 +130,8 @@ def test_prefill_logits_read_the_weight_once(gpt2_eager):
 
 def test_eager_rewrites_follow_the_given_passes():
     """The eager graphs run the given passes (a list, or names separated by commas as
-    fxcompile.compile takes them), then the decoder rewrites; other backends run the given ones."""
+    fxcompile.compile takes them), then the decoder rewrites; inductor's the rewrites but the
+    in-place cache append; other backends run the given ones."""
     from fxcompile.integrations.generation import EAGER_PASSES, Limits, _passes
     limits = Limits(4, 40)
     rewrites = [*EAGER_PASSES[:-1], ("append_kv_in_place", {"capacity": 40})]
@@ -139,6 +140,7 @@ def test_eager_rewrites_follow_the_given_passes():
     assert _passes(None, "eager", limits)[-4:] == rewrites and len(_passes(None, "eager", limits)) > 4
     assert _passes("remove_noops,cse", "onnx", limits) == ["remove_noops", "cse"]
     assert _passes(None, "onnx", limits) is None
+    assert _passes("cse", "inductor", limits) == ["cse", "sdpa_gqa", "sdpa_float_mask", "contiguous_linear_rows"]
 
 
 def test_grouped_query_attention_reads_the_cache_as_it_is():
@@ -157,6 +159,25 @@ def test_grouped_query_attention_reads_the_cache_as_it_is():
         assert all(kv.target is torch.ops.fxcompile.kv_append.default for kv in node.args[1:3])
     for call in prompts():
         same_tokens(model, compiled, call, do_sample=False)
+
+def test_inductor_graphs_read_the_grouped_cache_as_it_is():
+    """On the inductor backend the graphs get the decoder rewrites too (not the in-place cache
+    append, an eager-only op): no repeated key/value heads, one sdpa per layer with enable_gqa,
+    and the model's greedy tokens."""
+    from fxcompile.backends.inductor import available
+    ok, why = available()
+    if not ok:
+        pytest.skip(why)
+    model = tiny_decoder("llama")
+    compiled = fxcompile.compile_for_generation(model, "inductor", max_batch=2, max_positions=24)
+    for name, ops in graph_ops(compiled).items():
+        assert ops.get("aten.expand.default", 0) == 0 and ops.get("fxcompile.kv_append.default", 0) == 0, (name, ops)
+        attention = getattr(compiled, name).graph_module.graph.find_nodes(
+            op="call_function", target=torch.ops.aten.scaled_dot_product_attention.default)
+        assert len(attention) == 2 and all(n.kwargs.get("enable_gqa") is True for n in attention)
+    for call in prompts()[:2]:
+        same_tokens(model, compiled, call, do_sample=False, max_new_tokens=6)
+
 
 def test_bounds_raise_naming_the_limit(gpt2_eager):
     model, compiled = gpt2_eager
