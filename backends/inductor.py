@@ -21,8 +21,10 @@ them run in float; ``describe()`` (the report) says how many.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import warnings
 from typing import Any
 
 import torch
@@ -55,9 +57,10 @@ class InductorRunner(EagerRunner):
         super().__init__(gm, example_inputs, (), options["dynamic_shapes"])
         self._options = {k: options[k] for k in ("mode", "freezing")}
         self._fn = _compile(gm, self._options)
+        self._uncached = False  # compile without inductor's caches (see warm_up)
 
     def forward(self, *flat):
-        with torch.no_grad():
+        with torch.no_grad(), _no_caches() if self._uncached else contextlib.nullcontext():
             return self._fresh(self._fn(*flat))
 
     def warm_up(self, example_inputs: list) -> None:
@@ -68,9 +71,18 @@ class InductorRunner(EagerRunner):
                 bounds = {k: v for k, v in (("min", getattr(spec, "min", None)), ("max", getattr(spec, "max", None)))
                           if isinstance(v, int) and 0 <= v < 2 ** 31}
                 torch._dynamo.mark_dynamic(inputs[i], dim, **bounds)
+        from fxcompile.state import trial_run
         try:
-            from fxcompile.state import trial_run
-            trial_run(self, inputs)  # the graph's buffers come back as they were
+            try:
+                trial_run(self, inputs)  # the graph's buffers come back as they were
+            except Exception as e:
+                if not _cache_guard_clash(e):
+                    raise
+                # inductor's caches key a graph without its dims' ranges: a graph compiled before
+                # with narrower bounds comes back with guards that contradict these ones
+                self._fn, self._uncached = _compile(self.gm, self._options), True
+                with _no_caches():
+                    trial_run(self, inputs)
         except Exception as e:
             raise BackendError(f"inductor backend: torch.compile could not compile the graph: "
                                f"{type(e).__name__}: {str(e)[:800]}") from e
@@ -89,6 +101,28 @@ class InductorRunner(EagerRunner):
 
 def _op_name(target) -> str:
     return getattr(getattr(target, "_schema", None), "name", "")
+
+
+def _cache_guard_clash(error: BaseException) -> bool:
+    """Whether ``error`` (or an exception it was raised from) is dynamo refusing a guard that
+    narrows a dim's declared range."""
+    from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ConstraintViolationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _no_caches():
+    """inductor's and AOTAutograd's on-disk and in-memory caches off, for one compile (dynamo's
+    notice that this also turns off its profile-guided dims is not the user's concern)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
+        with torch._inductor.config.patch(force_disable_caches=True):
+            yield
 
 
 def _compile(gm: fx.GraphModule, options: dict):
@@ -146,6 +180,7 @@ class LoadedInductorRunner(LoadedEagerRunner, InductorRunner):
         self._dynamic_shapes = None
         self._options = options
         self._fn = _compile(gm, options)
+        self._uncached = False  # compiled on the first call, with no dim ranges to contradict
 
 
 def load(path: str, manifest: dict, options: dict) -> LoadedInductorRunner:

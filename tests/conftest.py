@@ -1,6 +1,7 @@
 """Small models shared by the tests; every test compares against eager PyTorch."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -8,8 +9,6 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 import torch.nn as nn
-
-import os
 
 # Two threads for each test, or the cores' share of each pytest-xdist worker (`pytest -n N`), so
 # that N workers' OpenMP pools don't wait on each other for cores (oversubscribed, torch's threads

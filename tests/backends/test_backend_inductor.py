@@ -103,3 +103,22 @@ def test_int8_graph_runs_and_says_what_stays_float():
                                  calibration_data=batches, backend="inductor")
     assert_close(reference(batches[1]), compiled(batches[1]), tol=1e-4)  # the int8 graph's own numerics
     assert "quantize/dequantize ops" in compiled.report.extra["inductor int8"]
+
+
+def test_the_same_graph_compiles_again_with_wider_dynamic_bounds():
+    """inductor's caches key a compiled graph without its dims' ranges: a second compile of the
+    same graph with a wider Dim got the first one's guard (batch <= 4) and dynamo refused it
+    (ConstraintViolationError). That compile runs again with the caches off; so do the runner's
+    later recompiles. Both modules answer over their whole ranges."""
+    from torch.export import Dim
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    narrow, wide = (fxcompile.compile(model, (torch.randn(2, 8),), backend="inductor",
+                                      dynamic_shapes={"input": {0: Dim("batch", min=1, max=hi)}})
+                    for hi in (4, 8))
+    for compiled, batches in ((wide, (8, 5, 1, 2)), (narrow, (4, 3))):
+        for b in batches:
+            x = torch.randn(b, 8)
+            assert_close(model(x), compiled(x))
+    with pytest.raises(InputError, match="outside the range 1..4"):
+        narrow(torch.randn(8, 8))
