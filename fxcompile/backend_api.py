@@ -36,7 +36,8 @@ def hooked(module: torch.nn.Module) -> bool:
     """Whether calling ``module`` runs forward hooks (its own or global ones); True when torch
     does not say. Without hooks, ``module.forward(...)`` is what its call runs, minus the
     call's own overhead (a few microseconds)."""
-    return bool(getattr(module, "_forward_hooks", True) or getattr(module, "_forward_pre_hooks", True)
+    own = module.__dict__  # nn.Module keeps its hook dicts there
+    return bool(own.get("_forward_hooks", True) or own.get("_forward_pre_hooks", True)
                 or getattr(_module, "_global_forward_hooks", True)
                 or getattr(_module, "_global_forward_pre_hooks", True))
 

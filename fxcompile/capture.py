@@ -48,11 +48,15 @@ class Captured:
     model_name: str = ""
 
     def unflatten_outputs(self, flat) -> Any:
+        kind = self.__dict__.get("_out_kind")
+        if kind is None:  # "leaf": the model returns one tensor; "cache": outputs to decode
+            spec = self.out_spec
+            kind = self.__dict__["_out_kind"] = (
+                "leaf" if spec.is_leaf() else "cache" if holds_cache(spec) else "tree")
+        if kind == "leaf" and len(flat) == 1:
+            return flat[0]
         out = pytree.tree_unflatten(list(flat), self.out_spec)
-        holds = self.__dict__.get("_holds_cache")
-        if holds is None:
-            holds = self.__dict__["_holds_cache"] = holds_cache(self.out_spec)
-        return decode_outputs(out) if holds else out
+        return decode_outputs(out) if kind == "cache" else out
 
 
 def normalize_example_inputs(example_inputs) -> tuple:

@@ -76,12 +76,16 @@ class InputSignature:
         non-tensor inputs always take the checked path, which compares their values.
         """
         plans = self.__dict__.setdefault("_plans", {})
-        key = (len(args), tuple(kwargs))
+        key = (len(args), tuple(kwargs) if kwargs else ())
         plan = plans.get(key)
-        if plan:
-            order, dtypes = plan
-            flat = [args[i] if isinstance(i, int) else kwargs[i] for i in order]
-            if all(type(v) is torch.Tensor and v.dtype == d for v, d in zip(flat, dtypes)):
+        if plan:  # a plain loop: a generator and all() cost as much again on a one-input model
+            flat = []
+            for i, dtype in zip(*plan):
+                v = args[i] if type(i) is int else kwargs[i]
+                if type(v) is not torch.Tensor or v.dtype != dtype:
+                    break
+                flat.append(v)
+            else:
                 return flat
         flat = self._flatten_checked(args, kwargs)
         if key not in plans:
@@ -327,8 +331,13 @@ def split_bound(bound: inspect.BoundArguments) -> tuple[tuple, dict]:
     return tuple(args), kwargs
 
 
-def _spec_str(spec) -> str:
-    return re.sub(r"\s+", " ", str(spec))
+def _spec_str(spec, limit: int = 300) -> str:
+    """The structure on one line, cut at ``limit`` characters (a nested list of numbers passed
+    for a tensor would print a TreeSpec per element)."""
+    text = re.sub(r"\s+", " ", str(spec))
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} ... ({spec.num_leaves} leaves in all)"
 
 
 def forward_signature(model: torch.nn.Module) -> inspect.Signature | None:

@@ -173,6 +173,26 @@ def test_call_plan_fast_path_still_checks(dictout):
     assert_close(model(x2, **kwargs), compiled(x2, **kwargs))
 
 
+def test_call_plan_of_one_positional_input_still_checks(convbn):
+    """The one-input plan (the commonest call) still refuses another dtype, a non-tensor and a
+    keyword call to a positional name, after it has been cached."""
+    model, inputs = convbn
+    (x,) = inputs
+    compiled = fxcompile.compile(model, inputs)
+    for _ in range(2):
+        out = compiled(x)
+        assert type(out) is torch.Tensor  # the one-tensor output comes back as the tensor itself
+        assert_close(model(x), out)
+    with pytest.raises(InputError, match="dtype"):
+        compiled(x.double())
+    with pytest.raises(InputError, match="must be a tensor"):
+        compiled(3.0)
+    with pytest.raises(InputError, match=r"structure differs(.|\n)*leaves in all\)") as err:
+        compiled(x.tolist())  # a nested list is another structure, named in a readable message
+    assert len(str(err.value)) < 1000
+    assert_close(model(x), compiled(x))
+
+
 @pytest.mark.parametrize("backend,suffix", [("eager", ".pt2"), ("onnx", ".onnx")])
 def test_changed_artifacts_are_refused(convbn, tmp_path, backend, suffix):
     """A few overwritten bytes in the artifact must not load and run with wrong weights."""
