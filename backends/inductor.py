@@ -74,7 +74,8 @@ class InductorRunner(EagerRunner):
         from fxcompile.state import trial_run
         try:
             try:
-                trial_run(self, inputs)  # the graph's buffers come back as they were
+                with _quiet_guard_errors():
+                    trial_run(self, inputs)  # the graph's buffers come back as they were
             except Exception as e:
                 if not _cache_guard_clash(e):
                     raise
@@ -113,6 +114,23 @@ def _cache_guard_clash(error: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+@contextlib.contextmanager
+def _quiet_guard_errors():
+    """dynamo logs a guard it refuses (a traceback of 70 lines at ERROR) before raising; a clash
+    with a cached compile is handled by compiling again, so the log would only alarm. Any other
+    error still reaches the user, as a BackendError with its message."""
+    import logging
+    log = logging.getLogger("torch._guards")
+
+    def keep(record: logging.LogRecord) -> bool:  # a filter: torch resets its loggers' levels
+        return record.levelno < logging.ERROR
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 @contextlib.contextmanager
