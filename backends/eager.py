@@ -46,8 +46,14 @@ class EagerRunner(Lowered):
         return tuple(o.clone() if i in self._constant_outputs and isinstance(o, torch.Tensor) else o
                      for i, o in enumerate(out))
 
+    layout_trial: float | None = None  # lower's timing: channels_last's speed-up on this CPU
+
     def describe(self) -> dict:
-        return {"memory format": "channels_last"} if self._cl_inputs else {}
+        info = {"memory format": "channels_last"} if self._cl_inputs else {}
+        if self.layout_trial is not None:
+            kept = "kept" if self._cl_inputs else f"left contiguous (needs {AUTO_MIN_SPEEDUP:.2f}x)"
+            info["channels_last trial"] = f"{self.layout_trial:.2f}x the contiguous layout on this CPU: {kept}"
+        return info
 
     def manifest(self) -> dict:
         return {"channels_last_inputs": sorted(self._cl_inputs)}
@@ -242,6 +248,13 @@ AUTO_MIN_ELEMENTS = 32768
 # (paired rounds, 2 threads, fx eager / the model, channels_last vs not): ConvNeXt-T (convolutions
 # 6.6% of its FLOPs, the rest linears) 0.96-1.01x vs 1.03-1.06x; ViT-B/16 (0.7%) 0.996x vs 1.010x.
 AUTO_MIN_CONV_SHARE = 0.5
+# ... and only where it measures faster on this CPU: "auto" times the two layouts on the example
+# inputs in paired rounds and keeps channels_last from this speed-up on. The CPU decides it, not
+# the model: ResNet-50 at 1x3x224x224 ran 1.12x the model in channels_last on an AVX-512 Xeon,
+# but 0.71x on an AVX-512 AMD EPYC, where the contiguous graph ran 1.065x (paired rounds, fx
+# eager / the model); MobileNetV2 gained on both (1.33x against 1.14x contiguous on the EPYC).
+AUTO_MIN_SPEEDUP = 1.03
+AUTO_TRIAL_SECONDS = 2.0  # about the longest the timing may take; at least 3 rounds either way
 
 
 def validate_options(options: dict) -> dict:
@@ -268,7 +281,58 @@ def lower(gm: fx.GraphModule, example_inputs, options: dict) -> EagerRunner:
         share = conv_flop_share(gm) if mode == "auto" and inputs else None
         if share is not None and share < AUTO_MIN_CONV_SHARE:
             inputs = []  # a patch embedding before linears: nothing gains, the reorders cost
-    return EagerRunner(gm, example_inputs, inputs, options["dynamic_shapes"])
+    speedup = layout_speedup(gm, list(example_inputs), inputs) if mode == "auto" and inputs else None
+    if speedup is not None and speedup < AUTO_MIN_SPEEDUP:
+        inputs = []
+    runner = EagerRunner(gm, example_inputs, inputs, options["dynamic_shapes"])
+    runner.layout_trial = speedup
+    return runner
+
+
+def layout_speedup(gm: fx.GraphModule, example_inputs: list, inputs: list[int]) -> float:
+    """How much faster the graph runs with ``inputs`` in channels_last than contiguous, on the
+    example inputs: the median over paired rounds of (contiguous time / channels_last time), the
+    two in alternating order (ABBA), about AUTO_TRIAL_SECONDS in all. The channels_last side
+    includes the runner's conversions (inputs to NHWC, outputs back to contiguous). The graph's
+    state is put back afterwards, as after a trial run."""
+    import statistics
+    import time
+
+    import torch.utils._pytree as pytree
+
+    from fxcompile.state import restore, snapshot
+
+    def contiguous() -> None:
+        gm(*example_inputs)
+
+    def channels_last() -> None:
+        out = gm(*[x.contiguous(memory_format=torch.channels_last) if i in inputs else x
+                   for i, x in enumerate(example_inputs)])
+        for o in pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor):
+                o.contiguous()
+
+    def seconds(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    saved = snapshot(gm)
+    try:
+        with torch.no_grad():
+            first = seconds(contiguous) + seconds(channels_last)  # also a warm-up of each
+            rounds = max(3, min(15, int(AUTO_TRIAL_SECONDS / max(first, 1e-6) / 2)))
+            ratios = []
+            for r in range(rounds):
+                if r % 2:
+                    last = seconds(channels_last)
+                    ratios.append(seconds(contiguous) / last)
+                else:
+                    plain = seconds(contiguous)
+                    ratios.append(plain / seconds(channels_last))
+    finally:
+        restore(saved)
+    return statistics.median(ratios)
 
 
 def conv_flop_share(gm: fx.GraphModule) -> float | None:
