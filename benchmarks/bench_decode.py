@@ -198,11 +198,11 @@ def _failure(times: dict) -> str:
     return next((v for v in times.values() if isinstance(v, str)), "-")
 
 
-def report(argv, args, rows: list, notes: str) -> dict:
+def report(argv, args, rows: list, notes: str, script: str = "bench_decode.py") -> dict:
     """Print the table under the machine line and the command; write it to --out."""
     from fxcompile.report import format_table, load_average, machine_line
     from fxcompile.testing.benchmarking import write_report
-    command = "python benchmarks/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"{machine_line(args.threads)}, load {load_average()}\n\n`{command}`\n\n{notes}\n\n"
             f"{format_table(rows, markdown=True)}\n")
     print(text)

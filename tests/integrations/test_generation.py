@@ -331,3 +331,32 @@ def test_bench_decode_tiny(bench_decode, tmp_path, monkeypatch):
         assert float(by["fx eager"][cell]) > 0 and by["fx eager"][cell + 1].endswith("x")
     assert by[int4][3].startswith("not available")
     assert out.read_text() == result["markdown"] and "`python benchmarks/bench_decode.py --models gpt2" in result["markdown"]
+
+
+@pytest.fixture(scope="module")
+def bench_decode_paired():
+    from tests.benchmarks.scripts import load_script
+    yield from load_script("bench_decode_paired")
+
+
+def test_bench_decode_paired_tiny(bench_decode_paired, tmp_path):
+    """benchmarks/bench_decode_paired.py on a tiny GPT-2: HF eager and fx eager per batch, each
+    with its per-round ratio to HF eager (HF's own is 1.000x) and the rounds it was faster in; a
+    row that cannot build says why instead of failing the table."""
+    out = tmp_path / "paired.md"
+    result = bench_decode_paired.main(["--models", "gpt2", "--size", "tiny", "--rows", "hf,fx_eager,fx_onnx_int4",
+                                       "--prompt", "8", "--new", "4", "--batch", "1,2", "--rounds", "3",
+                                       "--group-size", "7", "--out", str(out)])
+    header, *rows = result["rows"]
+    assert header == bench_decode_paired.HEADER
+    assert [(r[1], r[2]) for r in rows] == [(b, c) for b in (1, 2) for c in
+                                            ("HF eager", "fx eager", "fx onnx int4 weight-only (+lm_head)")]
+    for r in rows:
+        if r[2] == "HF eager":
+            assert r[4] == "1.000x" and r[5] == "" and r[6] == ""  # no torch.compile row: no ratio to it
+        elif r[2] == "fx eager":
+            assert float(r[3]) > 0 and r[4].endswith("x") and r[5].endswith("of 3"), r
+        else:
+            assert r[3].startswith("failed: "), r  # group_size 7: not a power of two
+    assert out.read_text() == result["markdown"]
+    assert "`python benchmarks/bench_decode_paired.py --models gpt2" in result["markdown"]
