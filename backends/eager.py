@@ -321,7 +321,7 @@ def layout_speedup(gm: fx.GraphModule, example_inputs: list, inputs: list[int]) 
     try:
         with torch.no_grad():
             first = seconds(contiguous) + seconds(channels_last)  # also a warm-up of each
-            rounds = max(3, min(15, int(AUTO_TRIAL_SECONDS / max(first, 1e-6) / 2)))
+            rounds = max(3, min(15, int(AUTO_TRIAL_SECONDS / max(first, 1e-6)) - 1))  # a round ~ first
             ratios = []
             for r in range(rounds):
                 if r % 2:
