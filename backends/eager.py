@@ -281,55 +281,42 @@ def lower(gm: fx.GraphModule, example_inputs, options: dict) -> EagerRunner:
         share = conv_flop_share(gm) if mode == "auto" and inputs else None
         if share is not None and share < AUTO_MIN_CONV_SHARE:
             inputs = []  # a patch embedding before linears: nothing gains, the reorders cost
-    speedup = layout_speedup(gm, list(example_inputs), inputs) if mode == "auto" and inputs else None
-    if speedup is not None and speedup < AUTO_MIN_SPEEDUP:
-        inputs = []
     runner = EagerRunner(gm, example_inputs, inputs, options["dynamic_shapes"])
-    runner.layout_trial = speedup
+    if mode == "auto" and inputs:  # the rules allow channels_last: the CPU has the last word
+        contiguous = EagerRunner(gm, example_inputs, (), options["dynamic_shapes"])
+        speedup = layout_speedup(contiguous, runner, list(example_inputs))
+        if speedup < AUTO_MIN_SPEEDUP:
+            runner = contiguous
+        runner.layout_trial = speedup
     return runner
 
 
-def layout_speedup(gm: fx.GraphModule, example_inputs: list, inputs: list[int]) -> float:
-    """How much faster the graph runs with ``inputs`` in channels_last than contiguous, on the
+def layout_speedup(contiguous: EagerRunner, channels_last: EagerRunner, example_inputs: list) -> float:
+    """How much faster ``channels_last`` runs than ``contiguous`` (two runners of one graph) on the
     example inputs: the median over paired rounds of (contiguous time / channels_last time), the
-    two in alternating order (ABBA), about AUTO_TRIAL_SECONDS in all. The channels_last side
-    includes the runner's conversions (inputs to NHWC, outputs back to contiguous). The graph's
-    state is put back afterwards, as after a trial run."""
+    two in alternating order (ABBA), about AUTO_TRIAL_SECONDS in all. Each runner's own forward is
+    timed, layout conversions included. The graph's state is put back afterwards, as after a
+    trial run."""
     import statistics
     import time
 
-    import torch.utils._pytree as pytree
-
     from fxcompile.state import restore, snapshot
 
-    def contiguous() -> None:
-        gm(*example_inputs)
-
-    def channels_last() -> None:
-        out = gm(*[x.contiguous(memory_format=torch.channels_last) if i in inputs else x
-                   for i, x in enumerate(example_inputs)])
-        for o in pytree.tree_leaves(out):
-            if isinstance(o, torch.Tensor):
-                o.contiguous()
-
-    def seconds(fn) -> float:
+    def seconds(runner: EagerRunner) -> float:
         start = time.perf_counter()
-        fn()
+        runner.forward(*example_inputs)
         return time.perf_counter() - start
 
-    saved = snapshot(gm)
+    saved = snapshot(contiguous.gm)
     try:
         with torch.no_grad():
             first = seconds(contiguous) + seconds(channels_last)  # also a warm-up of each
             rounds = max(3, min(15, int(AUTO_TRIAL_SECONDS / max(first, 1e-6)) - 1))  # a round ~ first
             ratios = []
             for r in range(rounds):
-                if r % 2:
-                    last = seconds(channels_last)
-                    ratios.append(seconds(contiguous) / last)
-                else:
-                    plain = seconds(contiguous)
-                    ratios.append(plain / seconds(channels_last))
+                order = (contiguous, channels_last) if r % 2 == 0 else (channels_last, contiguous)
+                took = {id(runner): seconds(runner) for runner in order}
+                ratios.append(took[id(contiguous)] / took[id(channels_last)])
     finally:
         restore(saved)
     return statistics.median(ratios)

@@ -82,8 +82,8 @@ def channels_last_measures(monkeypatch):
     calls: list = []
 
     def measures(speedup: float) -> list:
-        def fake(gm, example_inputs, inputs):
-            calls.append(inputs)
+        def fake(contiguous, channels_last, example_inputs):
+            calls.append(channels_last.manifest()["channels_last_inputs"])
             return speedup
         monkeypatch.setattr(eager, "layout_speedup", fake)
         return calls
@@ -179,12 +179,12 @@ class _CountsCalls(torch.nn.Module):
 def test_layout_timing_leaves_the_state_as_it_was():
     """The real timing runs the graph a few times in each layout; a graph that counts its calls
     in a buffer still starts from the model's count (the first call's answer is the model's)."""
-    from fxcompile.backends.eager import layout_speedup
+    from fxcompile.backends.eager import EagerRunner, layout_speedup
     torch.manual_seed(0)
     model, x = _CountsCalls().eval(), torch.randn(1, 3, 64, 64)
     compiled = fxcompile.compile(model, (x,), channels_last=False)
     gm = compiled.graph_module
-    speedup = layout_speedup(gm, [x], [0])
+    speedup = layout_speedup(EagerRunner(gm, [x]), EagerRunner(gm, [x], [0]), [x])
     assert speedup > 0
     assert_close(model(x), compiled(x))  # both at their first call
     assert_close(model(x), compiled(x))
