@@ -213,31 +213,42 @@ def report(argv, args, rows: list, notes: str, script: str = "bench_decode.py") 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=("tiny", "small"), default="small")
-    parser.add_argument("--models", default="gpt2,llama")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {', '.join(ROWS)}")
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--batch", default="1,8")
-    parser.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128; tiny 32)")
+    add_arguments(parser, models="gpt2,llama", rows=",".join(ROWS), new=128)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    _check(parser, args)
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.threads = torch.get_num_threads()
+    args = parse(parser, argv)
     rows: list = [header(args)]
-    from fxcompile.report import machine_line
-    _log(machine_line(args.threads))
     for kind in args.model_list:
         rows += measure(kind, args)
     notes = (f"Decoders from configs ({args.size}), fp32 weights unless the row says otherwise; prompt "
              f"{args.prompt} tokens, {args.new} new tokens, greedy. x: ratio to HF eager (higher is faster). onnx rows: "
              "onnxruntime's intra-op threads not spinning (interleaved with the other contenders).")
     return report(argv, args, rows, notes)
+
+
+def add_arguments(parser, *, models: str, rows: str, new: int) -> None:
+    """The options of this script and of bench_decode_paired.py (which times other calls)."""
+    parser.add_argument("--size", choices=("tiny", "small"), default="small")
+    parser.add_argument("--models", default=models)
+    parser.add_argument("--rows", default=rows, help=f"comma-separated, from {', '.join(ROWS)}")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=new)
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128; tiny 32)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None)
+
+
+def parse(parser, argv):
+    """Parse and check the arguments, set the threads and log the machine line."""
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    from fxcompile.report import machine_line
+    _log(machine_line(args.threads))
+    return args
 
 
 def _check(parser, args) -> None:

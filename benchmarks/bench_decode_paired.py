@@ -30,20 +30,14 @@ HEADER = ("model", "batch", "contender", "decode tok/s", "vs HF eager", "faster 
           "vs torch.compile", "faster in")
 
 
-def decode_timer(runner, prompt, new: int):
-    """A call that runs both generate()s and returns the seconds of the decode steps alone."""
-    import torch
-    mask = torch.ones_like(prompt)
-
-    def generate(n: int):
-        return runner.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=0, eos_token_id=None)
-
+def decode_timer(first, full):
+    """A call that runs generate(1 token) then generate(new tokens) (two of bench_decode.calls)
+    and returns the seconds of the decode steps alone: the difference."""
     def decode_seconds() -> float:
         start = time.perf_counter()
-        generate(1)
+        first()
         middle = time.perf_counter()
-        generate(new)
+        full()
         return (time.perf_counter() - middle) - (middle - start)
     return decode_seconds
 
@@ -60,8 +54,6 @@ def _ratio_cells(row, peer) -> list[str]:
 
 
 def measure(kind: str, args) -> list[tuple]:
-    import torch
-
     from fxcompile.testing.benchmarking import Contender, short_error, time_interleaved
     model = bd.build_model(kind, args.size, args.prompt + args.new)
     built = {}
@@ -74,16 +66,15 @@ def measure(kind: str, args) -> list[tuple]:
         bd._log(f"{kind} {bd.ROWS[key]}: " + (built[key] if isinstance(built[key], str)
                                               else f"built in {time.perf_counter() - start:.1f} s"))
     rows = []
-    gen = torch.Generator().manual_seed(0)
+    calls = {key: bd.calls(runner, args) for key, runner in built.items() if not isinstance(runner, str)}
     for b in args.batch_list:
-        prompt = torch.randint(3, 1000, (b, args.prompt), generator=gen)
         contenders = []
         for key, runner in built.items():
             c = Contender(key, label=bd.ROWS[key])
             if isinstance(runner, str):
                 c.failed = runner
             else:
-                c.fn = decode_timer(runner, prompt, args.new)
+                c.fn = decode_timer(calls[key][f"gen1 b{b}"], calls[key][f"gen b{b}"])
                 try:
                     c.fn()  # untimed: torch.compile and inductor compile here
                 except Exception as e:
@@ -105,25 +96,12 @@ def measure(kind: str, args) -> list[tuple]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=("tiny", "small"), default="small")
-    parser.add_argument("--models", default="llama")
-    parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, from {', '.join(bd.ROWS)}")
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--batch", default="1,8")
-    parser.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128; tiny 32)")
+    bd.add_arguments(parser, models="llama", rows=DEFAULT_ROWS, new=32)
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    args.runs = args.rounds
-    bd._check(parser, args)
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.threads = torch.get_num_threads()
-    from fxcompile.report import machine_line
-    bd._log(machine_line(args.threads))
+    parser.set_defaults(runs=1)  # bench_decode's check asks for it; the rounds are what count here
+    args = bd.parse(parser, argv)
+    if args.rounds < 1:
+        parser.error("--rounds >= 1")
     rows: list = [HEADER]
     for kind in args.model_list:
         rows += measure(kind, args)
